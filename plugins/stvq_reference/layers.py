@@ -1,0 +1,35 @@
+"""Small layers shared by the reference encoder and decoder."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def vit_block(width: int, heads: int, mlp_ratio: float) -> Block:
+    """A standard pre-norm ViT block (timm): x + Attn(LN(x)), x + MLP(LN(x)); attention through SDPA."""
+    return Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+
+
+def init_weights(module: nn.Module) -> None:
+    """ViT initialisation: truncated normal (std 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def learned_tokens(count: int, width: int) -> nn.Parameter:
+    """A (1, count, width) parameter, e.g. position embeddings or special tokens."""
+    param = nn.Parameter(torch.empty(1, count, width))
+    trunc_normal_(param, std=0.02)
+    return param

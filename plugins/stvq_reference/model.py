@@ -1,0 +1,92 @@
+"""Styled VQ as one module: encoder, conditional decoder and (after stage 2) a quantizer. Registered as
+the ``styled`` tokenizer: 36 ids per image, from high-level attributes to low-level ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stvq import registry
+from stvq.checkpoint import PretrainedMixin
+from stvq.config import ModelConfig, make_config
+from stvq.errors import StvqError
+from stvq.interfaces import QuantizerOutput, Tokenizer, check_images
+
+
+@dataclass
+class StyledOutput:
+    codes: torch.Tensor  # (B, N, code_dim) continuous codes (noised in training when sigma > 0)
+    reconstruction: torch.Tensor  # (B, 3, H, W)
+    quantized: QuantizerOutput | None = None  # set when the codes went through the quantizer
+
+
+class StyledVQ(PretrainedMixin, Tokenizer):
+    """The Styled VQ tokenizer. ``quantizer`` is ``{"name": registered quantizer, **options}`` or None
+    (a stage-1 model: continuous codes only)."""
+
+    plugin_kind = "tokenizer"
+    plugin_name = "styled"
+
+    def __init__(self, config: ModelConfig | dict | str | None = None, quantizer: dict | None = None, **overrides) -> None:
+        super().__init__()
+        cfg = self.config = make_config(config, **overrides)
+        self.num_tokens, self.image_size = cfg.num_tokens, cfg.image_size
+        self.encoder = registry.create("encoder", cfg.encoder, config=cfg)
+        self.decoder = registry.create("decoder", cfg.decoder, config=cfg)
+        self.quantizer = None
+        self.quantizer_spec = None
+        if quantizer is not None:
+            self.set_quantizer(quantizer)
+
+    def set_quantizer(self, spec: dict[str, Any]) -> None:
+        """Attach a registered quantizer over ``code_dim``-wide codes; ``spec`` = {"name": ..., **options}."""
+        options = {k: v for k, v in spec.items() if k != "name"}
+        options.setdefault("dim", self.config.code_dim)
+        self.quantizer = registry.create("quantizer", spec["name"], **options)
+        self.quantizer_spec = {"name": spec["name"], **options}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._require_quantizer().codebook_size
+
+    def _require_quantizer(self):
+        if self.quantizer is None:
+            raise StvqError("this Styled VQ has continuous codes only; run `stvq quantize --run RUN` to give it a codebook")
+        return self.quantizer
+
+    def init_options(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "quantizer": self.quantizer_spec}
+
+    def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> continuous codes (B, N, code_dim)."""
+        check_images(images, self.image_size)
+        return self.encoder(images)
+
+    def forward(self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False) -> StyledOutput:
+        """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,
+        stage 2 passes ``quantize=True``."""
+        codes = self.encode_codes(images)
+        quantized = None
+        if quantize:
+            quantized = self._require_quantizer()(codes)
+            decoder_input = quantized.codes
+        else:
+            decoder_input = codes + noise_sigma * torch.randn_like(codes) if noise_sigma > 0 else codes
+        return StyledOutput(codes, self.decoder(decoder_input), quantized)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> ids (B, N) int64."""
+        return self._require_quantizer()(self.encode_codes(images)).ids
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, N) -> images (B, 3, H, W) in [-1, 1]."""
+        quantizer = self._require_quantizer()
+        if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
+            raise StvqError(f"expected ids of shape (B, {self.num_tokens}), got {tuple(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= quantizer.codebook_size:
+            raise StvqError(f"ids must lie in [0, {quantizer.codebook_size}); got [{int(ids.min())}, {int(ids.max())}]")
+        return self.decoder(quantizer.ids_to_codes(ids)).clamp(-1, 1)

@@ -1,0 +1,139 @@
+"""Weights on disk: ``config.json`` + ``model.safetensors`` in a directory, written atomically.
+
+``config.json`` names the plugin (kind and name) and the options that rebuild it, so
+``stvq.load_tokenizer(dir)`` can rebuild any registered plugin without importing it by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stvq.errors import CheckpointError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` then fsync and rename over ``path``: a crash leaves the old file or the new
+    one, never a truncated one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no weights file at {path}; pass a directory written by save_pretrained")
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({err}); re-save it") from err
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {directory}; pass a directory written by stvq")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
+    for key in ("kind", "name", "options"):
+        if key not in config:
+            raise CheckpointError(f"{path} lacks the {key!r} entry; it was not written by stvq's save_pretrained")
+    return config
+
+
+def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`CheckpointError` naming the first mismatched tensors between a model's state dict
+    (``expected``) and a checkpoint's (``found``)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            problems.append(f"{label}: {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError(f"weights in {source} do not match the config: {'; '.join(problems)}")
+
+
+class PretrainedMixin:
+    """``save_pretrained(dir)`` / ``from_pretrained(dir)`` for an ``nn.Module`` registered as a plugin.
+
+    Subclasses set ``plugin_kind`` and ``plugin_name`` and implement ``init_options()``: JSON-able keyword
+    arguments that rebuild the module through ``stvq.create(kind, name, **options)``.
+    """
+
+    plugin_kind: str
+    plugin_name: str
+
+    def init_options(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from stvq import __version__
+
+        directory = Path(directory)
+        save_tensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
+        config = {"kind": self.plugin_kind, "name": self.plugin_name, "stvq_version": __version__, "options": self.init_options()}
+        write_json(directory / CONFIG_NAME, config)
+        return directory
+
+    def load_weights(self, directory: str | os.PathLike) -> None:
+        path = Path(directory) / WEIGHTS_NAME
+        state = load_tensors(path)
+        check_state_dict(self.state_dict(), state, str(path))
+        self.load_state_dict(state)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike):
+        config = read_config(directory)
+        model = cls(**config["options"])
+        model.load_weights(directory)
+        return model.eval()
+
+
+def load_pretrained(directory: str | os.PathLike) -> Any:
+    """Rebuild whatever plugin ``directory/config.json`` names and load its weights."""
+    from stvq.registry import create
+
+    config = read_config(directory)
+    model = create(config["kind"], config["name"], **config["options"])
+    model.load_weights(directory)
+    return model.eval()

@@ -1,0 +1,28 @@
+"""The exception types stvq raises for bad input; the CLI prints them as one line on stderr."""
+
+
+class StvqError(Exception):
+    """Base class: a problem the user can fix; the message names the bad value and the fix."""
+
+
+class ConfigError(StvqError, ValueError):
+    """An unknown preset, an unknown config field or an invalid value."""
+
+
+class PluginError(StvqError):
+    """A plugin is unknown, broken or registered twice."""
+
+
+class UnknownPluginError(PluginError, KeyError):
+    """No plugin of that kind and name is registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+class PluginConflictError(PluginError):
+    """Two packages register the same kind and name (or the same entry-point name)."""
+
+
+class CheckpointError(StvqError):
+    """A checkpoint is missing, malformed, or does not match its config."""

@@ -1,0 +1,57 @@
+"""The extension points of stvq: one ``register_*`` hook per plugin kind.
+
+A plugin package declares an entry point in the ``stvq`` group that names a module; that module defines
+functions decorated with :data:`stvq.hookimpl` whose names match the hooks below. Each hook receives a
+``register(name, factory)`` callback. ``factory`` is a class or callable, or a ``"module:attribute"``
+string that is imported only when the plugin is first created (this keeps ``stvq plugins`` fast).
+"""
+
+import pluggy
+
+PROJECT = "stvq"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: The plugin kinds, in the order ``stvq plugins`` lists them. Hook for kind K: ``register_{K}s``.
+KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer")
+
+
+@hookspec
+def register_encoders(register):
+    """Register image encoders, e.g. ``register('styled', StyledEncoder)``.
+
+    An encoder is a :class:`stvq.interfaces.Encoder`: images (B, 3, H, W) in [-1, 1] -> continuous codes
+    (B, N, code_dim).
+    """
+
+
+@hookspec
+def register_decoders(register):
+    """Register conditional decoders, e.g. ``register('styled', StyledDecoder)``.
+
+    A decoder is a :class:`stvq.interfaces.Decoder`: codes (B, N, code_dim) -> images (B, 3, H, W).
+    """
+
+
+@hookspec
+def register_quantizers(register):
+    """Register quantizers, e.g. ``register('fsq', FSQ)``.
+
+    A quantizer is a :class:`stvq.interfaces.Quantizer`: codes (..., dim) -> QuantizerOutput.
+    """
+
+
+@hookspec
+def register_tokenizers(register):
+    """Register tokenizers, e.g. ``register('vqgan', VQGANTokenizer)``.
+
+    A tokenizer is a :class:`stvq.interfaces.Tokenizer`: images <-> int64 ids (B, N).
+    """
+
+
+@hookspec
+def register_composers(register):
+    """Register tokenizer composers, e.g. ``register('concat', ConcatComposer)``.
+
+    A composer is a :class:`stvq.interfaces.Composer`: a list of tokenizers -> one tokenizer.
+    """

@@ -1,0 +1,15 @@
+"""Shared fixtures: small configs and a CLI runner that keeps stdout and stderr apart."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()

@@ -1,0 +1,28 @@
+"""A sign quantizer: each of ``dim`` channels becomes +1 or -1, so there are 2**dim codewords
+(lookup-free quantization, Yu et al., 2023, without its entropy loss)."""
+
+import torch
+
+import stvq
+from stvq.interfaces import Quantizer, QuantizerOutput
+
+
+class SignQuantizer(Quantizer):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.dim, self.codebook_size = dim, 2**dim
+        self.register_buffer("bits", 2 ** torch.arange(dim), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        hard = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
+        codes = z + (hard - z).detach()  # straight-through
+        ids = ((hard > 0).long() * self.bits).sum(-1)
+        return QuantizerOutput(codes, ids, z.new_zeros(()), {})
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where((ids.unsqueeze(-1) & self.bits) > 0, 1.0, -1.0)
+
+
+@stvq.hookimpl
+def register_quantizers(register):
+    register("sign", SignQuantizer)

@@ -1,0 +1,138 @@
+"""Third-party plugin packages, installed for real with pip and discovered through their entry points in
+a fresh interpreter: a working one, a broken one, and two kinds of name clash."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+PROBE = textwrap.dedent(
+    """
+    import json, warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import stvq
+        try:
+            result = {"plugins": stvq.list_plugins()}
+        except stvq.PluginError as err:
+            result = {"error": f"{type(err).__name__}: {err}"}
+    result["warnings"] = [str(w.message) for w in caught if "stvq plugin" in str(w.message)]
+    if "plugins" in result and "sign" in result["plugins"]["quantizer"]:
+        import torch
+        q = stvq.create("quantizer", "sign", dim=4)
+        out = q(torch.tensor([[0.5, -1.0, 2.0, -0.1]]))
+        result["sign"] = {"ids": out.ids.tolist(), "codes": q.ids_to_codes(out.ids).tolist()}
+    print(json.dumps(result))
+    """
+)
+
+
+def pip_install(source: Path, target: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def make_package(root: Path, dist: str, ep_name: str, module: str, body: str) -> Path:
+    pkg = root / dist
+    (pkg / module).mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text(
+        textwrap.dedent(
+            f"""
+            [build-system]
+            requires = ["hatchling"]
+            build-backend = "hatchling.build"
+            [project]
+            name = "{dist}"
+            version = "1.2.3"
+            [project.entry-points.stvq]
+            {ep_name} = "{module}"
+            [tool.hatch.build.targets.wheel]
+            packages = ["{module}"]
+            """
+        )
+    )
+    (pkg / module / "__init__.py").write_text(textwrap.dedent(body))
+    return pkg
+
+
+def probe(*targets: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(t) for t in targets)}
+    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def example_target(tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("example-site")
+    pip_install(HERE / "plugin_pkg", target)
+    return target
+
+
+@pytest.mark.slow
+def test_third_party_package_is_discovered_and_usable(example_target, runner):
+    result = probe(example_target)
+    assert result["warnings"] == []
+    assert "sign" in result["plugins"]["quantizer"]
+    assert "styled" in result["plugins"]["encoder"]  # ours still there
+    assert result["sign"]["ids"] == [0b0101]
+    assert result["sign"]["codes"] == [[1.0, -1.0, 1.0, -1.0]]
+
+    env = {**os.environ, "PYTHONPATH": str(example_target)}
+    listed = subprocess.run([sys.executable, "-m", "stvq.cli", "plugins"], env=env, capture_output=True, text=True, check=True)
+    row = next(line for line in listed.stdout.splitlines() if "sign" in line)
+    assert "stvq-plugin-example" in row and "0.3.1" in row
+
+
+@pytest.mark.slow
+def test_broken_package_warns_once_and_the_rest_keeps_working(example_target, tmp_path):
+    broken = make_package(tmp_path, "stvq-broken", "broken", "stvq_broken", "raise ImportError('needs libfoo')\n")
+    target = tmp_path / "site"
+    pip_install(broken, target)
+    result = probe(target, example_target)
+    assert len(result["warnings"]) == 1
+    message = result["warnings"][0]
+    assert "'stvq-broken'" in message and "ImportError: needs libfoo" in message
+    assert "sign" in result["plugins"]["quantizer"]
+    assert "styled" in result["plugins"]["tokenizer"]
+    assert result["sign"]["ids"] == [0b0101]
+
+
+@pytest.mark.slow
+def test_two_packages_registering_the_same_name_is_an_error_naming_both(tmp_path):
+    clash = make_package(
+        tmp_path,
+        "stvq-clash",
+        "clash",
+        "stvq_clash",
+        """
+        import stvq
+
+        @stvq.hookimpl
+        def register_tokenizers(register):
+            register("styled", object)
+        """,
+    )
+    target = tmp_path / "site"
+    pip_install(clash, target)
+    result = probe(target)
+    assert result["error"].startswith("PluginConflictError: tokenizer 'styled' is registered by both")
+    assert "'stvq'" in result["error"] and "'stvq-clash'" in result["error"]
+
+
+@pytest.mark.slow
+def test_two_packages_using_the_same_entry_point_name_is_an_error(tmp_path):
+    same = make_package(tmp_path, "stvq-same-ep", "reference", "stvq_same_ep", "")
+    target = tmp_path / "site"
+    pip_install(same, target)
+    result = probe(target)
+    assert "entry point 'reference'" in result["error"]
+    assert "'stvq'" in result["error"] and "'stvq-same-ep'" in result["error"]

@@ -1,0 +1,217 @@
+"""The reference Styled VQ (SPEC section 3): shapes at full size, the parameter count, which codes each
+condition layer reads, equivalence with the literal original block, and save/load."""
+
+import json
+
+import pytest
+import torch
+
+import stvq
+from benchmarks.literal_block import LiteralConditionBlock
+from stvq.checkpoint import load_pretrained
+from stvq.config import PRESETS, ModelConfig, make_config
+from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
+
+
+def expected_parameters(cfg: ModelConfig) -> int:
+    """The architecture's parameter count, written out independently of the modules."""
+    d, n, p, c, h = cfg.width, cfg.num_tokens, cfg.num_patches, cfg.code_dim, int(cfg.width * cfg.mlp_ratio)
+    ln = 2 * d
+    attn = 3 * d * d + 3 * d + d * d + d
+    mlp = d * h + h + h * d + d
+    vit = 2 * ln + attn + mlp
+    patch = 3 * cfg.patch_size**2
+    encoder = patch * d + d + p * d + n * d + cfg.encoder_layers * vit + ln + d * c + c
+    condition = attn + mlp + 2 * (d * d + d) + 2 * ln + 2 * (d * 2 * d + 2 * d)
+    decoder = c * d + d + n * d + p * d + cfg.condition_layers * condition + cfg.plain_layers * vit + ln + d * patch + 3
+    return encoder + decoder
+
+
+@pytest.mark.slow
+def test_reference_forward_shapes_and_parameter_count():
+    model = stvq.create("tokenizer", "styled", preset="reference").eval()
+    assert sum(p.numel() for p in model.parameters()) == expected_parameters(PRESETS["reference"]) == 720_185_363
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 256, 256) * 2 - 1)
+    assert out.codes.shape == (1, 36, 16)
+    assert out.reconstruction.shape == (1, 3, 256, 256)
+    assert torch.isfinite(out.reconstruction).all()
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_has_two_tokens_per_condition_layer_and_counts_match(preset):
+    cfg = PRESETS[preset]
+    assert cfg.num_tokens == 2 * cfg.condition_layers == 36
+    with torch.device("meta"):
+        model = stvq.create("tokenizer", "styled", config=cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected_parameters(cfg)
+
+
+def test_tiny_shapes():
+    model = stvq.create("tokenizer", "styled", preset="tiny")
+    out = model(torch.rand(3, 3, 64, 64) * 2 - 1, noise_sigma=0.1)
+    assert out.codes.shape == (3, 36, 16)
+    assert out.reconstruction.shape == (3, 3, 64, 64)
+
+
+def test_wrong_image_size_is_a_clear_error():
+    model = stvq.create("tokenizer", "styled", preset="tiny")
+    with pytest.raises(stvq.StvqError, match=r"expected images of shape \(B, 3, 64, 64\), got \(1, 3, 32, 32\)"):
+        model(torch.zeros(1, 3, 32, 32))
+
+
+def test_stage1_model_refuses_ids_with_a_pointer_to_quantize():
+    model = stvq.create("tokenizer", "styled", preset="tiny")
+    with pytest.raises(stvq.StvqError, match="stvq quantize"):
+        model.encode(torch.zeros(1, 3, 64, 64))
+
+
+def _trace_condition_layers(decoder: StyledDecoder, codes: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(input state, condition, output state) of every condition layer."""
+    trace = []
+    hooks = [
+        block.register_forward_hook(lambda mod, args, out: trace.append((args[0].clone(), args[1].clone(), out.clone())))
+        for block in decoder.condition_blocks
+    ]
+    with torch.no_grad():
+        decoder(codes)
+    for hook in hooks:
+        hook.remove()
+    return trace
+
+
+@pytest.mark.parametrize("j", [0, 1, 7, 20, 35])
+def test_condition_layer_i_reads_only_codes_2i_and_2i_plus_1(j):
+    decoder = StyledDecoder(preset="tiny").eval()
+    codes = torch.randn(2, 36, 16)
+    perturbed = codes.clone()
+    perturbed[:, j] += 1.0
+    base, other = _trace_condition_layers(decoder, codes), _trace_condition_layers(decoder, perturbed)
+    for i, ((x0, c0, y0), (x1, c1, y1)) in enumerate(zip(base, other)):
+        assert torch.equal(c0, c1) == (j // 2 != i), f"layer {i}'s conditioning input"
+        if i < j // 2:  # code j has not been consumed yet: nothing in this layer may change
+            assert torch.equal(x0, x1) and torch.equal(y0, y1), f"layer {i} changed"
+    assert not torch.equal(base[j // 2][2], other[j // 2][2])  # the consuming layer's output does change
+
+
+def _literal_inputs(block: ConditionBlock, batch: int, seq: int, width: int):
+    for norm in (block.norm1, block.norm2):  # make the modulation matter, unlike a near-identity init
+        torch.nn.init.normal_(norm.modulation.weight, std=0.1)
+        torch.nn.init.normal_(norm.modulation.bias, std=0.1)
+    x = torch.randn(batch, seq, width, requires_grad=True)
+    condition = torch.randn(batch, 2, width, requires_grad=True)
+    return x, condition
+
+
+def assert_same(ours: torch.Tensor, theirs: torch.Tensor, what: str, tol: float = 1e-5) -> None:
+    """Equal within ``tol`` relative to the tensor's scale (gradients summed over many rows are large,
+    and float32 summation order differs between the two implementations)."""
+    scale = max(1.0, theirs.abs().max().item())
+    error = (ours - theirs).abs().max().item()
+    assert error <= tol * scale, f"{what}: max error {error:.3g} > {tol} x scale {scale:.3g}"
+
+
+GRAD_PAIRS = [  # (ours, literal)
+    ("attn.qkv.weight", "attn1.in_proj_weight"),
+    ("attn.qkv.bias", "attn1.in_proj_bias"),
+    ("attn.proj.weight", "attn1.out_proj.weight"),
+    ("mlp.fc1.weight", "mlp.0.weight"),
+    ("mlp.fc2.bias", "mlp.2.bias"),
+    ("condition_1.weight", "condition_1.weight"),
+    ("ln_1.weight", "ln_1.weight"),
+    ("condition_2.weight", "condition_2.weight"),
+    ("ln_2.bias", "ln_2.bias"),
+]
+
+
+@pytest.mark.parametrize(
+    "width,heads,seq,index,masked",
+    [(128, 4, 100, 0, False), (128, 4, 100, 17, True), (512, 8, 100, 5, False), (1024, 16, 292, 9, True)],
+    ids=["tiny-first", "tiny-last-masked", "small", "reference-masked"],
+)
+def test_our_block_computes_the_literal_original(width, heads, seq, index, masked):
+    block = ConditionBlock(index, width, heads)
+    x, condition = _literal_inputs(block, 2, seq, width)
+    literal = LiteralConditionBlock.from_block(block)
+    allowed = placeholder_mask(36, seq) if masked else None
+
+    ours = block(x, condition, allowed)
+    xs = x.detach().transpose(0, 1).requires_grad_()
+    cs = condition.detach().transpose(0, 1).requires_grad_()
+    theirs = literal(xs, cs, ~allowed if masked else None).transpose(0, 1)
+    assert_same(ours, theirs, "output")
+
+    weight = torch.randn_like(ours)
+    (ours * weight).sum().backward()
+    (theirs * weight).sum().backward()
+    assert_same(x.grad, xs.grad.transpose(0, 1), "grad x")
+    assert_same(condition.grad, cs.grad.transpose(0, 1), "grad condition")
+    ours_params, literal_params = dict(block.named_parameters()), dict(literal.named_parameters())
+    for a, b in GRAD_PAIRS:
+        assert_same(ours_params[a].grad, literal_params[b].grad, f"grad {a}")
+    scale_shift = torch.cat([literal.norm1.scale.weight.grad, literal.norm1.shift.weight.grad])
+    assert_same(block.norm1.modulation.weight.grad, scale_shift, "grad norm1.modulation.weight")
+
+
+def test_causal_placeholder_mask_hides_later_placeholders_only():
+    mask = placeholder_mask(4, 6)
+    assert mask[0, :4].tolist() == [True, False, False, False]
+    assert mask[3, :4].tolist() == [True, True, True, True]
+    assert mask[:, 4:].all() and mask[4:].all()
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_causal_mask_hides_later_placeholders_from_earlier_rows(masked):
+    # AdaLN styles modulate every row, so the mask is about what attention reads: a change in the state
+    # of placeholder 20 (not one of this layer's two rows) must not reach rows 0..19 when masked.
+    block = ConditionBlock(3, 128, 4).eval()
+    mask = placeholder_mask(36, 100) if masked else None
+    x, condition = torch.randn(2, 100, 128), torch.randn(2, 2, 128)
+    changed = x.clone()
+    changed[:, 20] += 1.0
+    with torch.no_grad():
+        before, after = block(x, condition, mask), block(changed, condition, mask)
+    assert torch.equal(before[:, :20], after[:, :20]) == masked
+    assert not torch.equal(before[:, 21:], after[:, 21:])
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path):
+    model = stvq.create("tokenizer", "styled", preset="tiny", code_dim=8).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    for loaded in (load_pretrained(tmp_path / "m"), stvq.load_tokenizer(tmp_path / "m"), type(model).from_pretrained(tmp_path / "m")):
+        assert loaded.config == model.config
+        with torch.no_grad():
+            assert torch.equal(loaded(images).reconstruction, model(images).reconstruction)
+
+
+def test_config_weights_mismatch_names_the_first_tensors(tmp_path):
+    stvq.create("tokenizer", "styled", preset="tiny").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["options"]["config"]["code_dim"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(stvq.CheckpointError, match=r"shape mismatch: encoder\.head\.weight: checkpoint \(16, 128\) vs model \(8, 128\)"):
+        stvq.load_tokenizer(tmp_path)
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(stvq.CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path)
+    with pytest.raises(stvq.StvqError, match="neither a directory written by stvq nor a registered tokenizer"):
+        stvq.load_tokenizer(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"widht": 64}, "unknown config field.*widht"),
+        ({"image_size": 60}, "not a multiple of patch_size"),
+        ({"width": 130}, "not divisible by heads"),
+        ({"attn_mask": "causal"}, "attn_mask 'causal' is not one of"),
+        ({"preset": "huge"}, "unknown preset 'huge'"),
+    ],
+)
+def test_bad_config_values_are_clear_errors(overrides, message):
+    with pytest.raises(stvq.ConfigError, match=message):
+        make_config(preset="tiny", **overrides) if "preset" not in overrides else make_config(**overrides)

@@ -1,0 +1,42 @@
+"""The registry's public contract: listing, creating, and clear errors for unknown kinds and names."""
+
+import pytest
+
+import stvq
+from stvq.plugins import PluginInfo, plugin_table
+
+
+def test_list_plugins_has_every_kind_and_the_reference_model():
+    plugins = stvq.list_plugins()
+    assert list(plugins) == ["encoder", "decoder", "quantizer", "tokenizer", "composer"]
+    assert "styled" in plugins["encoder"]
+    assert "styled" in plugins["decoder"]
+    assert "styled" in plugins["tokenizer"]
+
+
+def test_reference_plugins_come_from_our_entry_point():
+    info = plugin_table()["encoder"]["styled"]
+    assert (info.package, info.version, info.entry_point) == ("stvq", stvq.__version__, "reference")
+
+
+def test_create_builds_the_registered_class():
+    encoder = stvq.create("encoder", "styled", preset="tiny")
+    from stvq.interfaces import Encoder
+
+    assert isinstance(encoder, Encoder)
+    assert (encoder.num_tokens, encoder.code_dim, encoder.image_size) == (36, 16, 64)
+
+
+def test_unknown_name_lists_the_available_ones():
+    with pytest.raises(stvq.UnknownPluginError, match=r"no encoder named 'nope'; available: styled"):
+        stvq.create("encoder", "nope")
+
+
+def test_unknown_kind_lists_the_kinds():
+    with pytest.raises(stvq.UnknownPluginError, match="unknown plugin kind 'encoders'; choose one of: encoder, decoder"):
+        stvq.create("encoders", "styled")
+
+
+def test_string_factories_resolve_dotted_attributes():
+    info = PluginInfo("encoder", "x", "stvq.config:PRESETS.get", "pkg", "1", "ep")
+    assert info.resolve()("tiny").width == 128
