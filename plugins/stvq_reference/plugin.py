@@ -19,3 +19,10 @@ def register_decoders(register):
 @hookimpl
 def register_tokenizers(register):
     register("styled", "stvq_reference.model:StyledVQ")
+
+
+@hookimpl
+def register_quantizers(register):
+    register("kmeans", "stvq_reference.kmeans:KMeansQuantizer")
+    register("ema-vq", "stvq_reference.ema_vq:EMAVectorQuantizer")
+    register("fsq", "stvq_reference.fsq:FSQ")
