@@ -1,0 +1,173 @@
+"""Data: the built-in ``shapes`` data set (procedural, with known factors), image folders, and the
+``data`` spec strings the CLI accepts ("shapes", or a folder path)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from stvq.errors import StvqError
+
+# Eight well-separated colours shared by the background and the object.
+PALETTE = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240], [250, 250, 250]],
+    dtype=np.float32,
+) / 127.5 - 1.0
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+TEXTURES = ("plain", "stripes", "dots")
+
+#: Factors of ``shapes``, ordered from global to local on purpose: name -> number of classes (0: continuous).
+FACTORS = {
+    "background": len(PALETTE),
+    "shape": len(SHAPES),
+    "color": len(PALETTE),
+    "size": 0,
+    "x": 0,
+    "y": 0,
+    "rotation": 0,
+    "texture": len(TEXTURES),
+}
+SPLITS = {"train": 0, "val": 1}
+VAL_SIZE = 512
+
+
+def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
+    """Boolean mask of ``shape`` with radius r, in coordinates (u, v) already rotated about its centre."""
+    if shape == "circle":
+        return u**2 + v**2 <= r**2
+    if shape == "square":
+        return np.maximum(abs(u), abs(v)) <= 0.8 * r
+    if shape == "diamond":
+        return abs(u) + abs(v) <= r
+    if shape == "cross":
+        return ((abs(u) <= r / 3) & (abs(v) <= r)) | ((abs(v) <= r / 3) & (abs(u) <= r))
+    # equilateral triangle pointing up, inscribed in the circle of radius r
+    return (v <= r / 2) & (math.sqrt(3) * u - v <= r) & (-math.sqrt(3) * u - v <= r)  # image v points down
+
+
+class ShapesDataset(Dataset):
+    """Procedural RGB images of one object on a plain background, deterministic from (seed, split, index).
+
+    Factors (see :data:`FACTORS`): background colour, object shape, object colour, size, position (x, y),
+    rotation, a fine texture (plain, stripes or dots), plus small pixel noise. ``split="val"`` is a fixed
+    set of :data:`VAL_SIZE` images drawn from a separate stream.
+    """
+
+    def __init__(self, image_size: int = 64, split: str = "train", seed: int = 0, length: int = 1_000_000, noise: float = 0.02) -> None:
+        if split not in SPLITS:
+            raise StvqError(f"unknown split {split!r}; use 'train' or 'val'")
+        self.image_size, self.split, self.seed, self.noise = image_size, split, seed, noise
+        self.length = VAL_SIZE if split == "val" else length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, SPLITS[self.split], index])
+
+    def factors(self, index: int) -> dict[str, float]:
+        rng = self._rng(index)
+        background = int(rng.integers(len(PALETTE)))
+        color = int((background + rng.integers(1, len(PALETTE))) % len(PALETTE))  # never the background
+        size = float(rng.uniform(0.16, 0.32))
+        return {
+            "background": background,
+            "shape": int(rng.integers(len(SHAPES))),
+            "color": color,
+            "size": size,
+            "x": float(rng.uniform(size, 1 - size)),
+            "y": float(rng.uniform(size, 1 - size)),
+            "rotation": float(rng.uniform(0, 90)),
+            "texture": int(rng.integers(len(TEXTURES))),
+        }
+
+    def render(self, f: dict[str, float], noise_seed: int | None = None) -> torch.Tensor:
+        """The image (3, H, W) in [-1, 1] for factors ``f``; 2x supersampled for smooth edges."""
+        n = 2 * self.image_size
+        coords = (np.arange(n, dtype=np.float32) + 0.5) / n
+        ys, xs = np.meshgrid(coords, coords, indexing="ij")
+        angle = math.radians(f["rotation"])
+        dx, dy = xs - f["x"], ys - f["y"]
+        u = math.cos(angle) * dx + math.sin(angle) * dy
+        v = -math.sin(angle) * dx + math.cos(angle) * dy
+        mask = _inside(SHAPES[int(f["shape"])], u, v, f["size"]).astype(np.float32)
+        color = np.broadcast_to(PALETTE[int(f["color"])], (n, n, 3)).copy()
+        period = f["size"] / 2.5  # a fine pattern, a few repeats across the object
+        texture = TEXTURES[int(f["texture"])]
+        if texture == "stripes":
+            color *= np.where(np.sin(2 * math.pi * u / period) > 0, 1.0, 0.35)[..., None]
+        elif texture == "dots":
+            du, dv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
+            color = np.where((du**2 + dv**2 < 0.06)[..., None], -color, color)
+        image = mask[..., None] * color + (1 - mask[..., None]) * PALETTE[int(f["background"])]
+        image = image.reshape(self.image_size, 2, self.image_size, 2, 3).mean(axis=(1, 3))
+        if self.noise and noise_seed is not None:
+            image = image + self.noise * np.random.default_rng(noise_seed).standard_normal(image.shape, dtype=np.float32)
+        return torch.from_numpy(np.clip(image, -1, 1).astype(np.float32)).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.render(self.factors(index), noise_seed=self.seed * 1_000_003 + 2 * index + SPLITS[self.split])
+
+    def factor_table(self, count: int | None = None) -> dict[str, np.ndarray]:
+        """Factors of the first ``count`` items as arrays, for probes."""
+        rows = [self.factors(i) for i in range(count or len(self))]
+        return {name: np.array([row[name] for row in rows]) for name in FACTORS}
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def load_image(path: Path, image_size: int) -> torch.Tensor:
+    """Any mode -> RGB, shorter side resized to ``image_size`` and centre-cropped; (3, S, S) in [-1, 1]."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageFolderDataset(Dataset):
+    """Every readable image under ``root`` (recursive; jpg, png, webp, bmp). Unreadable files are
+    skipped and counted with one warning; every 20th file (sorted) forms the validation split."""
+
+    def __init__(self, root: str | Path, image_size: int, split: str = "train") -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise StvqError(f"data folder {root} does not exist; pass --data shapes or an existing folder of images")
+        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        readable, broken = [], []
+        for path in candidates:
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+                readable.append(path)
+            except Exception:
+                broken.append(path)
+        if broken:
+            shown = ", ".join(str(p) for p in broken[:3])
+            warnings.warn(f"skipped {len(broken)} unreadable image file(s) in {root}: {shown}{' ...' if len(broken) > 3 else ''}", stacklevel=2)
+        if not readable:
+            raise StvqError(f"no readable image (jpg, png, webp, bmp) under {root}; point --data at a folder of images")
+        val = readable[::20]
+        train = [p for p in readable if p not in set(val)] or readable
+        self.paths = val if split == "val" else train
+        self.image_size, self.broken = image_size, broken
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return load_image(self.paths[index], self.image_size)
+
+
+def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0) -> Dataset:
+    """``"shapes"`` (built in) or a folder path."""
+    if spec == "shapes":
+        return ShapesDataset(image_size, split=split, seed=seed)
+    return ImageFolderDataset(spec, image_size, split=split)

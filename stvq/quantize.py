@@ -1,0 +1,53 @@
+"""``stvq quantize``: the stage-2 codebook from a frozen stage-1 encoder's codes over a data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import Progress
+
+from stvq.checkpoint import load_pretrained, write_json
+from stvq.data import make_dataset
+from stvq.errors import StvqError
+from stvq.train import read_train_config
+
+
+@torch.no_grad()
+def encode_dataset(model, dataset, max_images: int, batch_size: int, console=None, progress: bool = True) -> torch.Tensor:
+    """Codes (M, N, code_dim) of the first ``max_images`` items of ``dataset``."""
+    count = min(max_images, len(dataset))
+    chunks = []
+    with Progress(console=console, disable=not progress) as bar:
+        task = bar.add_task("encoding", total=count)
+        for start in range(0, count, batch_size):
+            images = torch.stack([dataset[i] for i in range(start, min(start + batch_size, count))])
+            chunks.append(model.encode_codes(images))
+            bar.update(task, advance=len(images))
+    return torch.cat(chunks)
+
+
+def fit_codebook(
+    run: str | Path, k: int = 8192, data: str | None = None, max_images: int = 20000, per_position: bool = False,
+    niter: int = 20, spherical: bool = False, batch_size: int = 256, seed: int = 0, console=None, progress: bool = True,
+) -> dict[str, Any]:
+    """Encode, cluster and write the k-means quantizer into ``run``; returns the codebook statistics."""
+    run = Path(run)
+    cfg = read_train_config(run)
+    if cfg.stage != 1:
+        raise StvqError(f"{run} is a stage-{cfg.stage} run; quantize the stage-1 run it came from ({cfg.from_run})")
+    model = load_pretrained(run)
+    dataset = make_dataset(data or cfg.data, model.config.image_size, "train", cfg.seed)
+    codes = encode_dataset(model, dataset, max_images, batch_size, console, progress)
+    per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
+    if k > per_codebook:
+        raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
+    spec = {"name": "kmeans", "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical}
+    model.set_quantizer(spec)
+    model.quantizer.fit(codes)
+    stats = model.quantizer.eval()(codes).stats
+    model.save_pretrained(run)
+    result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), **stats}
+    write_json(run / "quantize.json", result)
+    return result

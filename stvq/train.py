@@ -1,0 +1,374 @@
+"""Training: stage 1 (continuous codes with Gaussian noise, encoder and decoder together) and stage 2
+(frozen encoder, quantized codes, decoder fine-tuned). One run = one directory:
+
+    train.json               the TrainConfig (read back by --resume)
+    checkpoint.safetensors   model, optimizer and RNG state in one file, written atomically
+    config.json, model.safetensors   the exported model: ``stvq.load_tokenizer(run_dir)`` loads it
+    metrics.jsonl            one JSON line per logged step
+    samples/step_NNNNNN.png  validation images (top) above their reconstructions (bottom)
+    summary.json             final numbers
+
+Runs under ``torchrun`` with DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from stvq.checkpoint import atomic_write, load_pretrained, save_tensors, write_json
+from stvq.config import make_config
+from stvq.data import make_dataset
+from stvq.errors import CheckpointError, StvqError
+from stvq.metrics import psnr
+from stvq.registry import create
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+TRAIN_CONFIG_NAME = "train.json"
+
+
+class TrainingDiverged(StvqError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
+    preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
+    data: str = "shapes"  # "shapes" (built in) or an image folder
+    steps: int = 360
+    batch_size: int = 32  # per process
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    bf16: bool = False  # autocast matrix work to bfloat16
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 120
+    checkpoint_every: int = 60
+    num_workers: int = 0
+    from_run: str | None = None  # stage 2: the stage-1 run to start from
+    quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise StvqError(f"--stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and not self.from_run:
+            raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class StepBatches:
+    """Deterministic batches by step: epoch e is a permutation seeded by (seed, e); step s takes the next
+    ``batch_size * world`` indices and this rank its slice. Resuming at step s gives the same batches."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.length)
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        size = self.batch_size * self.world
+        first = step * size + self.rank * self.batch_size
+        out = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, self.length)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.indices(step) for step in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+# ------------------------------------------------------------------------------------- distributed
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------- the model
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    if cfg.stage == 1:
+        return create("tokenizer", "styled", config=make_config(preset=cfg.preset, **cfg.model))
+    source = Path(cfg.from_run)
+    if not (source / "config.json").is_file():
+        raise StvqError(f"--from {source}: not a run directory (no config.json); pass a finished stage-1 run")
+    model = load_pretrained(source).train()
+    if cfg.quantizer:
+        model.set_quantizer(cfg.quantizer)
+    elif model.quantizer is None:
+        raise StvqError(f"run {source} has no codebook: run `stvq quantize --run {source} --k 8192` first, or pass --quantizer fsq or ema-vq")
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim in (2, 4) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, data_generator: torch.Generator) -> None:
+    """Model, optimizer and RNG state in one safetensors file: one atomic rename, never a torn mix."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state = opt.state_dict()
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = data_generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    metadata = {"step": str(step), "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]])}
+    save_tensors(path, tensors, metadata)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> int:
+    """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
+    if not path.is_file():
+        raise CheckpointError(f"no {CHECKPOINT_NAME} in {path.parent}: the run never reached its first checkpoint; start it again")
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    data_generator.set_state(tensors["rng.data"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(metadata["step"])
+
+
+def write_config(run: Path, cfg: TrainConfig) -> None:
+    write_json(run / TRAIN_CONFIG_NAME, dataclasses.asdict(cfg))
+
+
+def read_train_config(run: Path) -> TrainConfig:
+    path = Path(run) / TRAIN_CONFIG_NAME
+    if not path.is_file():
+        raise StvqError(f"{run} is not a training run (no {TRAIN_CONFIG_NAME}); pass a directory made by `stvq train`")
+    return TrainConfig(**json.loads(path.read_text()))
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged on)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+    """Originals in the top row, reconstructions below; PNG, atomically."""
+    from torchvision.utils import make_grid
+    from PIL import Image
+
+    grid = make_grid(torch.cat([images, reconstructions]).float().clamp(-1, 1) * 0.5 + 0.5, nrow=len(images), padding=2)
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def reconstruction_losses(recon: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.l1_loss(recon.float(), images), F.mse_loss(recon.float(), images)
+
+
+class Trainer:
+    """Runs one training job into ``run``; ``resume=True`` continues it from its checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
+        self.cfg, self.run, self.resume = cfg, Path(run), resume
+        self.rank, self.world, self.device = init_distributed()
+        self.is_main = self.rank == 0
+        self.progress, self.console = progress and self.is_main, console
+        if not resume and (self.run / CHECKPOINT_NAME).exists():
+            raise StvqError(f"{self.run} already holds a run; continue it with --resume {self.run} or pass another --run")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, images: torch.Tensor, step: int) -> dict[str, float]:
+        model.eval()
+        recon = torch.cat([model(batch, quantize=self.cfg.stage == 2).reconstruction.float() for batch in images.split(32)])
+        model.train()
+        if self.cfg.stage == 2:
+            model.encoder.eval()
+        if self.is_main:
+            save_grid(self.run / "samples" / f"step_{step:06d}.png", images[:8].cpu(), recon[:8].cpu())
+        return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg).to(self.device)
+        opt = make_optimizer(model, cfg)
+        data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
+        start = 0
+        if self.resume:
+            start = load_checkpoint(self.run / CHECKPOINT_NAME, model, opt, data_generator)
+            if self.is_main:
+                _trim_metrics(self.run / "metrics.jsonl", start)
+        elif self.is_main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            write_config(self.run, cfg)
+        if cfg.stage == 2:
+            model.encoder.eval()
+
+        image_size = model.config.image_size
+        dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
+        val = make_dataset(cfg.data, image_size, "val", cfg.seed)
+        val_images = torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
+        mean_image = torch.stack([dataset[i] for i in range(min(512, len(dataset)))]).mean(0, keepdim=True).to(self.device)
+        baseline_psnr = psnr(mean_image.expand_as(val_images), val_images).mean().item()
+
+        batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=data_generator)
+        net = DistributedDataParallel(model) if self.world > 1 else model
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn(f"stage {cfg.stage}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not self.progress,
+        )
+        started, last_eval, seen = time.perf_counter(), {}, 0
+        window_start, window_images = time.perf_counter(), 0
+        with bar:
+            task = bar.add_task("train", total=cfg.steps, completed=start, status="")
+            for step, images in enumerate(loader, start=start):
+                images = images.to(self.device, non_blocking=True)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr_at(step)
+                with autocast:
+                    out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2)
+                l1, mse = reconstruction_losses(out.reconstruction, images)
+                loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
+                if out.quantized is not None:
+                    loss = loss + out.quantized.loss
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {step}; the last good checkpoint in {self.run} is kept "
+                        f"(resume with --resume {self.run}); lower --lr or keep gradient clipping on"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                opt.step()
+                done = step + 1
+                seen += len(images) * self.world
+                window_images += len(images) * self.world
+
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    now = time.perf_counter()
+                    record = {
+                        "step": done, "loss": loss.item(), "l1": l1.item(), "mse": mse.item(),
+                        "psnr": psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item(),
+                        "lr": cfg.lr_at(step), "images_per_s": window_images / max(now - window_start, 1e-9),
+                    }
+                    if out.quantized is not None:
+                        record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
+                    window_start, window_images = now, 0
+                    if done % cfg.eval_every == 0 or done == cfg.steps:
+                        last_eval = self.evaluate(model, val_images, done)
+                        record.update(last_eval)
+                    self._log(record)
+                    status = f"loss {record['loss']:.4f}  psnr {record['psnr']:.2f}  {record['images_per_s']:.0f} img/s"
+                    bar.update(task, status=status + (f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else ""))
+                if self.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                    save_checkpoint(self.run / CHECKPOINT_NAME, model, opt, done, data_generator)
+                    model.save_pretrained(self.run)
+                bar.update(task, completed=done)
+
+        elapsed = time.perf_counter() - started
+        summary = {
+            "run": str(self.run), "stage": cfg.stage, "steps": cfg.steps, "resumed_from": start,
+            "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
+            "val_psnr": last_eval.get("val_psnr"), "mean_image_psnr": baseline_psnr,
+            "grid": str(self.run / "samples" / f"step_{cfg.steps:06d}.png"),
+        }
+        if self.world > 1:
+            summary["ranks_agree"] = self._ranks_agree(model)
+        if self.is_main:
+            write_json(self.run / "summary.json", summary)
+        if self.world > 1:
+            dist.barrier()
+        return summary
+
+    def _ranks_agree(self, model: torch.nn.Module) -> bool:
+        """All ranks hold the same weights (DDP's promise, checked): compare a checksum across ranks."""
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -1,0 +1,219 @@
+"""Training: stage 1 and 2 end to end, image folders, checkpoints that survive SIGKILL, exact resume,
+torchrun with two gloo ranks, divergence, and one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import stvq
+from stvq.cli import main
+from stvq.quantize import fit_codebook
+from stvq.train import StepBatches, TrainConfig, Trainer
+
+# A narrow tiny model so that a step takes milliseconds; still 36 tokens and 18 condition layers.
+SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1}
+SMALL_ARGS = [arg for k, v in SMALL.items() for arg in ("--set", f"{k}={v}")]
+
+
+def small_config(**fields) -> TrainConfig:
+    base = dict(preset="tiny", model=SMALL, steps=30, batch_size=8, lr=3e-3, warmup_steps=3, log_every=1, eval_every=15, checkpoint_every=10)
+    return TrainConfig(**(base | fields))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "s1"
+    Trainer(small_config(), run, progress=False).fit()
+    return run
+
+
+def test_stage1_learns_and_writes_the_run(stage1_run):
+    names = {p.name for p in stage1_run.iterdir()}
+    assert {"train.json", "checkpoint.safetensors", "config.json", "model.safetensors", "metrics.jsonl", "samples", "summary.json"} <= names
+    losses = [m["loss"] for m in metrics(stage1_run)]
+    assert len(losses) == 30 and np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert sorted(p.name for p in (stage1_run / "samples").iterdir()) == ["step_000015.png", "step_000030.png"]
+    assert Image.open(stage1_run / "samples" / "step_000030.png").size == (8 * 66 + 2, 2 * 66 + 2)
+    summary = json.loads((stage1_run / "summary.json").read_text())
+    assert summary["val_psnr"] > summary["mean_image_psnr"]
+    model = stvq.load_tokenizer(stage1_run)
+    assert model.config.width == 32 and model.quantizer is None
+
+
+def test_quantize_then_stage2_gives_a_working_tokenizer(stage1_run, tmp_path):
+    stats = fit_codebook(stage1_run, k=16, max_images=64, progress=False)
+    assert stats["vectors"] == 64 * 36 and stats["dead_codes"] == 0 and stats["mse"] > 0
+    run2 = tmp_path / "s2"
+    Trainer(small_config(stage=2, from_run=str(stage1_run), steps=12), run2, progress=False).fit()
+    records = metrics(run2)
+    assert {"q_usage", "q_perplexity", "q_dead_codes", "q_mse"} <= set(records[-1])
+    first = load_file(str(stage1_run / "model.safetensors"))
+    second = load_file(str(run2 / "model.safetensors"))
+    assert torch.equal(first["encoder.head.weight"], second["encoder.head.weight"])  # frozen
+    assert not torch.equal(first["decoder.out_conv.weight"], second["decoder.out_conv.weight"])  # fine-tuned
+    tok = stvq.load_tokenizer(run2)
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    ids = tok.encode(images)
+    assert ids.shape == (3, 36) and ids.dtype == torch.int64 and 0 <= ids.min() and ids.max() < 16 == tok.vocab_size
+    assert tok.decode(ids).shape == (3, 3, 64, 64)
+
+
+def test_stage2_with_an_online_quantizer_from_the_cli(stage1_run, tmp_path, runner):
+    result = runner.invoke(
+        main,
+        ["train", "--stage", "2", "--from", str(stage1_run), "--quantizer", "fsq", "--quantizer-option", "levels=[4,4,3]",
+         "--steps", "4", "--batch-size", "4", "--run", str(tmp_path / "fsq"), "--no-progress"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "stvq train: done" in result.output
+    assert stvq.load_tokenizer(tmp_path / "fsq").vocab_size == 48
+
+
+@pytest.mark.parametrize("k,per_position,message", [(10_000, False, "--k 10000 is larger than the 2,304 code vectors"), (100, True, "--k 100 is larger than the 64 code vectors")])
+def test_quantize_rejects_k_above_the_vectors(stage1_run, runner, k, per_position, message):
+    args = ["quantize", "--run", str(stage1_run), "--k", str(k), "--max-images", "64"] + (["--per-position"] if per_position else [])
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1 and message in result.stderr
+
+
+def test_quantize_cli_prints_the_table(stage1_run, runner):
+    result = runner.invoke(main, ["quantize", "--run", str(stage1_run), "--k", "8", "--max-images", "32", "--per-position"])
+    assert result.exit_code == 0, result.stderr
+    assert "8 per position" in result.output and "1,152" in result.output and "dead codes" in result.output
+
+
+def write_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "nested").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(root / f"rgb{i}.png")
+    Image.fromarray(rng.integers(0, 255, (70, 70), dtype=np.uint8), mode="L").save(root / "nested" / "gray.png")
+    Image.new("CMYK", (64, 80), (10, 200, 30, 0)).save(root / "nested" / "cmyk.jpg")
+    (root / "nested" / "broken.jpg").write_bytes(b"not a jpeg at all")
+    (root / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_image_folder_with_corrupt_grayscale_and_cmyk_files(tmp_path):
+    folder = write_folder(tmp_path / "images")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\).*broken.jpg"):
+        Trainer(small_config(data=str(folder), steps=6, eval_every=6), tmp_path / "run", progress=False).fit()
+    assert len(metrics(tmp_path / "run")) == 6
+    from stvq.data import ImageFolderDataset
+
+    with pytest.warns(UserWarning):
+        ds = ImageFolderDataset(folder, 64)
+    assert all(ds[i].shape == (3, 64, 64) and -1 <= ds[i].min() and ds[i].max() <= 1 for i in range(len(ds)))
+
+
+def test_step_batches_are_deterministic_disjoint_across_ranks_and_cover_epochs():
+    whole = [i for b in StepBatches(10, 5, 0, 0, 4) for i in b]
+    assert sorted(whole[:10]) == list(range(10)) and sorted(whole[10:]) == list(range(10))
+    assert list(StepBatches(10, 5, 0, 2, 4)) == list(StepBatches(10, 5, 0, 0, 4))[2:]
+    r0, r1 = StepBatches(10, 2, 0, 0, 1, rank=0, world=2), StepBatches(10, 2, 0, 0, 1, rank=1, world=2)
+    assert not set(next(iter(r0))) & set(next(iter(r1)))
+
+
+def cli_train(run: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "stvq.cli", "train", "--run", str(run), "--no-progress", *SMALL_ARGS,
+            "--batch-size", "8", "--steps", "40", "--log-every", "1", "--checkpoint-every", "5", "--eval-every", "40", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run(cli_train(reference), env=env, check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli_train(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 17:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_file(str(killed / "checkpoint.safetensors"))  # never truncated: it loads
+    assert "model.encoder.head.weight" in state
+
+    resumed = subprocess.run([sys.executable, "-m", "stvq.cli", "train", "--resume", str(killed), "--no-progress"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    ours = {m["step"]: m["loss"] for m in metrics(killed)}
+    theirs = {m["step"]: m["loss"] for m in metrics(reference)}
+    assert sorted(ours) == list(range(1, 41))  # lines logged after the checkpoint were replaced, not duplicated
+    for step in range(1, 41):
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
+    assert json.loads((killed / "summary.json").read_text())["resumed_from"] >= 15
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "stvq.cli",
+           "train", "--run", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4"]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ranks_agree"] is True
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]  # rank 0 alone writes
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    import stvq.train as train_module
+
+    real = train_module.reconstruction_losses
+    calls = {"n": 0}
+
+    def poisoned(recon, images):
+        calls["n"] += 1
+        l1, mse = real(recon, images)
+        return (l1 * float("nan"), mse) if calls["n"] == 7 else (l1, mse)
+
+    monkeypatch.setattr(train_module, "reconstruction_losses", poisoned)
+    with pytest.raises(train_module.TrainingDiverged, match="loss became nan at step 6; the last good checkpoint"):
+        Trainer(small_config(checkpoint_every=5), tmp_path / "run", progress=False).fit()
+    state = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
+    assert torch.isfinite(state["model.decoder.out_conv.weight"]).all()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--data", "/no/such/folder"], "data folder /no/such/folder does not exist"),
+        (["train", "--preset", "huge"], "unknown preset 'huge'"),
+        (["train", "--stage", "2"], "stage 2 starts from a stage-1 run: pass --from runs/NAME"),
+        (["train", "--resume", "/no/such/run"], "is not a training run"),
+        (["quantize", "--run", "/no/such/run"], "is not a training run"),
+    ],
+)
+def test_bad_training_input_is_one_line(runner, args, message):
+    result = runner.invoke(main, args)
+    assert result.exit_code != 0 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_empty_folder_and_stage2_without_codebook(runner, tmp_path, stage1_run):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(main, ["train", "--data", str(tmp_path / "empty"), "--run", str(tmp_path / "r")])
+    assert result.exit_code == 1 and "no readable image" in result.stderr
+    bare = tmp_path / "bare"
+    Trainer(small_config(steps=1), bare, progress=False).fit()
+    result = runner.invoke(main, ["train", "--stage", "2", "--from", str(bare), "--run", str(tmp_path / "r2")])
+    assert result.exit_code == 1 and "has no codebook: run `stvq quantize --run" in result.stderr
+    result = runner.invoke(main, ["train", "--run", str(bare)])
+    assert result.exit_code == 1 and "already holds a run; continue it with --resume" in result.stderr
