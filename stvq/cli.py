@@ -164,7 +164,7 @@ def _default_run(stage: int, preset: str) -> str:
 @preset_option
 @set_option
 @click.option("--data", default="shapes", show_default=True, help="'shapes' (built in) or a folder of images.")
-@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/PRESET-stageN-TIME).")
+@click.option("--run-dir", "--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
 @click.option("--from", "from_run", type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")
 @click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
@@ -192,6 +192,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
       stvq quantize --run runs/tiny-stage1-... --k 1024
       stvq train --stage 2 --from runs/tiny-stage1-...
       stvq train --resume runs/tiny-stage1-...
+      torchrun --nproc_per_node 2 $(which stvq) train --run-dir runs/ddp
     """
     from rich.panel import Panel
 

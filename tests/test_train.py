@@ -93,7 +93,10 @@ def test_quantize_rejects_k_above_the_vectors(stage1_run, runner, k, per_positio
 def test_quantize_cli_prints_the_table(stage1_run, runner):
     result = runner.invoke(main, ["quantize", "--run", str(stage1_run), "--k", "8", "--max-images", "32", "--per-position"])
     assert result.exit_code == 0, result.stderr
-    assert "8 per position" in result.output and "1,152" in result.output and "dead codes" in result.output
+    assert "1,152" in result.output and "perplexity" in result.output  # 32 images x 36 tokens
+    written = json.loads((stage1_run / "quantize.json").read_text())
+    assert written["k"] == 8 and written["vectors"] == 1152 and 0 < written["usage"] <= 1
+    assert stvq.load_tokenizer(stage1_run).quantizer.codebook.shape == (36, 8, 16)
 
 
 def write_folder(root: Path) -> Path:
@@ -165,7 +168,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "stvq.cli",
-           "train", "--run", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4"]
+           "train", "--run-dir", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4"]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
