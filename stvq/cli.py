@@ -163,7 +163,7 @@ def _default_run(stage: int, preset: str) -> str:
 @click.option("--stage", type=click.IntRange(1, 2), default=1, show_default=True, help="1: continuous codes; 2: quantized codes, frozen encoder.")
 @preset_option
 @set_option
-@click.option("--data", default="shapes", show_default=True, help="'shapes' (built in) or a folder of images.")
+@click.option("--data", default="shapes", show_default=True, help="'shapes' (built in), 'photos' (scikit-image's) or a folder of images.")
 @click.option("--run-dir", "--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
 @click.option("--from", "from_run", type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")

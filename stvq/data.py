@@ -1,5 +1,5 @@
-"""Data: the built-in ``shapes`` data set (procedural, with known factors), image folders, and the
-``data`` spec strings the CLI accepts ("shapes", or a folder path)."""
+"""Data: the built-in ``shapes`` data set (procedural, with known factors), real ``photos`` shipped by
+scikit-image, image folders, and the ``data`` spec strings the CLI accepts."""
 
 from __future__ import annotations
 
@@ -154,9 +154,9 @@ class ImageFolderDataset(Dataset):
             warnings.warn(f"skipped {len(broken)} unreadable image file(s) in {root}: {shown}{' ...' if len(broken) > 3 else ''}", stacklevel=2)
         if not readable:
             raise StvqError(f"no readable image (jpg, png, webp, bmp) under {root}; point --data at a folder of images")
-        val = readable[::20]
-        train = [p for p in readable if p not in set(val)] or readable
-        self.paths = val if split == "val" else train
+        val = set(readable[::20])
+        train = [p for p in readable if p not in val] or readable
+        self.paths = sorted(val) if split == "val" else train
         self.image_size, self.broken = image_size, broken
 
     def __len__(self) -> int:
@@ -166,8 +166,62 @@ class ImageFolderDataset(Dataset):
         return load_image(self.paths[index], self.image_size)
 
 
+#: Real photographs that scikit-image ships as files (no download): colour and grey, objects and textures.
+PHOTO_FILES = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_left.png",
+    "motorcycle_right.png", "retina.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "page.png",
+    "text.png", "grass.png", "gravel.png", "brick.png", "horse.png", "cell.png",
+)
+
+
+def photo_paths() -> list[Path]:
+    """The photo files of the installed scikit-image (the ``photos`` extra)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise StvqError("the 'photos' data comes from scikit-image: pip install 'stvq[photos]', or use --data shapes")
+    root = Path(next(iter(spec.submodule_search_locations))) / "data"
+    paths = [root / name for name in PHOTO_FILES if (root / name).is_file()]
+    if not paths:
+        raise StvqError(f"no photo files found in {root}; reinstall scikit-image")
+    return paths
+
+
+class PhotosDataset(Dataset):
+    """Crops of the photos scikit-image ships: for training, crops deterministic from (seed, index) at a
+    random scale (30-100% of the shorter side), position and flip; for validation, each photo's centre."""
+
+    def __init__(self, image_size: int, split: str = "train", seed: int = 0, length: int = 100_000) -> None:
+        self.image_size, self.split, self.seed = image_size, split, seed
+        self.photos = []
+        for path in photo_paths():
+            with Image.open(path) as img:
+                self.photos.append(ImageOps.exif_transpose(img).convert("RGB"))
+        self.length = len(self.photos) if split == "val" else length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if self.split == "val":
+            img = ImageOps.fit(self.photos[index], (self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        else:
+            rng = np.random.default_rng([self.seed, index])
+            photo = self.photos[int(rng.integers(len(self.photos)))]
+            side = int(min(photo.size) * rng.uniform(0.3, 1.0))
+            left, top = int(rng.integers(photo.width - side + 1)), int(rng.integers(photo.height - side + 1))
+            img = photo.crop((left, top, left + side, top + side)).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                img = ImageOps.mirror(img)
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
 def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0) -> Dataset:
-    """``"shapes"`` (built in) or a folder path."""
+    """``"shapes"`` (built in), ``"photos"`` (scikit-image's photos) or a folder path."""
     if spec == "shapes":
         return ShapesDataset(image_size, split=split, seed=seed)
+    if spec == "photos":
+        return PhotosDataset(image_size, split=split, seed=seed)
     return ImageFolderDataset(spec, image_size, split=split)

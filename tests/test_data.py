@@ -1,0 +1,54 @@
+"""Built-in data: shapes (deterministic, with the factors it claims), photos, and data specs."""
+
+import numpy as np
+import pytest
+import torch
+
+from stvq.data import FACTORS, PALETTE, SHAPES, TEXTURES, PhotosDataset, ShapesDataset, make_dataset
+from stvq.errors import StvqError
+
+
+def test_shapes_is_deterministic_and_splits_differ():
+    a, b = ShapesDataset(64, seed=3), ShapesDataset(64, seed=3)
+    assert torch.equal(a[7], b[7]) and a.factors(7) == b.factors(7)
+    assert not torch.equal(a[7], ShapesDataset(64, seed=4)[7])
+    val = ShapesDataset(64, split="val", seed=3)
+    assert len(val) == 512 and not torch.equal(val[7], a[7])
+
+
+def test_shapes_images_show_their_factors():
+    ds = ShapesDataset(96, noise=0.0)
+    for i in range(20):
+        f, image = ds.factors(i), ds[i]
+        assert image.shape == (3, 96, 96) and image.min() >= -1 and image.max() <= 1
+        corner = image[:, 0, 0].numpy()
+        np.testing.assert_allclose(corner, PALETTE[f["background"]], atol=1e-6)  # background colour
+        cx, cy = int(f["x"] * 96), int(f["y"] * 96)
+        centre = image[:, cy, cx].numpy()
+        assert np.abs(centre - PALETTE[f["background"]]).max() > 0.1  # the object covers its centre
+        assert f["color"] != f["background"]
+        assert f["size"] <= f["x"] <= 1 - f["size"] and 0 <= f["rotation"] < 90
+
+
+def test_shapes_factor_table_covers_every_factor_and_class():
+    table = ShapesDataset(64).factor_table(400)
+    assert list(table) == list(FACTORS)
+    assert set(table["shape"]) == set(range(len(SHAPES)))
+    assert set(table["texture"]) == set(range(len(TEXTURES)))
+    assert set(table["background"]) == set(range(len(PALETTE)))
+
+
+def test_photos_are_real_images_with_fixed_validation_centres():
+    train, val = PhotosDataset(64), PhotosDataset(64, split="val")
+    assert len(val) >= 15
+    assert torch.equal(train[5], PhotosDataset(64)[5])
+    batch = torch.stack([train[i] for i in range(16)])
+    assert batch.shape == (16, 3, 64, 64) and batch.std() > 0.2
+    assert torch.equal(val[0], PhotosDataset(64, split="val")[0])
+
+
+def test_make_dataset_errors():
+    with pytest.raises(StvqError, match="does not exist"):
+        make_dataset("/nope", 64)
+    with pytest.raises(StvqError, match="unknown split"):
+        ShapesDataset(64, split="test")
