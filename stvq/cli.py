@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import click
@@ -261,6 +262,141 @@ def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch
         f"{result['mse']:.5f}", f"{result['usage']:.1%}", f"{result['perplexity']:.1f}", f"{result['dead_codes']:,}",
     )
     console.print(table)
+
+
+def _load_tokenizer(path: str):
+    import stvq
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"--tokenizer {path} is not a directory; pass a run or a directory written by `stvq compose`")
+    return stvq.load_tokenizer(path)
+
+
+@main.command()
+@click.argument("spec")
+@click.option("--styled", type=click.Path(), help="The styled part: a run directory (stage 2, or stage 1 + `stvq quantize`).")
+@click.option("--vqgan", type=click.Path(), help="The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.")
+@click.option("--vqgan-config", type=click.Path(), help="The taming YAML config of --vqgan.")
+@click.option("--part", "parts", multiple=True, metavar="NAME=PATH", help="Any other registered tokenizer's directory; repeatable.")
+@click.option("--begin", is_flag=True, help="Start every sequence with a begin id.")
+@click.option("--separator", is_flag=True, help="Put a separator id between the parts.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+def compose(spec, styled, vqgan, vqgan_config, parts, begin, separator, output) -> None:
+    """Join tokenizers into one sequence over one vocabulary (SPEC is A+B[+C], e.g. styled+vqgan), and
+    write a directory that `stvq.load_tokenizer` and --tokenizer accept. A single name converts that
+    tokenizer (e.g. a taming .ckpt to safetensors).
+
+    \b
+    Example:
+      stvq compose styled+vqgan --styled runs/NAME --vqgan model.ckpt --vqgan-config model.yaml -o tok/
+      stvq compose vqgan --vqgan model.ckpt --vqgan-config model.yaml -o vqgan/
+    """
+    from stvq.compose import compose as do_compose
+
+    sources = {"styled": styled, "vqgan": vqgan, **{k: v for k, _, v in (p.partition("=") for p in parts)}}
+    options = {"begin": begin, "separator": separator} if "+" in spec else {}
+    tokenizer = do_compose(spec, {k: v for k, v in sources.items() if v}, {"vqgan": vqgan_config} if vqgan_config else {}, **options)
+    tokenizer.save_pretrained(output)
+    table = Table(title=f"{spec} -> {output}")
+    for column in ("part", "tokens", "vocabulary", "id range", "image size"):
+        table.add_column(column, justify="right")
+    layout = tokenizer.manifest()["parts"] if hasattr(tokenizer, "manifest") else [
+        {"name": spec, "num_tokens": tokenizer.num_tokens, "vocab_size": tokenizer.vocab_size, "offset": 0, "image_size": tokenizer.image_size}
+    ]
+    for p in layout:
+        table.add_row(p["name"], str(p["num_tokens"]), f"{p['vocab_size']:,}", f"[{p['offset']:,}, {p['offset'] + p['vocab_size']:,})", str(p["image_size"]))
+    table.add_row("[bold]total[/]", str(tokenizer.num_tokens), f"{tokenizer.vocab_size:,}", "", str(tokenizer.image_size))
+    console.print(table)
+
+
+@main.command()
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(), help="A run or a composed tokenizer directory.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="A .npy file of ids (N, tokens).")
+def encode(tokenizer_dir, images, output) -> None:
+    """Images -> token ids, saved as a NumPy array (one row per image, in argument order).
+
+    \b
+    Example:
+      stvq encode --tokenizer runs/NAME cat.jpg dog.png -o ids.npy
+    """
+    import numpy as np
+    import torch
+
+    from stvq.data import load_image
+
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    missing = [p for p in images if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"no such image file: {missing[0]}")
+    try:
+        batch = torch.stack([load_image(Path(p), tokenizer.image_size) for p in images])
+    except Exception as err:
+        raise ConfigError(f"cannot read an image: {err}") from None
+    ids = tokenizer.encode(batch).cpu().numpy()
+    np.save(output, ids)
+    click.echo(f"{len(images)} image(s) -> {output}: ids {ids.shape}, vocabulary {tokenizer.vocab_size:,}")
+
+
+@main.command()
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(), help="A run or a composed tokenizer directory.")
+@click.argument("ids_file", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for the PNG files.")
+def decode(tokenizer_dir, ids_file, output) -> None:
+    """Token ids (.npy, one row per image) -> PNG images 000000.png, 000001.png, ...
+
+    \b
+    Example:
+      stvq decode --tokenizer runs/NAME ids.npy -o decoded/
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    if not Path(ids_file).is_file():
+        raise ConfigError(f"no such ids file: {ids_file}")
+    ids = torch.from_numpy(np.load(ids_file).astype(np.int64))
+    images = tokenizer.decode(ids)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        array = ((image.clamp(-1, 1) * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(out / f"{i:06d}.png")
+    click.echo(f"{len(images)} image(s) -> {out}/")
+
+
+@main.command()
+@click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(), help="A run or a composed tokenizer directory.")
+@click.option("--data", required=True, help="A folder of images ('shapes' or 'photos' with --max-images).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for shards and manifest.json.")
+@click.option("--shard-size", type=int, default=1024, show_default=True, help="Images per .npy shard.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-images", type=int, help="Tokenize only the first N images.")
+def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images) -> None:
+    """A whole data set -> sharded token files (shard_NNNNN.npy + manifest.json with the vocabulary and
+    layout), for an autoregressive model's data loader. Re-running resumes: finished shards are kept.
+
+    \b
+    Example:
+      stvq tokenize --tokenizer tok/ --data images/ -o shards/
+    """
+    from torch.utils.data import Subset
+
+    from stvq.compose import tokenize_dataset
+    from stvq.data import ImageFolderDataset, make_dataset
+
+    tokenizer = _load_tokenizer(tokenizer_dir)
+    if data in ("shapes", "photos"):
+        if max_images is None:
+            raise ConfigError(f"--data {data} is endless; give --max-images N")
+        dataset = make_dataset(data, tokenizer.image_size, "train")
+    else:
+        dataset = ImageFolderDataset(data, tokenizer.image_size, split="all")
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    result = tokenize_dataset(tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console)
+    click.echo(f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}")
 
 
 if __name__ == "__main__":  # pragma: no cover

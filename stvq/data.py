@@ -134,7 +134,8 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
 
 class ImageFolderDataset(Dataset):
     """Every readable image under ``root`` (recursive; jpg, png, webp, bmp). Unreadable files are
-    skipped and counted with one warning; every 20th file (sorted) forms the validation split."""
+    skipped and counted with one warning; every 20th file (sorted) forms the validation split, and
+    ``split="all"`` keeps every file."""
 
     def __init__(self, root: str | Path, image_size: int, split: str = "train") -> None:
         root = Path(root)
@@ -156,7 +157,7 @@ class ImageFolderDataset(Dataset):
             raise StvqError(f"no readable image (jpg, png, webp, bmp) under {root}; point --data at a folder of images")
         val = set(readable[::20])
         train = [p for p in readable if p not in val] or readable
-        self.paths = sorted(val) if split == "val" else train
+        self.paths = {"val": sorted(val), "train": train, "all": readable}[split]
         self.image_size, self.broken = image_size, broken
 
     def __len__(self) -> int:

@@ -19,6 +19,8 @@ def register_decoders(register):
 @hookimpl
 def register_tokenizers(register):
     register("styled", "stvq_reference.model:StyledVQ")
+    register("vqgan", "stvq_reference.vqgan:VQGANTokenizer")
+    register("composed", "stvq_reference.concat:ComposedTokenizer")
 
 
 @hookimpl
@@ -26,3 +28,8 @@ def register_quantizers(register):
     register("kmeans", "stvq_reference.kmeans:KMeansQuantizer")
     register("ema-vq", "stvq_reference.ema_vq:EMAVectorQuantizer")
     register("fsq", "stvq_reference.fsq:FSQ")
+
+
+@hookimpl
+def register_composers(register):
+    register("concat", "stvq_reference.concat:ConcatComposer")
