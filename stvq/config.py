@@ -71,6 +71,8 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(image_size=128, width=512, heads=8, encoder_layers=8, plain_layers=2),
     # CPU preset: 64 px, 8 px patches (64 positions), width 128; trains in minutes on 2 cores.
     "tiny": ModelConfig(image_size=64, patch_size=8, width=128, heads=4, encoder_layers=4, plain_layers=2),
+    # The ablation of SPEC section 6: tiny with the unordered decoder (same size, no per-layer code pairs).
+    "tiny-unordered": ModelConfig(image_size=64, patch_size=8, width=128, heads=4, encoder_layers=4, plain_layers=2, decoder="unordered"),
 }
 
 

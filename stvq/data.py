@@ -176,12 +176,12 @@ PHOTO_FILES = (
 
 
 def photo_paths() -> list[Path]:
-    """The photo files of the installed scikit-image (the ``photos`` extra)."""
+    """The photo files of the installed scikit-image."""
     from importlib.util import find_spec
 
     spec = find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
-        raise StvqError("the 'photos' data comes from scikit-image: pip install 'stvq[photos]', or use --data shapes")
+        raise StvqError("the 'photos' data comes from scikit-image: pip install scikit-image, or use --data shapes")
     root = Path(next(iter(spec.submodule_search_locations))) / "data"
     paths = [root / name for name in PHOTO_FILES if (root / name).is_file()]
     if not paths:

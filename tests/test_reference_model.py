@@ -215,3 +215,20 @@ def test_missing_files_are_clear_errors(tmp_path):
 def test_bad_config_values_are_clear_errors(overrides, message):
     with pytest.raises(stvq.ConfigError, match=message):
         make_config(preset="tiny", **overrides) if "preset" not in overrides else make_config(**overrides)
+
+
+def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():
+    from stvq_reference.unordered import UnorderedDecoder
+
+    styled, unordered = StyledDecoder(preset="tiny").eval(), UnorderedDecoder(preset="tiny").eval()
+    assert [p.shape for p in styled.parameters()] == [p.shape for p in unordered.parameters()]
+    codes = torch.randn(1, 36, 16)
+    perturbed = codes.clone()
+    perturbed[:, 35] += 1.0
+    for decoder, reaches in ((styled, False), (unordered, True)):
+        outputs = []
+        hook = decoder.condition_blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
+        with torch.no_grad():
+            decoder(codes), decoder(perturbed)
+        hook.remove()
+        assert (not torch.equal(outputs[0], outputs[1])) == reaches

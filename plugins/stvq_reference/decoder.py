@@ -73,8 +73,6 @@ def placeholder_mask(num_tokens: int, seq_len: int) -> torch.Tensor:
 class StyledDecoder(Decoder):
     """Placeholders + position tokens, 2N/2 condition layers, plain ViT layers, out_conv (un-patchify)."""
 
-    block_class = ConditionBlock
-
     def __init__(self, config: ModelConfig | dict | str | None = None, **overrides) -> None:
         super().__init__()
         cfg = self.config = make_config(config, **overrides)
@@ -82,15 +80,16 @@ class StyledDecoder(Decoder):
         self.code_proj = nn.Linear(cfg.code_dim, cfg.width)
         self.placeholders = learned_tokens(cfg.num_tokens, cfg.width)
         self.pos_tokens = learned_tokens(cfg.num_patches, cfg.width)
-        self.condition_blocks = nn.ModuleList(
-            self.block_class(i, cfg.width, cfg.heads, cfg.mlp_ratio) for i in range(cfg.condition_layers)
-        )
+        self.condition_blocks = nn.ModuleList(self.make_block(i, cfg) for i in range(cfg.condition_layers))
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
         self.out_conv = nn.ConvTranspose2d(cfg.width, 3, cfg.patch_size, stride=cfg.patch_size)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)
+
+    def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
+        return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N, code_dim) -> images (B, 3, H, W); P position tokens, D width."""
@@ -99,6 +98,10 @@ class StyledDecoder(Decoder):
         x = torch.cat([self.placeholders.expand(b, -1, -1), self.pos_tokens.expand(b, -1, -1)], dim=1)  # (B, N+P, D)
         for i, block in enumerate(self.condition_blocks):
             x = block(x, condition[:, 2 * i : 2 * i + 2], self.attn_mask)
+        return self.render(x)
+
+    def render(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain layers and out_conv: state (B, N+P, D) after the condition layers -> images."""
         for block in self.blocks:
             x = block(x, attn_mask=self.attn_mask)
         x = self.norm(x[:, self.num_tokens :])  # (B, P, D)

@@ -14,6 +14,7 @@ def register_encoders(register):
 @hookimpl
 def register_decoders(register):
     register("styled", "stvq_reference.decoder:StyledDecoder")
+    register("unordered", "stvq_reference.unordered:UnorderedDecoder")
 
 
 @hookimpl

