@@ -170,11 +170,13 @@ def _default_run(stage: int, preset: str) -> str:
 @click.option("--from", "from_run", type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")
 @click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
+@click.option("--no-cache-codes", is_flag=True, help="Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached.")
 @click.option("--steps", type=int, default=360, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per process.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--noise-sigma", type=float, default=0.1, show_default=True, help="Stage 1: std of the noise added to the codes.")
 @click.option("--bf16", is_flag=True, help="Autocast to bfloat16.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder and decoder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-every", type=int, default=120, show_default=True)
 @click.option("--checkpoint-every", type=int, default=60, show_default=True)
@@ -182,7 +184,7 @@ def _default_run(stage: int, preset: str) -> str:
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, quantizer, quantizer_options, steps, batch_size, lr, noise_sigma, bf16, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
+def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
     """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
     quantized codes, encoder frozen). With no option: the tiny preset on the built-in shapes, a few
     minutes on a CPU. Runs under `torchrun --nproc_per_node N stvq train ...` with DDP.
@@ -210,8 +212,8 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
             raise ConfigError("--quantizer-option needs --quantizer NAME")
         cfg = TrainConfig(
             stage=stage, preset=preset, model=parse_overrides(overrides), data=data, steps=steps, batch_size=batch_size,
-            lr=lr, noise_sigma=noise_sigma, bf16=bf16, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-            log_every=log_every, num_workers=num_workers, from_run=from_run, quantizer=q,
+            lr=lr, noise_sigma=noise_sigma, bf16=bf16, compile=compile_, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            log_every=log_every, num_workers=num_workers, from_run=from_run, quantizer=q, cache_codes=not no_cache_codes,
         )
         run = run_dir or _default_run(stage, preset if stage == 1 else "from")
     trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
@@ -225,7 +227,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
             f"val PSNR       {val:.2f} dB" if val is not None else "val PSNR       (no step run)",
             f"mean image     {summary['mean_image_psnr']:.2f} dB (baseline)",
             f"grid           {summary['grid']}",
-        ]
+        ] + ([f"cached codes   {summary['cached_codes']:,} images (encoder skipped)"] if summary.get("cached_codes") else [])
         console.print(Panel("\n".join(lines), title="stvq train: done", expand=False))
 
 

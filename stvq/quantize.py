@@ -9,6 +9,7 @@ import torch
 from rich.progress import Progress
 
 from stvq.checkpoint import load_pretrained, write_json
+from stvq.codecache import cache_key, load_codes, save_codes
 from stvq.data import make_dataset
 from stvq.errors import StvqError
 from stvq.train import read_train_config
@@ -38,16 +39,23 @@ def fit_codebook(
     if cfg.stage != 1:
         raise StvqError(f"{run} is a stage-{cfg.stage} run; quantize the stage-1 run it came from ({cfg.from_run})")
     model = load_pretrained(run)
-    dataset = make_dataset(data or cfg.data, model.config.image_size, "train", cfg.seed)
-    codes = encode_dataset(model, dataset, max_images, batch_size, console, progress)
+    spec = data or cfg.data
+    dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
+    key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
+    cached = load_codes(run, key)
+    count = min(max_images, len(dataset))
+    if cached is not None and len(cached) >= count:
+        codes = cached[:count]  # the frozen encoder's codes for these images are already known
+    else:
+        codes = encode_dataset(model, dataset, count, batch_size, console, progress)
+        save_codes(run, key, codes)
     per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
     if k > per_codebook:
         raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
-    spec = {"name": "kmeans", "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical}
-    model.set_quantizer(spec)
+    model.set_quantizer({"name": "kmeans", "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical})
     model.quantizer.fit(codes)
     stats = model.quantizer.eval()(codes).stats
     model.save_pretrained(run)
-    result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), **stats}
+    result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": cached is not None and len(cached) >= count, **stats}
     write_json(run / "quantize.json", result)
     return result

@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from stvq.checkpoint import atomic_write, load_pretrained, save_tensors, write_json
+from stvq.codecache import cache_key, load_codes
 from stvq.config import make_config
 from stvq.data import make_dataset
 from stvq.errors import CheckpointError, StvqError
@@ -62,6 +63,7 @@ class TrainConfig:
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     bf16: bool = False  # autocast matrix work to bfloat16
+    compile: bool = False  # torch.compile the encoder and decoder (checkpoints are unchanged)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 120
@@ -69,6 +71,7 @@ class TrainConfig:
     num_workers: int = 0
     from_run: str | None = None  # stage 2: the stage-1 run to start from
     quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
+    cache_codes: bool = True  # stage 2: train on the images whose codes `stvq quantize` cached, encoder skipped
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2):
@@ -88,6 +91,19 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------- data
+
+
+class WithCodes(Dataset):
+    """Items 0..M-1 of a data set with their cached codes: (image, codes)."""
+
+    def __init__(self, dataset: Dataset, codes: torch.Tensor) -> None:
+        self.dataset, self.codes = dataset, codes
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[index], self.codes[index]
 
 
 class StepBatches:
@@ -282,12 +298,20 @@ class Trainer:
             write_config(self.run, cfg)
         if cfg.stage == 2:
             model.encoder.eval()
+        if cfg.compile:
+            model.encoder.compile()  # in place: parameter names, and so checkpoints, stay the same
+            model.decoder.compile()
 
         image_size = model.config.image_size
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
         val_images = torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
         mean_image = torch.stack([dataset[i] for i in range(min(512, len(dataset)))]).mean(0, keepdim=True).to(self.device)
+        cached = None
+        if cfg.stage == 2 and cfg.cache_codes:
+            cached = load_codes(cfg.from_run, cache_key(model.encoder, cfg.data, image_size, cfg.seed))
+            if cached is not None:
+                dataset = WithCodes(dataset, cached)
         baseline_psnr = psnr(mean_image.expand_as(val_images), val_images).mean().item()
 
         batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
@@ -306,12 +330,13 @@ class Trainer:
         window_start, window_images = time.perf_counter(), 0
         with bar:
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
-            for step, images in enumerate(loader, start=start):
+            for step, batch in enumerate(loader, start=start):
+                images, codes = (batch[0], batch[1].to(self.device)) if cached is not None else (batch, None)
                 images = images.to(self.device, non_blocking=True)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_at(step)
                 with autocast:
-                    out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2)
+                    out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes)
                 l1, mse = reconstruction_losses(out.reconstruction, images)
                 loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
                 if out.quantized is not None:
@@ -357,6 +382,7 @@ class Trainer:
             "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
             "val_psnr": last_eval.get("val_psnr"), "mean_image_psnr": baseline_psnr,
             "grid": str(self.run / "samples" / f"step_{cfg.steps:06d}.png"),
+            "cached_codes": None if cached is None else len(cached),
         }
         if self.world > 1:
             summary["ranks_agree"] = self._ranks_agree(model)

@@ -232,3 +232,18 @@ def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():
             decoder(codes), decoder(perturbed)
         hook.remove()
         assert (not torch.equal(outputs[0], outputs[1])) == reaches
+
+
+@pytest.mark.slow
+def test_compiled_decoder_matches_eager_forward_and_backward():
+    decoder = StyledDecoder(preset="tiny", width=32, heads=2, plain_layers=1)
+    codes = torch.randn(2, 36, 16, requires_grad=True)
+    eager = decoder(codes)
+    (eager.square().sum()).backward()
+    eager_grad, codes.grad = codes.grad.clone(), None
+    decoder.compile()
+    compiled = decoder(codes)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(codes.grad, eager_grad, rtol=1e-4, atol=1e-5)
+    assert "condition_blocks.0.attn.qkv.weight" in decoder.state_dict()  # checkpoint names unchanged

@@ -220,3 +220,40 @@ def test_empty_folder_and_stage2_without_codebook(runner, tmp_path, stage1_run):
     assert result.exit_code == 1 and "has no codebook: run `stvq quantize --run" in result.stderr
     result = runner.invoke(main, ["train", "--run", str(bare)])
     assert result.exit_code == 1 and "already holds a run; continue it with --resume" in result.stderr
+
+
+def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatch):
+    from stvq.codecache import cache_key, load_codes
+    from stvq.data import ShapesDataset
+    from stvq_reference.encoder import StyledEncoder
+
+    run = tmp_path / "s1"
+    Trainer(small_config(steps=2), run, progress=False).fit()
+    first = fit_codebook(run, k=8, max_images=48, progress=False)
+    assert first["codes_from_cache"] is False
+    model = stvq.load_tokenizer(run)
+    key = cache_key(model.encoder, "shapes", 64, 0)
+    cached = load_codes(run, key)
+    images = torch.stack([ShapesDataset(64)[i] for i in range(3)])
+    with torch.no_grad():
+        assert torch.allclose(cached[:3], model.encode_codes(images), atol=1e-5)
+    assert fit_codebook(run, k=4, max_images=40, progress=False)["codes_from_cache"] is True
+
+    with torch.no_grad():
+        model.encoder.head.bias.add_(1.0)  # other weights: another key, so stale codes are never used
+    assert cache_key(model.encoder, "shapes", 64, 0) != key and cache_key(model.encoder, "photos", 64, 0) != key
+
+    calls = []
+    real_forward = StyledEncoder.forward
+
+    def counting(self, images):
+        calls.append(len(images))
+        return real_forward(self, images)
+
+    monkeypatch.setattr(StyledEncoder, "forward", counting)
+    summary = Trainer(small_config(stage=2, from_run=str(run), steps=3, eval_every=100), tmp_path / "s2", progress=False).fit()
+    assert summary["cached_codes"] == 48
+    assert calls == [32, 32]  # only the final validation pass (64 images) ran the encoder, no training step
+    calls.clear()
+    Trainer(small_config(stage=2, from_run=str(run), steps=3, eval_every=100, cache_codes=False), tmp_path / "s2b", progress=False).fit()
+    assert calls == [8, 8, 8, 32, 32]  # every training step ran it

@@ -64,10 +64,10 @@ class StyledVQ(PretrainedMixin, Tokenizer):
         check_images(images, self.image_size)
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False) -> StyledOutput:
+    def forward(self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None) -> StyledOutput:
         """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,
-        stage 2 passes ``quantize=True``."""
-        codes = self.encode_codes(images)
+        stage 2 passes ``quantize=True``, and ``codes`` (the frozen encoder's, cached) skips the encoder."""
+        codes = self.encode_codes(images) if codes is None else codes
         quantized = None
         if quantize:
             quantized = self._require_quantizer()(codes)
