@@ -42,6 +42,15 @@ def main(path: str) -> None:
             if f or t:
                 batch = next(iter((f or t).values()))["extra_info"]["batch"]
                 print(f"| {preset} {device} | {batch} | {ms(f, 'ours')} | {ratio(f, 'ours', 'literal')} | {ratio(f, 'ours', 'bare')} | {ms(t, 'ours')} | {ratio(t, 'ours', 'literal')} | {ratio(t, 'ours', 'bare')} |")
+    print()
+    print("| condition block, interleaved (ours and literal alternated) | forward ours/literal | forward+backward ours/literal |")
+    print("|---|---|---|")
+    for preset in presets:
+        f = groups.get("block interleaved forward", {}).get(preset)
+        t = groups.get("block interleaved forward+backward", {}).get(preset)
+        if f or t:
+            cell = lambda b: f"{b['extra_info']['ratio_median']:.2f} (median of {b['extra_info']['pairs']} pairs)" if b else "-"  # noqa: E731
+            print(f"| {preset} cpu | {cell(f)} | {cell(t)} |")
     bf16 = groups.get("block forward+backward reference cuda bf16", {})
     if bf16:
         print(f"| reference cuda bf16 | 16 | | | | {ms(bf16, 'ours')} | {ratio(bf16, 'ours', 'literal')} | |")

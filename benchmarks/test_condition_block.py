@@ -95,3 +95,38 @@ def test_block_forward_backward_bf16_reference(benchmark, impl):
     benchmark.group = "block forward+backward reference cuda bf16"
     benchmark.extra_info.update(preset="reference", batch=16, impl=impl, device="cuda", dtype="bf16")
     benchmark(lambda: (fn(x, condition).backward(grad), sync("cuda")))
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("preset,batch,_", SIZES, ids=[s[0] for s in SIZES])
+def test_block_interleaved_ratio(benchmark, preset, batch, _, mode):
+    """Ours and the literal block called alternately, so that both see the same machine load; records
+    the median of the per-pair time ratios (ours / literal). Sequential groups drift on shared machines."""
+    import statistics
+    import time
+
+    cfg, block, literal, x, condition = make(preset, batch, "cpu")
+    if mode == "forward+backward":
+        x.requires_grad_()
+    grad = torch.randn_like(x)
+    fns = [runner(impl, block, literal, cfg, x, condition) for impl in ("ours", "literal")]
+    pairs = 30 if preset != "reference" else 10
+
+    def timed(fn):
+        start = time.perf_counter()
+        if mode == "forward":
+            with torch.no_grad():
+                fn(x, condition)
+        else:
+            fn(x, condition).backward(grad)
+        return time.perf_counter() - start
+
+    def run():
+        for fn in fns:  # warm up both
+            timed(fn)
+        ratios = [timed(fns[0]) / timed(fns[1]) for _ in range(pairs)]
+        benchmark.extra_info.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), pairs=pairs)
+
+    benchmark.group = f"block interleaved {mode}"
+    benchmark.extra_info.update(preset=preset, batch=batch, impl=f"{preset}", device="cpu", mode=mode)
+    benchmark.pedantic(run, rounds=1, iterations=1)
