@@ -154,10 +154,11 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
     return out
 
 
-def _default_run(stage: int, preset: str) -> str:
+def _default_run(stage: int, name: str) -> str:
+    """runs/PRESET-stage1-TIME, or runs/SOURCE-stage2-TIME for a stage-2 run started from SOURCE."""
     import time
 
-    return f"runs/{preset}-stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"runs/{name}-stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @main.command()
@@ -215,7 +216,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
             lr=lr, noise_sigma=noise_sigma, bf16=bf16, compile=compile_, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
             log_every=log_every, num_workers=num_workers, from_run=from_run, quantizer=q, cache_codes=not no_cache_codes,
         )
-        run = run_dir or _default_run(stage, preset if stage == 1 else "from")
+        run = run_dir or _default_run(stage, preset if stage == 1 else Path(from_run).name)
     trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
     summary = trainer.fit()
     if trainer.is_main:

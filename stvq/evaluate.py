@@ -10,7 +10,6 @@ FID (no Inception network is available offline) and its values are not comparabl
 from __future__ import annotations
 
 import json
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any

@@ -195,7 +195,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     tensors["rng.data"] = data_generator.get_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    metadata = {"step": str(step), "param_groups": json.dumps([{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in state["param_groups"]])}
+    metadata = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
     save_tensors(path, tensors, metadata)
 
 

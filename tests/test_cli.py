@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 
 import stvq
 from stvq.cli import main

@@ -85,6 +85,16 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
     return level
 
 
+def _run_level(level: nn.Module, h: torch.Tensor, resample: str) -> torch.Tensor:
+    """A level's ResNet blocks (each followed by its attention block, where the level has them), then
+    its ``downsample`` or ``upsample`` if it has one."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return getattr(level, resample)(h) if hasattr(level, resample) else h
+
+
 def _middle(channels: int) -> nn.Module:
     mid = nn.Module()
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
@@ -116,12 +126,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = _run_level(level, h, "downsample")
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -153,12 +158,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = _run_level(level, h, "upsample")
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
