@@ -176,6 +176,7 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Per process.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--noise-sigma", type=float, default=0.1, show_default=True, help="Stage 1: std of the noise added to the codes.")
+@click.option("--perceptual-weight", type=float, default=0.0, show_default=True, help="Weight of the EfficientNet-Lite0 feature loss (slow on CPU).")
 @click.option("--bf16", is_flag=True, help="Autocast to bfloat16.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder and decoder.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -185,7 +186,7 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
+def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, perceptual_weight, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
     """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
     quantized codes, encoder frozen). With no option: the tiny preset on the built-in shapes, a few
     minutes on a CPU. Runs under `torchrun --nproc_per_node N stvq train ...` with DDP.
@@ -213,7 +214,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
             raise ConfigError("--quantizer-option needs --quantizer NAME")
         cfg = TrainConfig(
             stage=stage, preset=preset, model=parse_overrides(overrides), data=data, steps=steps, batch_size=batch_size,
-            lr=lr, noise_sigma=noise_sigma, bf16=bf16, compile=compile_, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+            lr=lr, noise_sigma=noise_sigma, perceptual_weight=perceptual_weight, bf16=bf16, compile=compile_, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
             log_every=log_every, num_workers=num_workers, from_run=from_run, quantizer=q, cache_codes=not no_cache_codes,
         )
         run = run_dir or _default_run(stage, preset if stage == 1 else Path(from_run).name)

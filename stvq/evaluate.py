@@ -57,7 +57,7 @@ def feature_extractor() -> torch.nn.Module:
     """EfficientNet-Lite0, classifier removed: images -> 1280-d pooled features."""
     model = efficientnet_lite0()
     model.reset_classifier(0)
-    return model
+    return model.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -66,6 +66,16 @@ def features(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     net = feature_extractor()
     out = [net(F.interpolate(b.float(), size=224, mode="bilinear", align_corners=False)) for b in images.split(batch_size)]
     return torch.cat(out)
+
+
+def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between the frozen EfficientNet-Lite0's final feature maps (at 224 px) of
+    reconstructions and originals; differentiable in ``reconstructions``."""
+    net = feature_extractor().to(images.device)
+    size = dict(size=224, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        target = net.forward_features(F.interpolate(images.float(), **size))
+    return F.mse_loss(net.forward_features(F.interpolate(reconstructions.float(), **size)), target)
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:

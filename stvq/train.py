@@ -62,6 +62,7 @@ class TrainConfig:
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
     l1_weight: float = 1.0
     mse_weight: float = 1.0
+    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.evaluate.perceptual_loss); costly on CPU
     bf16: bool = False  # autocast matrix work to bfloat16
     compile: bool = False  # torch.compile the encoder and decoder (checkpoints are unchanged)
     seed: int = 0
@@ -339,6 +340,12 @@ class Trainer:
                     out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes)
                 l1, mse = reconstruction_losses(out.reconstruction, images)
                 loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
+                perceptual = None
+                if cfg.perceptual_weight > 0:
+                    from stvq.evaluate import perceptual_loss
+
+                    perceptual = perceptual_loss(out.reconstruction, images)
+                    loss = loss + cfg.perceptual_weight * perceptual
                 if out.quantized is not None:
                     loss = loss + out.quantized.loss
                 if not torch.isfinite(loss):
@@ -362,6 +369,8 @@ class Trainer:
                         "psnr": psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item(),
                         "lr": cfg.lr_at(step), "images_per_s": window_images / max(now - window_start, 1e-9),
                     }
+                    if perceptual is not None:
+                        record["perceptual"] = perceptual.item()
                     if out.quantized is not None:
                         record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
                     window_start, window_images = now, 0

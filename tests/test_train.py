@@ -257,3 +257,16 @@ def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatc
     calls.clear()
     Trainer(small_config(stage=2, from_run=str(run), steps=3, eval_every=100, cache_codes=False), tmp_path / "s2b", progress=False).fit()
     assert calls == [8, 8, 8, 32, 32]  # every training step ran it
+
+
+def test_perceptual_loss_is_logged_and_reaches_the_decoder(tmp_path):
+    from stvq.evaluate import perceptual_loss
+
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    recon = (images + 0.3 * torch.randn_like(images)).requires_grad_()
+    loss = perceptual_loss(recon, images)
+    loss.backward()
+    assert loss.item() > 0 and recon.grad.abs().sum() > 0
+    assert perceptual_loss(images, images).item() == pytest.approx(0.0, abs=1e-10)
+    Trainer(small_config(steps=2, eval_every=100, perceptual_weight=0.1), tmp_path / "run", progress=False).fit()
+    assert all(m["perceptual"] > 0 for m in metrics(tmp_path / "run"))
