@@ -74,6 +74,19 @@ def main(path: str) -> None:
             print(f"- {name}: encoder every step / cached codes = {ratio(g, 'encoder every step', 'cached codes')} (cached {ms(g, 'cached codes')} ms per step)")
         if name.endswith("compile"):
             print(f"- {name}: compiled/eager time {ratio(g, 'compiled', 'eager')} (eager {ms(g, 'eager')} ms, compiled {ms(g, 'compiled')} ms)")
+    km = groups.get("k-means K=8192 720k x 16 cpu", {})
+    if km:
+        print()
+        print("| k-means, K = 8192, 720k x 16, 10 iterations | time (s) | time / faiss | final MSE |")
+        print("|---|---|---|---|")
+        for impl in ("ours", "faiss", "torch", "ours k-means++"):
+            if impl in km:
+                print(f"| {impl} | {km[impl]['stats']['min']:.1f} | {ratio(km, impl, 'faiss')} | {km[impl]['extra_info']['mse']:.4f} |")
+    assign = groups.get("assignment 200k x 16 to K=8192 cpu", {})
+    if assign:
+        print()
+        for impl, bench in assign.items():
+            print(f"- assignment to K = 8192, {impl}: {bench['extra_info']['vectors'] / bench['stats']['min'] / 1e6:.2f} M vectors/s")
     print()
     print("| training step (AdamW, fp32) | batch | peak memory (MB) | step time (s) |")
     print("|---|---|---|---|")

@@ -180,18 +180,11 @@ def ordering_score(scores: np.ndarray, min_score: float = 0.1, reach: float = 0.
     first = np.array([int(np.argmax(row >= reach * b)) if e else -1 for row, b, e in zip(scores, best, encoded)])
     out = {"first_readable": first.tolist(), "encoded": encoded.tolist(), "ordering_score": float("nan")}
     if encoded.sum() >= 3:
+        from scipy.stats import spearmanr
 
-        def rank(v: np.ndarray) -> np.ndarray:  # average ranks for ties
-            order = np.argsort(v, kind="stable")
-            ranks = np.empty(len(v))
-            ranks[order] = np.arange(len(v))
-            for value in np.unique(v):
-                ranks[v == value] = ranks[v == value].mean()
-            return ranks
-
-        a, b = rank(np.arange(len(scores))[encoded].astype(float)), rank(first[encoded].astype(float))
-        if a.std() and b.std():
-            out["ordering_score"] = float(np.corrcoef(a, b)[0, 1])
+        order, first_encoded = np.arange(len(scores))[encoded], first[encoded]
+        if np.ptp(first_encoded):  # a constant ranking has no correlation
+            out["ordering_score"] = float(spearmanr(order, first_encoded).statistic)
     return out
 
 
