@@ -173,7 +173,7 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
 @click.option("--no-cache-codes", is_flag=True, help="Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached.")
 @click.option("--steps", type=int, default=360, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Per process.")
+@click.option("--batch-size", type=int, default=24, show_default=True, help="Per process.")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--noise-sigma", type=float, default=0.1, show_default=True, help="Stage 1: std of the noise added to the codes.")
 @click.option("--perceptual-weight", type=float, default=0.0, show_default=True, help="Weight of the EfficientNet-Lite0 feature loss (slow on CPU).")

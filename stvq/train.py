@@ -53,7 +53,7 @@ class TrainConfig:
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
     data: str = "shapes"  # "shapes" (built in) or an image folder
     steps: int = 360
-    batch_size: int = 32  # per process
+    batch_size: int = 24  # per process
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 20
@@ -289,6 +289,9 @@ class Trainer:
         model = build_model(cfg).to(self.device)
         opt = make_optimizer(model, cfg)
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
+        image_size = model.config.image_size
+        dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)  # bad data fails before the run exists
+        val = make_dataset(cfg.data, image_size, "val", cfg.seed)
         start = 0
         if self.resume:
             start = load_checkpoint(self.run / CHECKPOINT_NAME, model, opt, data_generator)
@@ -303,9 +306,6 @@ class Trainer:
             model.encoder.compile()  # in place: parameter names, and so checkpoints, stay the same
             model.decoder.compile()
 
-        image_size = model.config.image_size
-        dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
-        val = make_dataset(cfg.data, image_size, "val", cfg.seed)
         val_images = torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
         mean_image = torch.stack([dataset[i] for i in range(min(512, len(dataset)))]).mean(0, keepdim=True).to(self.device)
         cached = None

@@ -204,10 +204,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         (["quantize", "--run", "/no/such/run"], "is not a training run"),
     ],
 )
-def test_bad_training_input_is_one_line(runner, args, message):
+def test_bad_training_input_is_one_line(runner, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = runner.invoke(main, args)
     assert result.exit_code != 0 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()  # a run that cannot start leaves no directory behind
 
 
 def test_empty_folder_and_stage2_without_codebook(runner, tmp_path, stage1_run):
