@@ -81,8 +81,8 @@ def _trace_condition_layers(decoder: StyledDecoder, codes: torch.Tensor) -> list
 
 
 @pytest.mark.parametrize("j", [0, 1, 7, 20, 35])
-def test_condition_layer_i_reads_only_codes_2i_and_2i_plus_1(j, randomise):
-    decoder = randomise(StyledDecoder(preset="tiny")).eval()
+def test_condition_layer_i_reads_only_codes_2i_and_2i_plus_1(j):
+    decoder = StyledDecoder(preset="tiny").eval()
     codes = torch.randn(2, 36, 16)
     perturbed = codes.clone()
     perturbed[:, j] += 1.0
@@ -92,16 +92,6 @@ def test_condition_layer_i_reads_only_codes_2i_and_2i_plus_1(j, randomise):
         if i < j // 2:  # code j has not been consumed yet: nothing in this layer may change
             assert torch.equal(x0, x1) and torch.equal(y0, y1), f"layer {i} changed"
     assert not torch.equal(base[j // 2][2], other[j // 2][2])  # the consuming layer's output does change
-
-
-def test_a_fresh_decoders_blocks_start_as_the_identity():
-    """Zero-initialised output projections and modulations (adaLN-Zero): each condition layer only adds
-    its two codes to its two placeholder rows."""
-    decoder = StyledDecoder(preset="tiny")
-    for i, (x, condition, y) in enumerate(_trace_condition_layers(decoder, torch.randn(2, 36, 16))):
-        expected = x.clone()
-        expected[:, 2 * i : 2 * i + 2] += condition
-        torch.testing.assert_close(y, expected)
 
 
 def _literal_inputs(block: ConditionBlock, batch: int, seq: int, width: int):
@@ -227,10 +217,10 @@ def test_bad_config_values_are_clear_errors(overrides, message):
         make_config(preset="tiny", **overrides) if "preset" not in overrides else make_config(**overrides)
 
 
-def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0(randomise):
+def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():
     from stvq_reference.unordered import UnorderedDecoder
 
-    styled, unordered = randomise(StyledDecoder(preset="tiny")).eval(), randomise(UnorderedDecoder(preset="tiny")).eval()
+    styled, unordered = StyledDecoder(preset="tiny").eval(), UnorderedDecoder(preset="tiny").eval()
     assert [p.shape for p in styled.parameters()] == [p.shape for p in unordered.parameters()]
     codes = torch.randn(1, 36, 16)
     perturbed = codes.clone()
@@ -245,8 +235,8 @@ def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0(ran
 
 
 @pytest.mark.slow
-def test_compiled_decoder_matches_eager_forward_and_backward(randomise):
-    decoder = randomise(StyledDecoder(preset="tiny", width=32, heads=2, plain_layers=1))
+def test_compiled_decoder_matches_eager_forward_and_backward():
+    decoder = StyledDecoder(preset="tiny", width=32, heads=2, plain_layers=1)
     codes = torch.randn(2, 36, 16, requires_grad=True)
     eager = decoder(codes)
     (eager.square().sum()).backward()

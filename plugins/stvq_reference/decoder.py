@@ -87,21 +87,6 @@ class StyledDecoder(Decoder):
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)
-        self.zero_residual_branches()
-
-    def zero_residual_branches(self) -> None:
-        """Start every block as the identity, as DiT's adaLN-Zero does (Peebles & Xie, 2023; the SPEC's
-        block has no gates, so the output projections are zeroed instead): attention and MLP output
-        projections and AdaLN modulations at zero. On tiny it gave +0.24 dB validation PSNR at step 240
-        of the default run over the plain ViT init."""
-        for module in self.modules():
-            if isinstance(module, (Attention, Mlp)):
-                out = module.proj if isinstance(module, Attention) else module.fc2
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
-            elif isinstance(module, AdaLN):
-                nn.init.zeros_(module.modulation.weight)
-                nn.init.zeros_(module.modulation.bias)
 
     def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
         return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio)
