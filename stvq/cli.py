@@ -357,6 +357,8 @@ def decode(tokenizer_dir, ids_file, output) -> None:
     import torch
     from PIL import Image
 
+    from stvq.data import to_uint8
+
     tokenizer = _load_tokenizer(tokenizer_dir)
     if not Path(ids_file).is_file():
         raise ConfigError(f"no such ids file: {ids_file}")
@@ -365,8 +367,7 @@ def decode(tokenizer_dir, ids_file, output) -> None:
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        array = ((image.clamp(-1, 1) * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(array).save(out / f"{i:06d}.png")
+        Image.fromarray(to_uint8(image)).save(out / f"{i:06d}.png")
     click.echo(f"{len(images)} image(s) -> {out}/")
 
 

@@ -66,7 +66,7 @@ def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in ("num_images", "shard_size", "num_tokens", "vocab_size")} != {k: manifest[k] for k in ("num_images", "shard_size", "num_tokens", "vocab_size")}:
+        if any(old.get(k) != manifest[k] for k in ("num_images", "shard_size", "num_tokens", "vocab_size")):
             raise StvqError(f"{out} holds shards of another tokenizer or data set; pick a new -o directory")
     write_json(manifest_path, manifest)
     skipped = 0

@@ -123,13 +123,21 @@ class ShapesDataset(Dataset):
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
+def from_pil(img: Image.Image) -> torch.Tensor:
+    """An RGB image -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [-1, 1] (clipped) -> (H, W, 3) uint8, ready for ``Image.fromarray``."""
+    return ((image.detach().float().clamp(-1, 1) * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """Any mode -> RGB, shorter side resized to ``image_size`` and centre-cropped; (3, S, S) in [-1, 1]."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img).convert("RGB")
-        img = ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return from_pil(ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC))
 
 
 class ImageFolderDataset(Dataset):
@@ -215,8 +223,7 @@ class PhotosDataset(Dataset):
             img = photo.crop((left, top, left + side, top + side)).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
             if rng.random() < 0.5:
                 img = ImageOps.mirror(img)
-        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return from_pil(img)
 
 
 def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0) -> Dataset:

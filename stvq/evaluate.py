@@ -9,7 +9,6 @@ FID (no Inception network is available offline) and its values are not comparabl
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from stvq.checkpoint import write_json
 from stvq.data import FACTORS, ShapesDataset, make_dataset
 from stvq.errors import StvqError
-from stvq.metrics import psnr
+from stvq.metrics import mean_image_psnr, psnr
 
 
 # ------------------------------------------------------------------------------------ image metrics
@@ -191,13 +190,19 @@ def ordering_score(scores: np.ndarray, min_score: float = 0.1, reach: float = 0.
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline: float | None = None) -> None:
-    """One line per run for 'first n known' (solid) and 'last n known' (dashed)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here or in CI)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline: float | None = None) -> None:
+    """One line per run for 'first n known' (solid) and 'last n known' (dashed)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for i, (name, curve) in enumerate(curves.items()):
         color = f"C{i}"
@@ -218,11 +223,7 @@ def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline:
 
 
 def plot_probe(probe: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     scores = np.array(probe["scores"])
     fig, ax = plt.subplots(figsize=(10, 3.6), dpi=120)
     image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=1)
@@ -261,12 +262,10 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
     else:
         codes_used, stats = codes, None
     recon = decode_batched(model, codes_used)
-    train = make_dataset(data, size, "train", seed)
-    mean_image = torch.stack([train[i] for i in range(min(512, len(train)))]).mean(0, keepdim=True)
     result: dict[str, Any] = {
         "name": name, "data": data, "images": count, "quantized": quantized,
         "reconstruction": reconstruction_metrics(originals, recon, perceptual),
-        "mean_image_psnr": psnr(mean_image.expand_as(originals), originals).mean().item(),
+        "mean_image_psnr": mean_image_psnr(make_dataset(data, size, "train", seed), originals),
         "codebook": stats,
     }
     # Fill value: each position's mean code over the evaluated images, the best constant guess under
@@ -285,10 +284,6 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
         plot_probe(probe, out / "factor_probe.png", name)
     write_json(out / "eval.json", result)
     return result
-
-
-def load_eval(path: Path) -> dict[str, Any]:
-    return json.loads((path / "eval.json").read_text())
 
 
 def summary_rows(result: dict[str, Any]) -> dict[str, str]:

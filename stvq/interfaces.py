@@ -79,6 +79,14 @@ class Composer(ABC):
     def compose(self, tokenizers: Sequence[Tokenizer], **options) -> Tokenizer: ...
 
 
+def check_ids(ids: torch.Tensor, num_tokens: int, vocab_size: int, what: str = "ids") -> None:
+    """Raise a clear :class:`StvqError` unless ``ids`` is (B, num_tokens) with values in [0, vocab_size)."""
+    if ids.ndim != 2 or ids.shape[1] != num_tokens:
+        raise StvqError(f"expected {what} of shape (B, {num_tokens}), got {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise StvqError(f"{what} must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
+
+
 def check_images(images: torch.Tensor, image_size: int) -> None:
     """Raise a clear :class:`StvqError` unless ``images`` is (B, 3, image_size, image_size)."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):

@@ -44,7 +44,8 @@ def fit_codebook(
     key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
     cached = load_codes(run, key)
     count = min(max_images, len(dataset))
-    if cached is not None and len(cached) >= count:
+    from_cache = cached is not None and len(cached) >= count
+    if from_cache:
         codes = cached[:count]  # the frozen encoder's codes for these images are already known
     else:
         codes = encode_dataset(model, dataset, count, batch_size, console, progress)
@@ -56,6 +57,6 @@ def fit_codebook(
     model.quantizer.fit(codes)
     stats = model.quantizer.eval()(codes).stats
     model.save_pretrained(run)
-    result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": cached is not None and len(cached) >= count, **stats}
+    result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": from_cache, **stats}
     write_json(run / "quantize.json", result)
     return result

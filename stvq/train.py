@@ -33,9 +33,9 @@ from torch.utils.data import DataLoader, Dataset
 from stvq.checkpoint import atomic_write, load_pretrained, save_tensors, write_json
 from stvq.codecache import cache_key, load_codes
 from stvq.config import make_config
-from stvq.data import make_dataset
+from stvq.data import make_dataset, to_uint8
 from stvq.errors import CheckpointError, StvqError
-from stvq.metrics import psnr
+from stvq.metrics import mean_image_psnr, psnr
 from stvq.registry import create
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -244,9 +244,8 @@ def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -
     from torchvision.utils import make_grid
     from PIL import Image
 
-    grid = make_grid(torch.cat([images, reconstructions]).float().clamp(-1, 1) * 0.5 + 0.5, nrow=len(images), padding=2)
-    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    grid = make_grid(torch.cat([images, reconstructions]).float().clamp(-1, 1), nrow=len(images), padding=2, pad_value=-1)
+    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid)).save(tmp, format="PNG"))
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -307,13 +306,12 @@ class Trainer:
             model.decoder.compile()
 
         val_images = torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
-        mean_image = torch.stack([dataset[i] for i in range(min(512, len(dataset)))]).mean(0, keepdim=True).to(self.device)
+        baseline_psnr = mean_image_psnr(dataset, val_images)
         cached = None
         if cfg.stage == 2 and cfg.cache_codes:
             cached = load_codes(cfg.from_run, cache_key(model.encoder, cfg.data, image_size, cfg.seed))
             if cached is not None:
                 dataset = WithCodes(dataset, cached)
-        baseline_psnr = psnr(mean_image.expand_as(val_images), val_images).mean().item()
 
         batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=data_generator)

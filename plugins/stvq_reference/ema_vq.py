@@ -19,8 +19,12 @@ from stvq.interfaces import QuantizerOutput
 from stvq_reference.codebook import CodebookQuantizer
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(t)
     return t
 
@@ -64,7 +68,7 @@ class EMAVectorQuantizer(CodebookQuantizer):
                 self.codebook[g] = torch.from_numpy(km.centroids).to(self.codebook)
             else:
                 self.codebook[g] = self._sample(x, self.codebook_size)
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.broadcast(self.codebook, 0)
         self.embed_sum.copy_(self.codebook)
         self.cluster_size.fill_(1.0)
@@ -95,7 +99,7 @@ class EMAVectorQuantizer(CodebookQuantizer):
             n = int(dead[g].sum())
             if n:
                 fresh = self._sample(grouped[g], n)
-                if dist.is_available() and dist.is_initialized():
+                if _distributed():
                     dist.broadcast(fresh, 0)
                 self.codebook[g, dead[g]] = fresh
                 self.embed_sum[g, dead[g]] = fresh * mean_count[g]

@@ -12,7 +12,7 @@ from stvq import registry
 from stvq.checkpoint import PretrainedMixin
 from stvq.config import ModelConfig, make_config
 from stvq.errors import StvqError
-from stvq.interfaces import QuantizerOutput, Tokenizer, check_images
+from stvq.interfaces import QuantizerOutput, Tokenizer, check_ids, check_images
 
 
 @dataclass
@@ -85,8 +85,5 @@ class StyledVQ(PretrainedMixin, Tokenizer):
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, N) -> images (B, 3, H, W) in [-1, 1]."""
         quantizer = self._require_quantizer()
-        if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
-            raise StvqError(f"expected ids of shape (B, {self.num_tokens}), got {tuple(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= quantizer.codebook_size:
-            raise StvqError(f"ids must lie in [0, {quantizer.codebook_size}); got [{int(ids.min())}, {int(ids.max())}]")
+        check_ids(ids, self.num_tokens, quantizer.codebook_size)
         return self.decoder(quantizer.ids_to_codes(ids)).clamp(-1, 1)

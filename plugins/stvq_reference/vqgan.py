@@ -18,8 +18,8 @@ from einops import rearrange
 from torch import nn
 
 from stvq.checkpoint import PretrainedMixin, check_state_dict
-from stvq.errors import CheckpointError, ConfigError, StvqError
-from stvq.interfaces import Tokenizer, check_images
+from stvq.errors import CheckpointError, ConfigError
+from stvq.interfaces import Tokenizer, check_ids, check_images
 
 from stvq_reference.codebook import nearest
 
@@ -242,9 +242,6 @@ class VQGANTokenizer(PretrainedMixin, Tokenizer):
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, h * w) -> images (B, 3, H, W) in [-1, 1]."""
-        if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
-            raise StvqError(f"expected VQGAN ids of shape (B, {self.num_tokens}), got {tuple(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.n_embed:
-            raise StvqError(f"VQGAN ids must lie in [0, {self.n_embed}); got [{int(ids.min())}, {int(ids.max())}]")
+        check_ids(ids, self.num_tokens, self.n_embed, "VQGAN ids")
         z = rearrange(self.quantize.embedding(ids), "b (h w) e -> b e h w", h=self.grid)
         return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
