@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from stvq.config import TrainConfig
 from stvq.errors import ConfigError, StvqError
 
 console = Console()
@@ -32,12 +33,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     click.echo(f"Warning: {message}", err=True)
 
 
+def _parse_bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1")
+
+
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``("width=256", "attn_mask=causal-placeholders")`` -> typed ModelConfig overrides."""
     from stvq.config import ModelConfig
 
     types = {f.name: f.type for f in fields(ModelConfig)}
-    casts = {"int": int, "float": float, "str": str}
+    casts = {"int": int, "float": float, "str": str, "bool": _parse_bool}
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -172,17 +179,17 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
 @click.option("--no-cache-codes", is_flag=True, help="Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached.")
-@click.option("--steps", type=int, default=360, show_default=True)
-@click.option("--batch-size", type=int, default=24, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--noise-sigma", type=float, default=0.1, show_default=True, help="Stage 1: std of the noise added to the codes.")
+@click.option("--steps", type=int, default=TrainConfig.steps, show_default=True)
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, show_default=True, help="Per process.")
+@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Peak learning rate (warmup, then cosine decay).")
+@click.option("--noise-sigma", type=float, default=TrainConfig.noise_sigma, show_default=True, help="Stage 1: std of the noise added to the codes.")
 @click.option("--perceptual-weight", type=float, default=0.0, show_default=True, help="Weight of the EfficientNet-Lite0 feature loss (slow on CPU).")
 @click.option("--bf16", is_flag=True, help="Autocast to bfloat16.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder and decoder.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-every", type=int, default=120, show_default=True)
-@click.option("--checkpoint-every", type=int, default=60, show_default=True)
-@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--eval-every", type=int, default=TrainConfig.eval_every, show_default=True)
+@click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, show_default=True)
+@click.option("--log-every", type=int, default=TrainConfig.log_every, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
@@ -201,7 +208,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
     """
     from rich.panel import Panel
 
-    from stvq.train import TrainConfig, Trainer, read_train_config
+    from stvq.train import Trainer, read_train_config
 
     if resume_dir:
         cfg = read_train_config(resume_dir)
@@ -242,7 +249,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
 @click.option("--niter", type=int, default=20, show_default=True, help="k-means iterations.")
 @click.option("--spherical", is_flag=True, help="Spherical k-means (unit-norm centroids).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch_size, seed) -> None:
     """Give a stage-1 run a k-means codebook: encode the data with the frozen encoder, cluster the codes
     with faiss, and write the codebook into the run (then `stvq train --stage 2 --from RUN`).

@@ -143,30 +143,35 @@ def _predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1))]) @ w
 
 
-def probe_scores(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray]) -> dict[str, Any]:
-    """How well each factor can be read from each token alone, by a linear probe on that token's code.
+def _probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, classes: int) -> float:
+    """One linear probe: categorical factors (``classes`` > 0) by a least-squares one-vs-rest classifier,
+    scored (accuracy - majority rate) / (1 - majority rate); continuous ones by ridge, scored held-out R^2."""
+    if classes:
+        w = _ridge(xtr, np.eye(classes)[ytr.astype(int)])
+        accuracy = (_predict(w, xte).argmax(1) == yte).mean()
+        majority = np.bincount(yte.astype(int), minlength=classes).max() / len(xte)
+        return float((accuracy - majority) / (1 - majority))
+    residual = ((_predict(_ridge(xtr, ytr), xte) - yte) ** 2).sum()
+    return float(1 - residual / ((yte - yte.mean()) ** 2).sum())
 
-    Categorical factors: least-squares one-vs-rest classifier, score = (accuracy - majority rate) /
-    (1 - majority rate). Continuous ones: ridge regression, score = held-out R^2. Scores are clipped to
-    [0, 1]; rows = factors (global to local), columns = token positions.
+
+def probe_scores(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """How well each factor can be read from each token alone, by a linear probe on that token's code,
+    and from the first n tokens together (``cumulative``: a factor spread over several tokens is found).
+
+    Scores are clipped to [0, 1] (0 = chance, 1 = perfect); rows = factors (global to local), columns =
+    token positions (``scores``) or n - 1 tokens known (``cumulative``).
     """
     names = [f for f in FACTORS if f in train_factors]
-    scores = np.zeros((len(names), train_codes.shape[1]))
+    n = train_codes.shape[1]
+    scores, cumulative = np.zeros((len(names), n)), np.zeros((len(names), n))
     for i, name in enumerate(names):
-        classes = FACTORS[name]
-        for j in range(train_codes.shape[1]):
-            xtr, xte = train_codes[:, j], test_codes[:, j]
-            if classes:
-                w = _ridge(xtr, np.eye(classes)[train_factors[name].astype(int)])
-                accuracy = (_predict(w, xte).argmax(1) == test_factors[name]).mean()
-                majority = np.bincount(test_factors[name].astype(int), minlength=classes).max() / len(xte)
-                scores[i, j] = (accuracy - majority) / (1 - majority)
-            else:
-                target = test_factors[name]
-                residual = ((_predict(_ridge(xtr, train_factors[name]), xte) - target) ** 2).sum()
-                scores[i, j] = 1 - residual / ((target - target.mean()) ** 2).sum()
-    scores = scores.clip(0, 1)
-    return {"factors": names, "scores": scores.tolist(), **ordering_score(scores)}
+        ytr, yte = train_factors[name], test_factors[name]
+        for j in range(n):
+            scores[i, j] = _probe_score(train_codes[:, j], ytr, test_codes[:, j], yte, FACTORS[name])
+            cumulative[i, j] = _probe_score(train_codes[:, : j + 1].reshape(len(ytr), -1), ytr, test_codes[:, : j + 1].reshape(len(yte), -1), yte, FACTORS[name])
+    scores, cumulative = scores.clip(0, 1), cumulative.clip(0, 1)
+    return {"factors": names, "scores": scores.tolist(), "cumulative": cumulative.tolist(), **ordering_score(scores)}
 
 
 def ordering_score(scores: np.ndarray, min_score: float = 0.1, reach: float = 0.9) -> dict[str, Any]:
@@ -223,19 +228,25 @@ def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline:
 
 
 def plot_probe(probe: dict[str, Any], path: Path, title: str) -> None:
+    """Two heat maps: each token alone (top), and the first n tokens together (bottom)."""
     plt = _pyplot()
-    scores = np.array(probe["scores"])
-    fig, ax = plt.subplots(figsize=(10, 3.6), dpi=120)
-    image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(probe["factors"])), probe["factors"])
-    ax.set_xticks(range(0, scores.shape[1], 2))
-    ax.set_xlabel("token position")
-    ax.set_ylabel("factor (global to local)")
-    for i, row in enumerate(scores):
-        j = int(row.argmax())
-        ax.text(j, i, f"{row[j]:.2f}", ha="center", va="center", fontsize=6, color="white" if row[j] < 0.6 else "black")
-    ax.set_title(f"{title}: linear-probe score per token (ordering score {probe['ordering_score']:+.2f}, over {sum(probe['encoded'])} encoded factors)")
-    fig.colorbar(image, ax=ax, label="probe score (0 = chance, 1 = perfect)")
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6.6), dpi=120, sharex=True)
+    panels = (
+        (probe["scores"], "token position", f"{title}: linear probe per token (ordering score {probe['ordering_score']:+.2f}, over {sum(probe['encoded'])} encoded factors)"),
+        (probe["cumulative"], "n - 1 (the first n tokens known together)", f"{title}: linear probe on the first n tokens together"),
+    )
+    for ax, (values, xlabel, heading) in zip(axes, panels):
+        scores = np.array(values)
+        image = ax.imshow(scores, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_yticks(range(len(probe["factors"])), probe["factors"])
+        ax.set_xticks(range(0, scores.shape[1], 2))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("factor (global to local)")
+        for i, row in enumerate(scores):
+            j = int(row.argmax())
+            ax.text(j, i, f"{row[j]:.2f}", ha="center", va="center", fontsize=6, color="white" if row[j] < 0.6 else "black")
+        ax.set_title(heading, fontsize=9)
+        fig.colorbar(image, ax=ax, label="score (0 chance, 1 perfect)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -307,6 +318,8 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
     if "probe" in result:
         probe = result["probe"]
         rows["ordering score"] = f"{probe['ordering_score']:+.2f} ({sum(probe['encoded'])} encoded factors)"
+        rows["cumulative probe, all tokens"] = " ".join(f"{f[:3]}:{row[-1]:.2f}" for f, row in zip(probe["factors"], probe["cumulative"]))
+        rows["cumulative probe, first 8"] = " ".join(f"{f[:3]}:{row[7]:.2f}" for f, row in zip(probe["factors"], probe["cumulative"]) if len(row) > 7)
         best = np.array(probe["scores"]).max(1)
         rows["first readable token"] = " ".join(
             f"{f[:3]}:{j}({b:.2f})" for f, j, b, e in zip(probe["factors"], probe["first_readable"], best, probe["encoded"]) if e

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from stvq.checkpoint import atomic_write, load_pretrained, save_tensors, write_json
 from stvq.codecache import cache_key, load_codes
-from stvq.config import make_config
+from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
 from stvq.errors import CheckpointError, StvqError
 from stvq.metrics import mean_image_psnr, psnr
@@ -44,51 +42,6 @@ TRAIN_CONFIG_NAME = "train.json"
 
 class TrainingDiverged(StvqError):
     """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainConfig:
-    stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
-    preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
-    data: str = "shapes"  # "shapes" (built in) or an image folder
-    steps: int = 360
-    batch_size: int = 24  # per process
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 20
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0  # max gradient norm; 0 disables
-    noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
-    l1_weight: float = 1.0
-    mse_weight: float = 1.0
-    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.evaluate.perceptual_loss); costly on CPU
-    bf16: bool = False  # autocast matrix work to bfloat16
-    compile: bool = False  # torch.compile the encoder and decoder (checkpoints are unchanged)
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 120
-    checkpoint_every: int = 60
-    num_workers: int = 0
-    from_run: str | None = None  # stage 2: the stage-1 run to start from
-    quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
-    cache_codes: bool = True  # stage 2: train on the images whose codes `stvq quantize` cached, encoder skipped
-
-    def __post_init__(self) -> None:
-        if self.stage not in (1, 2):
-            raise StvqError(f"--stage must be 1 or 2, got {self.stage}")
-        if self.stage == 2 and not self.from_run:
-            raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to lr * min_lr_ratio."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -173,13 +126,21 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings)."""
-    decay, no_decay = [], []
+    """AdamW; no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a parameter
+    whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate."""
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim in (2, 4) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+            scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
+            groups.setdefault((scale, cfg.weight_decay if p.ndim in (2, 4) else 0.0), []).append(p)
+    params = [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (scale, decay), ps in groups.items()]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate, times each group's ``lr_scale``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints of earlier versions have none
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
@@ -332,8 +293,7 @@ class Trainer:
             for step, batch in enumerate(loader, start=start):
                 images, codes = (batch[0], batch[1].to(self.device)) if cached is not None else (batch, None)
                 images = images.to(self.device, non_blocking=True)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr_at(step)
+                set_lr(opt, cfg.lr_at(step))
                 with autocast:
                     out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes)
                 l1, mse = reconstruction_losses(out.reconstruction, images)

@@ -83,6 +83,28 @@ def test_probe_finds_a_planted_factor_where_it_is_and_nowhere_else():
     assert scores[probe["factors"].index("texture")].max() < 0.05  # never planted
 
 
+def test_cumulative_probe_finds_a_factor_split_over_two_tokens():
+    """x = (token 1 + token 3) / 5 with a large shared nuisance: unreadable from either token alone, read
+    perfectly once the first 4 tokens are known together."""
+    rng = np.random.default_rng(0)
+
+    def split_codes(n):
+        codes, factors = synthetic_codes(n, rng)
+        nuisance = 10 * rng.normal(size=n)
+        codes[:, 1, 0], codes[:, 3, 0] = nuisance, 5 * factors["x"] - nuisance
+        codes[:, 4, 0] = rng.normal(size=n)  # remove the planted copy of x
+        return codes, factors
+
+    (train, ftrain), (test, ftest) = split_codes(2000), split_codes(500)
+    probe = probe_scores(train, ftrain, test, ftest)
+    x = probe["factors"].index("x")
+    alone, together = np.array(probe["scores"])[x], np.array(probe["cumulative"])[x]
+    assert alone.max() < 0.05
+    assert together[:3].max() < 0.05 and together[3:].min() > 0.99  # column j: the first j + 1 tokens
+    shape = probe["factors"].index("shape")
+    assert np.array(probe["cumulative"])[shape, 2] > 0.9  # a factor in one token is found by the prefix too
+
+
 def test_ordering_score_signs_and_unencoded_factors():
     diagonal = np.eye(8, 36)
     assert ordering_score(diagonal)["ordering_score"] == pytest.approx(1.0)

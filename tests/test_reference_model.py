@@ -17,13 +17,16 @@ def expected_parameters(cfg: ModelConfig) -> int:
     """The architecture's parameter count, written out independently of the modules."""
     d, n, p, c, h = cfg.width, cfg.num_tokens, cfg.num_patches, cfg.code_dim, int(cfg.width * cfg.mlp_ratio)
     ln = 2 * d
-    attn = 3 * d * d + 3 * d + d * d + d
+    qk_norm = 2 * 2 * (d // cfg.heads) if cfg.qk_norm else 0
+    attn = 3 * d * d + 3 * d + d * d + d + qk_norm
     mlp = d * h + h + h * d + d
     vit = 2 * ln + attn + mlp
     patch = 3 * cfg.patch_size**2
     encoder = patch * d + d + p * d + n * d + cfg.encoder_layers * vit + ln + d * c + c
     condition = attn + mlp + 2 * (d * d + d) + 2 * ln + 2 * (d * 2 * d + 2 * d)
-    decoder = c * d + d + n * d + p * d + cfg.condition_layers * condition + cfg.plain_layers * vit + ln + d * patch + 3
+    k = cfg.head_channels
+    out = d * patch + 3 if not k else d * k * cfg.patch_size**2 + k + (k * k * 9 + k) + (k * 3 * 9 + 3)
+    decoder = c * d + d + n * d + p * d + cfg.condition_layers * condition + cfg.plain_layers * vit + ln + out
     return encoder + decoder
 
 
@@ -191,7 +194,7 @@ def test_config_weights_mismatch_names_the_first_tensors(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["options"]["config"]["code_dim"] = 8
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(stvq.CheckpointError, match=r"shape mismatch: encoder\.head\.weight: checkpoint \(16, 128\) vs model \(8, 128\)"):
+    with pytest.raises(stvq.CheckpointError, match=r"shape mismatch: encoder\.head\.weight: checkpoint \(16, 64\) vs model \(8, 64\)"):
         stvq.load_tokenizer(tmp_path)
 
 
@@ -209,12 +212,43 @@ def test_missing_files_are_clear_errors(tmp_path):
         ({"image_size": 60}, "not a multiple of patch_size"),
         ({"width": 130}, "not divisible by heads"),
         ({"attn_mask": "causal"}, "attn_mask 'causal' is not one of"),
+        ({"pos_init": "random"}, "pos_init 'random' is not one of normal, sincos"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
     ],
 )
 def test_bad_config_values_are_clear_errors(overrides, message):
     with pytest.raises(stvq.ConfigError, match=message):
         make_config(preset="tiny", **overrides) if "preset" not in overrides else make_config(**overrides)
+
+
+@pytest.mark.parametrize("options", [{"qk_norm": True}, {"head_channels": 16}, {"qk_norm": True, "head_channels": 8, "patch_size": 16}])
+def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options):
+    cfg = make_config(preset="tiny", **options)
+    model = stvq.create("tokenizer", "styled", config=cfg)
+    assert sum(p.numel() for p in model.parameters()) == expected_parameters(cfg)
+    out = model(torch.rand(2, 3, 64, 64) * 2 - 1)
+    assert out.codes.shape == (2, 36, 16) and out.reconstruction.shape == (2, 3, 64, 64)
+
+
+def test_sincos_position_tokens_start_distinct_and_smooth():
+    decoder = StyledDecoder(preset="tiny", patch_size=8, pos_init="sincos")
+    grid = decoder.pos_tokens[0].view(8, 8, -1)  # (H, W, D), row-major tokens
+    neighbour = (grid[:, 1:] - grid[:, :-1]).norm(dim=-1).mean()
+    far = (grid[:, 7] - grid[:, 0]).norm(dim=-1).mean()
+    assert far > 2 * neighbour > 0  # nearby tokens are alike, distant ones are not
+    assert decoder.pos_tokens.requires_grad
+
+
+def test_zero_init_decoder_starts_as_the_identity_on_its_blocks():
+    decoder = StyledDecoder(preset="tiny", zero_init=True).eval()
+    captured = []
+    hook = decoder.blocks[-1].register_forward_hook(lambda mod, args, out: captured.append(out))
+    with torch.no_grad():
+        decoder(torch.randn(2, 36, 16))
+    hook.remove()
+    start = torch.cat([decoder.placeholders, decoder.pos_tokens], dim=1).expand(2, -1, -1)
+    # every condition and plain block adds zero, except the codes added into their placeholders
+    assert torch.allclose(captured[0][:, 36:], start[:, 36:])
 
 
 def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():

@@ -39,4 +39,4 @@ def test_unknown_kind_lists_the_kinds():
 
 def test_string_factories_resolve_dotted_attributes():
     info = PluginInfo("encoder", "x", "stvq.config:PRESETS.get", "pkg", "1", "ep")
-    assert info.resolve()("tiny").width == 128
+    assert info.resolve()("tiny").width == 64

@@ -17,7 +17,7 @@ from torch import nn
 from stvq.config import ModelConfig, make_config
 from stvq.interfaces import Decoder
 
-from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, vit_block
+from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, position_tokens, vit_block
 
 
 class AdaLN(nn.Module):
@@ -41,7 +41,7 @@ class ConditionBlock(nn.Module):
     full-size zero tensor: only the two placeholder rows receive the codes.
     """
 
-    def __init__(self, index: int, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, index: int, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
         super().__init__()
         self.index = index
         self.condition_1 = nn.Linear(width, width)  # W_1
@@ -49,7 +49,7 @@ class ConditionBlock(nn.Module):
         self.condition_2 = nn.Linear(width, width)  # W_2
         self.ln_2 = LayerNorm(width)
         self.norm1 = AdaLN(width)
-        self.attn = Attention(width, heads, qkv_bias=True)  # fused QKV, SDPA
+        self.attn = Attention(width, heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=LayerNorm)  # fused QKV, SDPA
         self.norm2 = AdaLN(width)
         self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=nn.GELU)
 
@@ -61,6 +61,11 @@ class ConditionBlock(nn.Module):
         x = x + self.attn(self.norm1(x, s1), attn_mask=attn_mask)
         s2 = self.ln_2(self.condition_2(x[:, p + 1]) + condition[:, 1])  # read after the attention update
         return x + self.mlp(self.norm2(x, s2))
+
+
+def conv_head(channels: int) -> nn.Sequential:
+    """Two 3x3 convolutions after the un-patchify: pixels see across patch borders (C channels -> RGB)."""
+    return nn.Sequential(nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 3, 3, padding=1))
 
 
 def placeholder_mask(num_tokens: int, seq_len: int) -> torch.Tensor:
@@ -79,17 +84,33 @@ class StyledDecoder(Decoder):
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size
         self.code_proj = nn.Linear(cfg.code_dim, cfg.width)
         self.placeholders = learned_tokens(cfg.num_tokens, cfg.width)
-        self.pos_tokens = learned_tokens(cfg.num_patches, cfg.width)
+        self.pos_tokens = position_tokens(cfg.grid_size, cfg.width, cfg.pos_init)
         self.condition_blocks = nn.ModuleList(self.make_block(i, cfg) for i in range(cfg.condition_layers))
-        self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.plain_layers))
+        self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
-        self.out_conv = nn.ConvTranspose2d(cfg.width, 3, cfg.patch_size, stride=cfg.patch_size)
+        self.out_conv = nn.ConvTranspose2d(cfg.width, cfg.head_channels or 3, cfg.patch_size, stride=cfg.patch_size)
+        self.out_head = conv_head(cfg.head_channels) if cfg.head_channels else nn.Identity()
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)
+        if cfg.zero_init:
+            self.zero_residual_branches()
+
+    def zero_residual_branches(self) -> None:
+        """Start every decoder block as the identity, as DiT's adaLN-Zero does (Peebles & Xie, 2023; the
+        SPEC's block has no gates, so the output projections are zeroed instead): attention and MLP
+        output projections and AdaLN modulations at zero."""
+        for module in self.modules():
+            if isinstance(module, (Attention, Mlp)):
+                out = module.proj if isinstance(module, Attention) else module.fc2
+                nn.init.zeros_(out.weight)
+                nn.init.zeros_(out.bias)
+            elif isinstance(module, AdaLN):
+                nn.init.zeros_(module.modulation.weight)
+                nn.init.zeros_(module.modulation.bias)
 
     def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
-        return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio)
+        return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N, code_dim) -> images (B, 3, H, W); P position tokens, D width."""
@@ -106,4 +127,4 @@ class StyledDecoder(Decoder):
             x = block(x, attn_mask=self.attn_mask)
         x = self.norm(x[:, self.num_tokens :])  # (B, P, D)
         x = rearrange(x, "b (h w) d -> b d h w", h=self.config.grid_size)
-        return self.out_conv(x)  # (B, 3, H, W)
+        return self.out_head(self.out_conv(x))  # (B, 3, H, W)

@@ -6,15 +6,16 @@ from functools import partial
 
 import torch
 from timm.layers import trunc_normal_
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def vit_block(width: int, heads: int, mlp_ratio: float) -> Block:
+def vit_block(width: int, heads: int, mlp_ratio: float, qk_norm: bool = False) -> Block:
     """A standard pre-norm ViT block (timm): x + Attn(LN(x)), x + MLP(LN(x)); attention through SDPA."""
-    return Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
+    return Block(width, heads, mlp_ratio, qkv_bias=True, qk_norm=qk_norm, norm_layer=LayerNorm)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -33,3 +34,13 @@ def learned_tokens(count: int, width: int) -> nn.Parameter:
     param = nn.Parameter(torch.empty(1, count, width))
     trunc_normal_(param, std=0.02)
     return param
+
+
+def position_tokens(grid: int, width: int, init: str) -> nn.Parameter:
+    """Learned (1, grid * grid, width) position tokens, row-major. ``init="sincos"`` starts them as 2D
+    sin-cos features (MAE) whose frequencies span the grid, from about one cycle per patch down to about
+    one radian across the whole grid, so each token knows its place before the first step; "normal"
+    starts them as ViT does (std 0.02)."""
+    if init == "normal":
+        return learned_tokens(grid * grid, width)
+    return nn.Parameter(build_sincos2d_pos_embed([grid, grid], width, temperature=float(grid)).unsqueeze(0))

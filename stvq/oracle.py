@@ -1,0 +1,187 @@
+"""The decoder oracle: a registered decoder fed the true factors of ``shapes`` images, trained alone.
+
+A learned linear map turns each image's factor vector (one-hot background, shape, colour and texture;
+size, x, y; sin and cos of 4x the rotation, whose period is the squares' 90 degrees) into the 36 codes,
+and the decoder learns to render the image from them. No encoder takes part, so the curve of validation
+PSNR against steps and wall time measures how fast a decoder learns to render, the question that limits
+stage 1 (an encoder cannot learn to encode what the decoder cannot yet use). Optimizer, schedule and loss
+are stage 1's (:class:`stvq.config.TrainConfig`), so a recipe that speeds the oracle carries over.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from stvq.config import make_config
+from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
+from stvq.metrics import psnr
+from stvq.registry import create
+
+#: Length of the factor vector: one-hots (background, shape, colour, texture), size, x, y, sin/cos of 4x rotation.
+FACTOR_DIM = 2 * len(PALETTE) + len(SHAPES) + len(TEXTURES) + 3 + 2
+
+
+def factor_vector(f: dict[str, float]) -> torch.Tensor:
+    """The factors of one ``shapes`` image as a (FACTOR_DIM,) float vector."""
+    out = torch.zeros(FACTOR_DIM)
+    offset = 0
+    for name, classes in (("background", len(PALETTE)), ("shape", len(SHAPES)), ("color", len(PALETTE)), ("texture", len(TEXTURES))):
+        out[offset + int(f[name])] = 1.0
+        offset += classes
+    angle = math.radians(4 * f["rotation"])
+    out[offset:] = torch.tensor([f["size"], f["x"], f["y"], math.sin(angle), math.cos(angle)])
+    return out
+
+
+class FactorShapes(Dataset):
+    """``shapes`` items as (factor vector, image)."""
+
+    def __init__(self, image_size: int, split: str = "train", seed: int = 0) -> None:
+        self.shapes = ShapesDataset(image_size, split=split, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return factor_vector(self.shapes.factors(index)), self.shapes[index]
+
+
+class OracleModel(nn.Module):
+    """factor vector (B, FACTOR_DIM) -> linear map -> codes (B, N, code_dim) -> decoder -> images."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.codes = nn.Linear(FACTOR_DIM, decoder.num_tokens * decoder.code_dim)
+
+    def forward(self, factors: torch.Tensor) -> torch.Tensor:
+        codes = self.codes(factors).view(len(factors), self.decoder.num_tokens, self.decoder.code_dim)
+        return self.decoder(codes)
+
+
+@dataclass
+class OracleResult:
+    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "seconds", "val_psnr"} per evaluation
+    images_per_s: float = 0.0
+    samples: torch.Tensor | None = None  # (2, 8, 3, H, W): validation images, their last renderings
+
+    @property
+    def final_psnr(self) -> float:
+        return self.curve[-1]["val_psnr"]
+
+
+def _lr(cfg, step: int, progress: float) -> float:
+    """Stage 1's schedule with the cosine driven by ``progress`` in [0, 1]: with a time budget, the clock."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def _val_psnr(model: nn.Module, factors: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
+    model.eval()
+    out = torch.cat([model(f) for f in factors.split(64)]).clamp(-1, 1)
+    model.train()
+    return psnr(out, images).mean().item(), out
+
+
+def run_oracle(
+    decoder: str = "styled",
+    preset: str = "tiny",
+    model: dict[str, Any] | None = None,
+    train: dict[str, Any] | None = None,
+    seconds: float | None = None,
+    eval_every: int = 60,
+    val_count: int = 64,
+    seed: int = 0,
+) -> OracleResult:
+    """Train the oracle of ``decoder`` (a registered name) at ``preset`` with ModelConfig overrides
+    ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
+    ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
+    is not counted. Returns the validation PSNR curve."""
+    from stvq.config import TrainConfig
+    from stvq.train import make_optimizer, reconstruction_losses, set_lr
+
+    cfg = TrainConfig(**{"seed": seed, **(train or {})})
+    config = make_config(preset=preset, decoder=decoder, **(model or {}))
+    torch.manual_seed(seed)
+    net = OracleModel(create("decoder", decoder, config=config))
+    opt = make_optimizer(net, cfg)
+    if cfg.compile:
+        net.decoder.compile()
+    val = FactorShapes(config.image_size, "val", seed)
+    val_factors, val_images = (torch.stack(t) for t in zip(*(val[i] for i in range(val_count))))
+    batches = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(FactorShapes(config.image_size, "train", seed), generator=torch.Generator().manual_seed(seed)),
+        cfg.batch_size, drop_last=True,
+    )
+    loader = DataLoader(FactorShapes(config.image_size, "train", seed), batch_sampler=batches, num_workers=cfg.num_workers)
+    result = OracleResult()
+    elapsed, images_seen = 0.0, 0
+    started = time.perf_counter()
+    for step, (factors, images) in enumerate(loader):
+        now = elapsed + time.perf_counter() - started
+        set_lr(opt, _lr(cfg, step, now / seconds if seconds else step / cfg.steps))
+        l1, mse = reconstruction_losses(net(factors), images)
+        loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        images_seen += len(images)
+        done = step + 1
+        last = done >= cfg.steps or (seconds is not None and now >= seconds)
+        if done % eval_every == 0 or last:
+            elapsed += time.perf_counter() - started
+            value, renders = _val_psnr(net, val_factors, val_images)
+            result.curve.append({"step": done, "seconds": round(elapsed, 2), "val_psnr": value})
+            result.samples = torch.stack([val_images[:8], renders[:8]])
+            started = time.perf_counter()
+        if last:
+            break
+    result.images_per_s = images_seen / max(elapsed, 1e-9)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stvq.oracle --decoder styled --seconds 300 --set width=96 --train lr=2e-3``."""
+    import argparse
+    import json
+
+    from stvq.cli import parse_overrides
+    from stvq.train import save_grid
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decoder", default="styled")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig field")
+    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field (JSON value)")
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--eval-every", type=int, default=60)
+    parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
+    args = parser.parse_args(argv)
+    train = {"steps": 10**6}
+    for pair in args.train:
+        key, _, value = pair.partition("=")
+        train[key] = json.loads(value)
+    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every)
+    for point in result.curve:
+        print(json.dumps(point))
+    print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
+    if args.grid:
+        from pathlib import Path
+
+        save_grid(Path(args.grid), result.samples[0], result.samples[1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The decoder oracle: factor vectors that encode the shapes factors exactly, and a short run for every
+registered decoder that learns (loss falls, PSNR beats the start) and reports its curve."""
+
+import math
+
+import pytest
+import torch
+
+from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
+from stvq.oracle import FACTOR_DIM, factor_vector, run_oracle
+from stvq.registry import list_plugins
+
+
+def test_factor_vector_holds_every_factor():
+    f = ShapesDataset(64).factors(3)
+    v = factor_vector(f)
+    assert v.shape == (FACTOR_DIM,) == (29,)
+    hot = [len(PALETTE), len(SHAPES), len(PALETTE), len(TEXTURES)]
+    chunks = torch.split(v[: sum(hot)], hot)
+    assert [int(c.argmax()) for c in chunks] == [f["background"], f["shape"], f["color"], f["texture"]]
+    assert all(c.sum() == 1 for c in chunks)
+    size, x, y, s, c = v[sum(hot):].tolist()
+    assert (size, x, y) == pytest.approx((f["size"], f["x"], f["y"]))
+    assert math.degrees(math.atan2(s, c)) % 360 == pytest.approx((4 * f["rotation"]) % 360, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder", list_plugins("decoder")["decoder"])
+def test_oracle_learns_for_every_registered_decoder(decoder):
+    small = {"width": 32, "heads": 2, "plain_layers": 1, "patch_size": 16}
+    result = run_oracle(decoder, "tiny", small, {"steps": 40, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5}, eval_every=20, val_count=16)
+    assert [p["step"] for p in result.curve] == [20, 40]
+    assert result.curve[1]["seconds"] > result.curve[0]["seconds"] > 0
+    assert result.final_psnr > 10.0  # random outputs score about 5 dB; the colours alone give more than 10
+    assert result.samples.shape == (2, 8, 3, 64, 64) and result.images_per_s > 0
+
+
+def test_oracle_stops_at_its_time_budget():
+    result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 10**6, "batch_size": 4}, seconds=1.0, eval_every=10**6, val_count=4)
+    assert len(result.curve) == 1 and 1.0 <= result.curve[0]["seconds"] < 5.0
