@@ -65,7 +65,6 @@ class ModelConfig:
             raise ConfigError("condition_layers must be at least 1 (it sets the number of tokens)")
         if self.attn_mask not in ATTN_MASKS:
             raise ConfigError(f"attn_mask {self.attn_mask!r} is not one of {', '.join(ATTN_MASKS)}")
-
         if self.pos_init not in POS_INITS:
             raise ConfigError(f"pos_init {self.pos_init!r} is not one of {', '.join(POS_INITS)}")
 
@@ -113,11 +112,14 @@ def make_config(config: ModelConfig | dict | str | None = None, **overrides: Any
 
 @dataclass
 class TrainConfig:
+    """One training run. The defaults are stage 1's recipe for ``tiny`` on 2 CPU cores, chosen with the
+    decoder oracle (README, "The background plateau")."""
+
     stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
     preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
     data: str = "shapes"  # "shapes" (built in) or an image folder
-    steps: int = 2200
+    steps: int = 1200
     batch_size: int = 24  # per process
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -134,8 +136,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the encoder and decoder (checkpoints are unchanged)
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 550
-    checkpoint_every: int = 220
+    eval_every: int = 300
+    checkpoint_every: int = 200
     num_workers: int = 0
     from_run: str | None = None  # stage 2: the stage-1 run to start from
     quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
@@ -150,9 +152,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+    def lr_at(self, step: int, progress: float | None = None) -> float:
+        """Linear warmup, then cosine decay to lr * min_lr_ratio; ``progress`` in [0, 1] drives the cosine
+        instead of the step count when a run is budgeted in time (the decoder oracle)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+        t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps) if progress is None else progress
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))

@@ -78,13 +78,6 @@ class OracleResult:
         return self.curve[-1]["val_psnr"]
 
 
-def _lr(cfg, step: int, progress: float) -> float:
-    """Stage 1's schedule with the cosine driven by ``progress`` in [0, 1]: with a time budget, the clock."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
 @torch.no_grad()
 def _val_psnr(model: nn.Module, factors: torch.Tensor, images: torch.Tensor) -> tuple[float, torch.Tensor]:
     model.eval()
@@ -129,7 +122,7 @@ def run_oracle(
     started = time.perf_counter()
     for step, (factors, images) in enumerate(loader):
         now = elapsed + time.perf_counter() - started
-        set_lr(opt, _lr(cfg, step, now / seconds if seconds else step / cfg.steps))
+        set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None))
         l1, mse = reconstruction_losses(net(factors), images)
         loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
         opt.zero_grad(set_to_none=True)
