@@ -134,6 +134,9 @@ def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.T
 # ------------------------------------------------------------------------------------- factor probes
 
 
+PROBE_PENALTIES = (1e-3, 1.0, 30.0, 1000.0)  # ridge penalties tried per probe, on standardised features
+
+
 def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
     """Ridge regression with an unpenalised bias (the last weight row)."""
     x1 = np.hstack([x, np.ones((len(x), 1))])
@@ -146,14 +149,9 @@ def _predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1))]) @ w
 
 
-def _probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, classes: int) -> float:
-    """One linear probe on standardised features: categorical factors (``classes`` > 0) by a ridge
-    one-vs-rest classifier, scored (accuracy - majority rate) / (1 - majority rate); continuous ones by
-    ridge regression, scored held-out R^2. The ridge penalty grows with the training set (1 % of N) so that
-    a probe on all 36 codes (576 features) does not fit noise where one code alone would not."""
-    mean, std = xtr.mean(0), xtr.std(0) + 1e-8
-    xtr, xte = (xtr - mean) / std, (xte - mean) / std
-    lam = 1e-2 * len(xtr)
+def _fit_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, classes: int, lam: float) -> float:
+    """Categorical factors (``classes`` > 0): a ridge one-vs-rest classifier, scored (accuracy - majority
+    rate) / (1 - majority rate); continuous ones: ridge regression, scored held-out R^2."""
     if classes:
         w = _ridge(xtr, np.eye(classes)[ytr.astype(int)], lam)
         accuracy = (_predict(w, xte).argmax(1) == yte).mean()
@@ -161,6 +159,16 @@ def _probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
         return float((accuracy - majority) / (1 - majority))
     residual = ((_predict(_ridge(xtr, ytr, lam), xte) - yte) ** 2).sum()
     return float(1 - residual / ((yte - yte.mean()) ** 2).sum())
+
+
+def _probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray, classes: int) -> float:
+    """One linear probe on standardised features. The ridge penalty is chosen on the last fifth of the
+    training set, so a probe on all 36 codes (576 features) does not fit noise where one code would not."""
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-8
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    cut = len(xtr) * 4 // 5
+    lam = max(PROBE_PENALTIES, key=lambda lam: _fit_score(xtr[:cut], ytr[:cut], xtr[cut:], ytr[cut:], classes, lam))
+    return _fit_score(xtr, ytr, xte, yte, classes, lam)
 
 
 def probe_scores(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray]) -> dict[str, Any]:

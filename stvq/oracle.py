@@ -69,7 +69,7 @@ class OracleModel(nn.Module):
 
 @dataclass
 class OracleResult:
-    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "seconds", "val_psnr"} per evaluation
+    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "seconds", "val_psnr"}, from step 0
     images_per_s: float = 0.0
     samples: torch.Tensor | None = None  # (2, 8, 3, H, W): validation images, their last renderings
 
@@ -118,6 +118,7 @@ def run_oracle(
     )
     loader = DataLoader(FactorShapes(config.image_size, "train", seed), batch_sampler=batches, num_workers=cfg.num_workers)
     result = OracleResult()
+    result.curve.append({"step": 0, "seconds": 0.0, "val_psnr": _val_psnr(net, val_factors, val_images)[0]})
     elapsed, images_seen = 0.0, 0
     started = time.perf_counter()
     for step, (factors, images) in enumerate(loader):

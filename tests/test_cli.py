@@ -29,7 +29,7 @@ def test_info_reports_the_parameter_total_and_sequence_lengths(runner):
     assert result.exit_code == 0, result.output
     total = sum(p.numel() for p in stvq.create("tokenizer", "styled", preset="tiny", code_dim=8).parameters())
     assert re.search(rf"total\s*│\s*│\s*{total:,}", result.output)
-    assert "100 = 64 patches + 36 special tokens" in result.output
+    assert "52 = 16 patches + 36 special tokens" in result.output
     assert re.search(r"code_dim\s*│\s*8", result.output)
 
 

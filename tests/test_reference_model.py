@@ -210,7 +210,7 @@ def test_missing_files_are_clear_errors(tmp_path):
     [
         ({"widht": 64}, "unknown config field.*widht"),
         ({"image_size": 60}, "not a multiple of patch_size"),
-        ({"width": 130}, "not divisible by heads"),
+        ({"width": 129}, "not divisible by heads"),
         ({"attn_mask": "causal"}, "attn_mask 'causal' is not one of"),
         ({"pos_init": "random"}, "pos_init 'random' is not one of normal, sincos"),
         ({"preset": "huge"}, "unknown preset 'huge'"),

@@ -21,7 +21,7 @@ from stvq.quantize import fit_codebook
 from stvq.train import StepBatches, TrainConfig, Trainer
 
 # A narrow tiny model so that a step takes milliseconds; still 36 tokens and 18 condition layers.
-SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1}
+SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
 SMALL_ARGS = [arg for k, v in SMALL.items() for arg in ("--set", f"{k}={v}")]
 
 
