@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from stvq.config import make_config
 from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
@@ -112,11 +112,9 @@ def run_oracle(
         net.decoder.compile()
     val = FactorShapes(config.image_size, "val", seed)
     val_factors, val_images = (torch.stack(t) for t in zip(*(val[i] for i in range(val_count))))
-    batches = torch.utils.data.BatchSampler(
-        torch.utils.data.RandomSampler(FactorShapes(config.image_size, "train", seed), generator=torch.Generator().manual_seed(seed)),
-        cfg.batch_size, drop_last=True,
-    )
-    loader = DataLoader(FactorShapes(config.image_size, "train", seed), batch_sampler=batches, num_workers=cfg.num_workers)
+    train_set = FactorShapes(config.image_size, "train", seed)
+    sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
     result = OracleResult()
     result.curve.append({"step": 0, "seconds": 0.0, "val_psnr": _val_psnr(net, val_factors, val_images)[0]})
     elapsed, images_seen = 0.0, 0
