@@ -15,12 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from stvq.config import make_config
+from stvq.config import TrainConfig, make_config
 from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
 from stvq.metrics import psnr
 from stvq.registry import create
@@ -100,7 +99,6 @@ def run_oracle(
     ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
     is not counted. Returns the validation PSNR curve."""
-    from stvq.config import TrainConfig
     from stvq.train import make_optimizer, reconstruction_losses, set_lr
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
@@ -149,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from stvq.cli import parse_overrides
+    from stvq.cli import parse_options, parse_overrides
     from stvq.train import save_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -161,10 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=60)
     parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
     args = parser.parse_args(argv)
-    train = {"steps": 10**6}
-    for pair in args.train:
-        key, _, value = pair.partition("=")
-        train[key] = json.loads(value)
+    train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
     result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every)
     for point in result.curve:
         print(json.dumps(point))
