@@ -10,6 +10,7 @@ from typing import Any
 from stvq.errors import ConfigError, StvqError
 
 ATTN_MASKS = ("none", "causal-placeholders")
+ENCODER_INITS = ("vit", "lecun-sincos")
 POS_INITS = ("normal", "sincos")
 
 
@@ -31,6 +32,10 @@ class ModelConfig:
     head_channels: int = 0  # 0: out_conv un-patchifies straight to RGB; C > 0: to C channels, then two 3x3 convs
     zero_init: bool = False  # decoder blocks start as the identity (adaLN-Zero style)
     pos_init: str = "normal"  # position embeddings start as "normal" (ViT, std 0.02) or "sincos" (2D sin-cos)
+    # How the encoder starts: "vit" (std 0.02 weights and positions, as ViT) or "lecun-sincos" (weights std
+    # 1/sqrt(fan_in), 2D sin-cos positions): a fresh encoder whose codes already tell where the object is
+    # (README, "The background plateau").
+    encoder_init: str = "vit"
     encoder: str = "styled"  # registered encoder plugin
     decoder: str = "styled"  # registered decoder plugin
 
@@ -67,6 +72,8 @@ class ModelConfig:
             raise ConfigError(f"attn_mask {self.attn_mask!r} is not one of {', '.join(ATTN_MASKS)}")
         if self.pos_init not in POS_INITS:
             raise ConfigError(f"pos_init {self.pos_init!r} is not one of {', '.join(POS_INITS)}")
+        if self.encoder_init not in ENCODER_INITS:
+            raise ConfigError(f"encoder_init {self.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,9 +87,11 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU preset: 64 px, 16 px patches (16 positions), width 64. Chosen by the decoder oracle at equal wall
     # time on 2 cores (README, "The background plateau"): 3.6x the images per second of width 128 with
     # 8 px patches, and the better PSNR after 5 minutes.
-    "tiny": ModelConfig(image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2),
+    "tiny": ModelConfig(image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos"),
     # The ablation of SPEC section 6: tiny with the unordered decoder (same size, no per-layer code pairs).
-    "tiny-unordered": ModelConfig(image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, decoder="unordered"),
+    "tiny-unordered": ModelConfig(
+        image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", decoder="unordered"
+    ),
 }
 
 
@@ -113,23 +122,25 @@ def make_config(config: ModelConfig | dict | str | None = None, **overrides: Any
 @dataclass
 class TrainConfig:
     """One training run. The defaults are stage 1's recipe for ``tiny`` on 2 CPU cores, chosen with the
-    decoder oracle (README, "The background plateau")."""
+    decoder oracle and the full pipeline (README, "The background plateau")."""
 
     stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
     preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
     data: str = "shapes"  # "shapes" (built in) or an image folder
-    steps: int = 1200
+    steps: int = 2400
     batch_size: int = 24  # per process
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
     weight_decay: float = 0.05
     beta2: float = 0.95  # AdamW's second-moment decay
-    lr_scales: dict[str, float] = field(default_factory=dict)  # parameter-name substring -> lr multiple
+    # Parameter-name substring -> lr multiple. The encoder learns at a tenth of the rate, so that where the
+    # object is, which a fresh `lecun-sincos` encoder already tells, survives until the decoder uses it.
+    lr_scales: dict[str, float] = field(default_factory=lambda: {"encoder.": 0.1})
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
-    l1_weight: float = 1.0
+    l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.evaluate.perceptual_loss); costly on CPU
     bf16: bool = False  # autocast matrix work to bfloat16

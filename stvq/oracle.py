@@ -94,22 +94,24 @@ def run_oracle(
     eval_every: int = 60,
     val_count: int = 64,
     seed: int = 0,
+    device: str | None = None,
 ) -> OracleResult:
     """Train the oracle of ``decoder`` (a registered name) at ``preset`` with ModelConfig overrides
     ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
-    is not counted. Returns the validation PSNR curve."""
+    is not counted. ``device`` defaults to CUDA where there is one. Returns the validation PSNR curve."""
     from stvq.train import make_optimizer, reconstruction_losses, set_lr
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     config = make_config(preset=preset, decoder=decoder, **(model or {}))
     torch.manual_seed(seed)
-    net = OracleModel(create("decoder", decoder, config=config))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = OracleModel(create("decoder", decoder, config=config)).to(device)
     opt = make_optimizer(net, cfg)
     if cfg.compile:
         net.decoder.compile()
     val = FactorShapes(config.image_size, "val", seed)
-    val_factors, val_images = (torch.stack(t) for t in zip(*(val[i] for i in range(val_count))))
+    val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
     train_set = FactorShapes(config.image_size, "train", seed)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
@@ -118,6 +120,7 @@ def run_oracle(
     elapsed, images_seen = 0.0, 0
     started = time.perf_counter()
     for step, (factors, images) in enumerate(loader):
+        factors, images = factors.to(device, non_blocking=True), images.to(device, non_blocking=True)
         now = elapsed + time.perf_counter() - started
         set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None))
         l1, mse = reconstruction_losses(net(factors), images)
@@ -134,7 +137,7 @@ def run_oracle(
             elapsed += time.perf_counter() - started
             value, renders = _val_psnr(net, val_factors, val_images)
             result.curve.append({"step": done, "seconds": round(elapsed, 2), "val_psnr": value})
-            result.samples = torch.stack([val_images[:8], renders[:8]])
+            result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()
             started = time.perf_counter()
         if last:
             break
@@ -157,10 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field (JSON value)")
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--eval-every", type=int, default=60)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
     args = parser.parse_args(argv)
     train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
-    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every)
+    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every, device=args.device)
     for point in result.curve:
         print(json.dumps(point))
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))

@@ -10,7 +10,9 @@ import stvq
 from benchmarks.literal_block import LiteralConditionBlock
 from stvq.checkpoint import load_pretrained
 from stvq.config import PRESETS, ModelConfig, make_config
+from stvq.data import ShapesDataset
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
+from stvq_reference.encoder import StyledEncoder
 
 
 def expected_parameters(cfg: ModelConfig) -> int:
@@ -213,6 +215,7 @@ def test_missing_files_are_clear_errors(tmp_path):
         ({"width": 129}, "not divisible by heads"),
         ({"attn_mask": "causal"}, "attn_mask 'causal' is not one of"),
         ({"pos_init": "random"}, "pos_init 'random' is not one of normal, sincos"),
+        ({"encoder_init": "xavier"}, "encoder_init 'xavier' is not one of vit, lecun-sincos"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
     ],
 )
@@ -228,6 +231,37 @@ def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options)
     assert sum(p.numel() for p in model.parameters()) == expected_parameters(cfg)
     out = model(torch.rand(2, 3, 64, 64) * 2 - 1)
     assert out.codes.shape == (2, 36, 16) and out.reconstruction.shape == (2, 3, 64, 64)
+
+
+def _location_r2(encoder_init: str) -> float:
+    """R^2 of the object's x read linearly (ridge) from a fresh tiny encoder's codes, on held-out images."""
+    torch.manual_seed(0)
+    data = ShapesDataset(64, "train", seed=0)
+    images = torch.stack([data[i] for i in range(1500)])
+    x = torch.tensor([data.factors(i)["x"] for i in range(1500)], dtype=torch.float64)
+    with torch.no_grad():
+        codes = StyledEncoder(preset="tiny", encoder_init=encoder_init)(images).flatten(1).double()
+    codes = (codes - codes[:1200].mean(0)) / (codes[:1200].std(0) + 1e-8)
+    train, held = codes[:1200], codes[1200:]
+    w = torch.linalg.solve(train.T @ train + 0.01 * len(train) * torch.eye(train.shape[1], dtype=torch.float64), train.T @ (x[:1200] - x[:1200].mean()))
+    residual = x[1200:] - x[:1200].mean() - held @ w
+    return 1 - (residual.square().sum() / (x[1200:] - x[1200:].mean()).square().sum()).item()
+
+
+@pytest.mark.slow
+def test_a_lecun_sincos_encoder_tells_where_the_object_is_before_any_training():
+    # The plateau's mechanism (README): a ViT-initialised narrow encoder pools its patches as if it did not
+    # know where they are, so its codes carry no position and the decoder never learns to place objects.
+    assert _location_r2("vit") < 0.1
+    assert _location_r2("lecun-sincos") > 0.4
+
+
+def test_lecun_sincos_starts_the_encoder_with_fan_in_weights_and_sincos_positions():
+    encoder = StyledEncoder(preset="tiny", encoder_init="lecun-sincos")
+    fc1 = encoder.blocks[0].mlp.fc1.weight  # (256, 64)
+    assert 0.7 * 64**-0.5 < fc1.std().item() < 64**-0.5
+    assert torch.equal(encoder.pos_embed, StyledDecoder(preset="tiny", pos_init="sincos").pos_tokens)
+    assert StyledEncoder(preset="tiny", encoder_init="vit").blocks[0].mlp.fc1.weight.std().item() < 0.025
 
 
 def test_sincos_position_tokens_start_distinct_and_smooth():

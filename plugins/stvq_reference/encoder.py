@@ -10,7 +10,7 @@ from torch import nn
 from stvq.config import ModelConfig, make_config
 from stvq.interfaces import Encoder
 
-from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, position_tokens, vit_block
+from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, lecun_init, position_tokens, vit_block
 
 
 class StyledEncoder(Encoder):
@@ -21,12 +21,13 @@ class StyledEncoder(Encoder):
         cfg = self.config = make_config(config, **overrides)
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size
         self.input_conv = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = position_tokens(cfg.grid_size, cfg.width, cfg.pos_init)
+        lecun = cfg.encoder_init == "lecun-sincos"
+        self.pos_embed = position_tokens(cfg.grid_size, cfg.width, "sincos" if lecun else cfg.pos_init)
         self.special_tokens = learned_tokens(cfg.num_tokens, cfg.width)
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.encoder_layers))
         self.norm = LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.code_dim)
-        self.apply(init_weights)
+        self.apply(lecun_init if lecun else init_weights)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) -> codes (B, N, code_dim); P = (H / patch)^2 patches, N tokens, D width."""
