@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from stvq.errors import CheckpointError
+from stvq.errors import CheckpointError, StvqError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -39,6 +40,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+LOCK_NAME = ".lock"
+
+
+@contextmanager
+def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
+    """One writer per run directory: hold an OS lock on ``DIR/.lock`` (released by the kernel if the
+    process dies, so a killed run never leaves a stale lock) and, as the only writer, remove the temporary
+    files of :func:`atomic_write` that a killed writer left behind. A second writer gets one line."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(directory / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StvqError(f"{directory} is being written by another stvq process; wait for it to finish or pass another directory") from None
+    try:
+        for orphan in directory.glob(".*.tmp[0-9]*"):
+            orphan.unlink(missing_ok=True)
+        yield directory
+    finally:
+        lock.release()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -227,6 +227,10 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
         run = run_dir or _default_run(stage, preset if stage == 1 else Path(from_run).name)
     trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
     summary = trainer.fit()
+    if "finished" in summary:
+        if trainer.is_main:
+            click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
+        return
     if trainer.is_main:
         val = summary["val_psnr"]
         lines = [

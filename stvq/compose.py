@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import atomic_write, write_json
+from stvq.checkpoint import atomic_write, run_lock, write_json
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
@@ -50,11 +50,21 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+def _shard_ok(path: Path, shape: tuple[int, int], dtype) -> bool:
+    """A finished shard: it loads (no pickles) with the rows, tokens and dtype it must have. A truncated or
+    foreign file is not, and is written again."""
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return False
+    return ids.shape == shape and ids.dtype == dtype
+
+
 def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True) -> dict[str, Any]:
     """Write ``shard_NNNNN.npy`` files of ``shard_size`` rows of ids, and ``manifest.json``. Shards are
-    written atomically and existing ones are skipped, so an interrupted run resumes where it stopped."""
+    written atomically and finished ones are skipped (a truncated one is written again), so an interrupted
+    run resumes where it stopped."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     count = len(dataset)
     shards = (count + shard_size - 1) // shard_size
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
@@ -63,27 +73,28 @@ def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024
         "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
         "layout": tokenizer.manifest() if hasattr(tokenizer, "manifest") else None,
     }
-    manifest_path = out / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if any(old.get(k) != manifest[k] for k in ("num_images", "shard_size", "num_tokens", "vocab_size")):
-            raise StvqError(f"{out} holds shards of another tokenizer or data set; pick a new -o directory")
-    write_json(manifest_path, manifest)
-    skipped = 0
-    with Progress(console=console, disable=not progress) as bar:
-        task = bar.add_task("tokenizing", total=count)
-        for shard in range(shards):
-            path = out / f"shard_{shard:05d}.npy"
-            first, last = shard * shard_size, min(count, (shard + 1) * shard_size)
-            if path.is_file():
-                skipped += 1
-                bar.update(task, advance=last - first)
-                continue
-            rows = []
-            for start in range(first, last, batch_size):
-                images = torch.stack([dataset[i] for i in range(start, min(last, start + batch_size))])
-                rows.append(tokenizer.encode(images).cpu().numpy().astype(dtype))
-                bar.update(task, advance=len(images))
-            ids = np.concatenate(rows)
-            atomic_write(path, lambda tmp, ids=ids: _save_npy(tmp, ids))
-    return {**manifest, "skipped_shards": skipped}
+    with run_lock(out):  # one writer per output directory
+        manifest_path = out / "manifest.json"
+        if manifest_path.is_file():
+            old = json.loads(manifest_path.read_text())
+            if any(old.get(k) != manifest[k] for k in ("num_images", "shard_size", "num_tokens", "vocab_size")):
+                raise StvqError(f"{out} holds shards of another tokenizer or data set; pick a new -o directory")
+        write_json(manifest_path, manifest)
+        skipped = 0
+        with Progress(console=console, disable=not progress) as bar:
+            task = bar.add_task("tokenizing", total=count)
+            for shard in range(shards):
+                path = out / f"shard_{shard:05d}.npy"
+                first, last = shard * shard_size, min(count, (shard + 1) * shard_size)
+                if _shard_ok(path, (last - first, tokenizer.num_tokens), dtype):
+                    skipped += 1
+                    bar.update(task, advance=last - first)
+                    continue
+                rows = []
+                for start in range(first, last, batch_size):
+                    images = torch.stack([dataset[i] for i in range(start, min(last, start + batch_size))])
+                    rows.append(tokenizer.encode(images).cpu().numpy().astype(dtype))
+                    bar.update(task, advance=len(images))
+                ids = np.concatenate(rows)
+                atomic_write(path, lambda tmp, ids=ids: _save_npy(tmp, ids))
+        return {**manifest, "skipped_shards": skipped}

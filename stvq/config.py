@@ -86,7 +86,8 @@ PRESETS: dict[str, ModelConfig] = {
     "small": ModelConfig(image_size=128, width=512, heads=8, encoder_layers=8, plain_layers=2),
     # CPU preset: 64 px, 16 px patches (16 positions), width 64. Chosen by the decoder oracle at equal wall
     # time on 2 cores (README, "The background plateau"): 3.6x the images per second of width 128 with
-    # 8 px patches, and the better PSNR after 5 minutes.
+    # 8 px patches, and the better PSNR after 5 minutes. Its encoder starts "lecun-sincos": with ViT's start
+    # a narrow encoder's codes carry no position, and stage 1 never leaves the background plateau.
     "tiny": ModelConfig(image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos"),
     # The ablation of SPEC section 6: tiny with the unordered decoder (same size, no per-layer code pairs).
     "tiny-unordered": ModelConfig(
@@ -138,6 +139,7 @@ class TrainConfig:
     # Parameter-name substring -> lr multiple. The encoder learns at a tenth of the rate, so that where the
     # object is, which a fresh `lecun-sincos` encoder already tells, survives until the decoder uses it.
     lr_scales: dict[str, float] = field(default_factory=lambda: {"encoder.": 0.1})
+    lr_scales_until: float = 0.5  # lr_scales hold for this fraction of the steps, then move linearly to 1 by the end
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
@@ -162,6 +164,12 @@ class TrainConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+    def scales_weight_at(self, step: int) -> float:
+        """How much of ``lr_scales`` applies at ``step``: 1 until ``lr_scales_until`` of the run, then
+        linearly down to 0 (every group at the base rate) at the last step."""
+        hold = self.lr_scales_until * self.steps
+        return 1.0 if step <= hold else max(0.0, (self.steps - step) / max(1.0, self.steps - hold))
 
     def lr_at(self, step: int, progress: float | None = None) -> float:
         """Linear warmup, then cosine decay to lr * min_lr_ratio; ``progress`` in [0, 1] drives the cosine

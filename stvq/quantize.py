@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import load_pretrained, write_json
+from stvq.checkpoint import load_pretrained, run_lock, write_json
 from stvq.codecache import cache_key, load_codes, save_codes
 from stvq.data import make_dataset
 from stvq.errors import StvqError
@@ -38,25 +38,26 @@ def fit_codebook(
     cfg = read_train_config(run)
     if cfg.stage != 1:
         raise StvqError(f"{run} is a stage-{cfg.stage} run; quantize the stage-1 run it came from ({cfg.from_run})")
-    model = load_pretrained(run)
-    spec = data or cfg.data
-    dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
-    key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
-    cached = load_codes(run, key)
-    count = min(max_images, len(dataset))
-    from_cache = cached is not None and len(cached) >= count
-    if from_cache:
-        codes = cached[:count]  # the frozen encoder's codes for these images are already known
-    else:
-        codes = encode_dataset(model, dataset, count, batch_size, console, progress)
-        save_codes(run, key, codes)
-    per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
-    if k > per_codebook:
-        raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
-    model.set_quantizer({"name": "kmeans", "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical})
-    model.quantizer.fit(codes)
-    stats = model.quantizer.eval()(codes).stats
-    model.save_pretrained(run)
-    result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": from_cache, **stats}
-    write_json(run / "quantize.json", result)
-    return result
+    with run_lock(run):  # one writer: a run being trained or quantized elsewhere is refused
+        model = load_pretrained(run)
+        spec = data or cfg.data
+        dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
+        key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
+        cached = load_codes(run, key)
+        count = min(max_images, len(dataset))
+        from_cache = cached is not None and len(cached) >= count
+        if from_cache:
+            codes = cached[:count]  # the frozen encoder's codes for these images are already known
+        else:
+            codes = encode_dataset(model, dataset, count, batch_size, console, progress)
+            save_codes(run, key, codes)
+        per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
+        if k > per_codebook:
+            raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
+        model.set_quantizer({"name": "kmeans", "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical})
+        model.quantizer.fit(codes)
+        stats = model.quantizer.eval()(codes).stats
+        model.save_pretrained(run)
+        result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": from_cache, **stats}
+        write_json(run / "quantize.json", result)
+        return result

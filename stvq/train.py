@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,7 +29,7 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from stvq.checkpoint import atomic_write, load_pretrained, save_tensors, write_json
+from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensors, write_json
 from stvq.codecache import cache_key, load_codes
 from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
@@ -137,10 +138,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's learning rate, times each group's ``lr_scale``."""
+def set_lr(opt: torch.optim.Optimizer, lr: float, scales_weight: float = 1.0) -> None:
+    """The schedule's learning rate, times each group's ``lr_scale`` (moved towards 1 as
+    ``scales_weight`` goes from 1 to 0)."""
     for group in opt.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints of earlier versions have none
+        scale = group.get("lr_scale", 1.0)  # checkpoints of earlier versions have none
+        group["lr"] = lr * (1.0 + (scale - 1.0) * scales_weight)
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
@@ -180,6 +183,17 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(metadata["step"])
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds, read from its header alone; None where there is no checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(f.metadata()["step"])
+    except Exception as err:  # a torn or foreign file: safetensors and int() raise their own types
+        raise CheckpointError(f"{path} is not a readable stvq checkpoint ({err}); start the run again in another directory") from None
 
 
 def write_config(run: Path, cfg: TrainConfig) -> None:
@@ -244,21 +258,32 @@ class Trainer:
         return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
 
     def fit(self) -> dict[str, Any]:
+        """Train; a resumed run that already holds ``cfg.steps`` steps is left untouched, and its summary
+        comes back with ``"finished"``: the step it holds."""
         cfg = self.cfg
+        done = checkpoint_step(self.run / CHECKPOINT_NAME) if self.resume else None
+        if done is not None and done >= cfg.steps:
+            summary = self.run / "summary.json"
+            return {**(json.loads(summary.read_text()) if summary.is_file() else {"run": str(self.run)}), "finished": done}
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(self.device)
-        opt = make_optimizer(model, cfg)
-        data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
         image_size = model.config.image_size
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)  # bad data fails before the run exists
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
+        with run_lock(self.run) if self.is_main else nullcontext():  # one writer per run directory
+            return self._train(model, dataset, val)
+
+    def _train(self, model: torch.nn.Module, dataset: Dataset, val: Dataset) -> dict[str, Any]:
+        cfg = self.cfg
+        opt = make_optimizer(model, cfg)
+        data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
+        image_size = model.config.image_size
         start = 0
         if self.resume:
             start = load_checkpoint(self.run / CHECKPOINT_NAME, model, opt, data_generator)
             if self.is_main:
                 _trim_metrics(self.run / "metrics.jsonl", start)
         elif self.is_main:
-            self.run.mkdir(parents=True, exist_ok=True)
             write_config(self.run, cfg)
         if cfg.stage == 2:
             model.encoder.eval()
@@ -293,7 +318,7 @@ class Trainer:
             for step, batch in enumerate(loader, start=start):
                 images, codes = (batch[0], batch[1].to(self.device)) if cached is not None else (batch, None)
                 images = images.to(self.device, non_blocking=True)
-                set_lr(opt, cfg.lr_at(step))
+                set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
                 with autocast:
                     out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes)
                 l1, mse = reconstruction_losses(out.reconstruction, images)

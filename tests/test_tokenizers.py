@@ -185,6 +185,16 @@ def test_compose_encode_decode_tokenize_cli(tmp_path, styled_dir, runner):
     result = runner.invoke(main, args)
     assert result.exit_code == 0 and "(2 already there)" in result.output
     np.testing.assert_array_equal(np.load(shards / "shard_00002.npy"), first[2])
+    torn = shards / "shard_00001.npy"
+    torn.write_bytes(torn.read_bytes()[:100])  # a shard cut short: verified on resume and written again
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0 and "(2 already there)" in result.output
+    np.testing.assert_array_equal(np.load(torn), first[1])
+    from stvq.checkpoint import run_lock
+
+    with run_lock(shards):  # another tokenize writing the same directory
+        result = runner.invoke(main, args)
+    assert result.exit_code == 1 and "is being written by another stvq process" in result.stderr
 
 
 def test_single_part_compose_converts_a_taming_checkpoint(tmp_path, runner):

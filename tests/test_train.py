@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import stvq
 from stvq.cli import main
 from stvq.quantize import fit_codebook
-from stvq.train import StepBatches, TrainConfig, Trainer
+from stvq.train import StepBatches, TrainConfig, Trainer, make_optimizer, set_lr
 
 # A narrow tiny model so that a step takes milliseconds; still 36 tokens and 18 condition layers.
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
@@ -272,3 +272,66 @@ def test_perceptual_loss_is_logged_and_reaches_the_decoder(tmp_path):
     assert perceptual_loss(images, images).item() == pytest.approx(0.0, abs=1e-10)
     Trainer(small_config(steps=2, eval_every=100, perceptual_weight=0.1), tmp_path / "run", progress=False).fit()
     assert all(m["perceptual"] > 0 for m in metrics(tmp_path / "run"))
+
+
+def test_lr_scales_hold_then_ramp_to_the_base_rate():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, lr_scales={"encoder.": 0.1}, lr_scales_until=0.5)
+    assert [cfg.scales_weight_at(s) for s in (0, 50, 75, 100)] == [1.0, 1.0, 0.5, 0.0]
+    model = stvq.create("tokenizer", "styled", preset="tiny", width=32, heads=2)
+    opt = make_optimizer(model, cfg)
+    encoder_ids = {id(p) for p in model.encoder.parameters()}
+
+    def rates(step: int) -> set[tuple[bool, float]]:
+        set_lr(opt, 1e-3, cfg.scales_weight_at(step))
+        return {(all(id(p) in encoder_ids for p in g["params"]), round(g["lr"], 8)) for g in opt.param_groups}
+
+    assert rates(10) == {(True, 1e-4), (False, 1e-3)}  # the encoder at a tenth while the scales hold
+    assert rates(75) == {(True, 5.5e-4), (False, 1e-3)}
+    assert rates(100) == {(True, 1e-3), (False, 1e-3)}
+
+
+def test_resume_of_a_finished_run_leaves_it_untouched_and_steps_extend_it(runner, stage1_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "done"
+    shutil.copytree(stage1_run, run)
+    files = lambda: {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    result = runner.invoke(main, ["train", "--resume", str(run), "--no-progress"])
+    assert result.exit_code == 0 and "is finished (step 30); nothing to do: extend it with --resume" in result.output
+    assert files() == before  # summary, metrics and weights as they were
+    result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "32", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert [m["step"] for m in metrics(run)][-3:] == [30, 31, 32]
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == 30
+
+
+def test_resume_from_a_torn_checkpoint_is_one_line(runner, stage1_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "torn"
+    shutil.copytree(stage1_run, run)
+    (run / "checkpoint.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes()[:100])
+    result = runner.invoke(main, ["train", "--resume", str(run), "--no-progress"])
+    assert result.exit_code == 1 and "is not a readable stvq checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_one_writer_per_run_directory_and_orphaned_temp_files_are_removed(runner, stage1_run, tmp_path):
+    import shutil
+
+    from stvq.checkpoint import run_lock
+
+    run = tmp_path / "busy"
+    shutil.copytree(stage1_run, run)
+    with run_lock(run):  # as if another `stvq train` were writing it
+        result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "31", "--no-progress"])
+        assert result.exit_code == 1 and "is being written by another stvq process" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        result = runner.invoke(main, ["train", "--run", str(tmp_path / "busy"), "--no-progress"])
+        assert result.exit_code == 1  # a fresh run into it is refused too (it already holds a run)
+    orphan = run / ".checkpoint.safetensors.tmp4242"  # what a kill during a checkpoint write leaves
+    orphan.write_bytes(b"x" * 1000)
+    result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "31", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert not orphan.exists() and [m["step"] for m in metrics(run)][-1] == 31
