@@ -142,6 +142,7 @@ class TrainConfig:
     lr_scales_until: float = 0.5  # lr_scales hold for this fraction of the steps, then move linearly to 1 by the end
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
+    tail_drop: float = 0.0  # stage 1: share of images decoded from a random prefix of their codes (the rest at the mean)
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.evaluate.perceptual_loss); costly on CPU

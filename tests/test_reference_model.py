@@ -315,3 +315,21 @@ def test_compiled_decoder_matches_eager_forward_and_backward():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(codes.grad, eager_grad, rtol=1e-4, atol=1e-5)
     assert "condition_blocks.0.attn.qkv.weight" in decoder.state_dict()  # checkpoint names unchanged
+
+
+def test_tail_drop_decodes_each_image_from_a_prefix_with_the_rest_at_the_batch_mean():
+    torch.manual_seed(0)
+    model = stvq.create("tokenizer", "styled", preset="tiny")
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    images = torch.rand(6, 3, 64, 64) * 2 - 1
+    codes = model(images).codes.detach()
+    model(images, tail_drop=1.0)
+    decoded, mean = seen[-1], codes.mean(0)
+    for b in range(6):
+        kept = (decoded[b] == codes[b]).all(-1)  # (N,)
+        k = int(kept.long().argmin()) if not kept.all() else 36
+        assert k >= 1 and kept[:k].all()  # a prefix of at least one code is kept as encoded
+        assert torch.allclose(decoded[b, k:], mean[k:].expand_as(decoded[b, k:]))  # the tail sits at the mean
+    model(images, tail_drop=0.0)
+    assert torch.equal(seen[-1], codes)

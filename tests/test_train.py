@@ -3,6 +3,7 @@ torchrun with two gloo ranks, divergence, and one-line errors for bad input."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,11 +291,13 @@ def test_lr_scales_hold_then_ramp_to_the_base_rate():
     assert rates(100) == {(True, 1e-3), (False, 1e-3)}
 
 
-def test_resume_of_a_finished_run_leaves_it_untouched_and_steps_extend_it(runner, stage1_run, tmp_path):
-    import shutil
+def copy_run(run: Path, to: Path) -> Path:
+    shutil.copytree(run, to)
+    return to
 
-    run = tmp_path / "done"
-    shutil.copytree(stage1_run, run)
+
+def test_resume_of_a_finished_run_leaves_it_untouched_and_steps_extend_it(runner, stage1_run, tmp_path):
+    run = copy_run(stage1_run, tmp_path / "done")
     files = lambda: {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
     before = files()
     result = runner.invoke(main, ["train", "--resume", str(run), "--no-progress"])
@@ -307,10 +310,7 @@ def test_resume_of_a_finished_run_leaves_it_untouched_and_steps_extend_it(runner
 
 
 def test_resume_from_a_torn_checkpoint_is_one_line(runner, stage1_run, tmp_path):
-    import shutil
-
-    run = tmp_path / "torn"
-    shutil.copytree(stage1_run, run)
+    run = copy_run(stage1_run, tmp_path / "torn")
     (run / "checkpoint.safetensors").write_bytes((run / "checkpoint.safetensors").read_bytes()[:100])
     result = runner.invoke(main, ["train", "--resume", str(run), "--no-progress"])
     assert result.exit_code == 1 and "is not a readable stvq checkpoint" in result.stderr
@@ -318,12 +318,9 @@ def test_resume_from_a_torn_checkpoint_is_one_line(runner, stage1_run, tmp_path)
 
 
 def test_one_writer_per_run_directory_and_orphaned_temp_files_are_removed(runner, stage1_run, tmp_path):
-    import shutil
-
     from stvq.checkpoint import run_lock
 
-    run = tmp_path / "busy"
-    shutil.copytree(stage1_run, run)
+    run = copy_run(stage1_run, tmp_path / "busy")
     with run_lock(run):  # as if another `stvq train` were writing it
         result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "31", "--no-progress"])
         assert result.exit_code == 1 and "is being written by another stvq process" in result.stderr

@@ -64,9 +64,13 @@ class StyledVQ(PretrainedMixin, Tokenizer):
         check_images(images, self.image_size)
         return self.encoder(images)
 
-    def forward(self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None) -> StyledOutput:
+    def forward(
+        self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0
+    ) -> StyledOutput:
         """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,
-        stage 2 passes ``quantize=True``, and ``codes`` (the frozen encoder's, cached) skips the encoder."""
+        stage 2 passes ``quantize=True``, and ``codes`` (the frozen encoder's, cached) skips the encoder.
+        ``tail_drop`` p: each image, with probability p, keeps only its first k codes (k uniform in 1..N)
+        and has the rest set to the batch's mean code per position, as the prefix curve decodes them."""
         codes = self.encode_codes(images) if codes is None else codes
         quantized = None
         if quantize:
@@ -74,6 +78,13 @@ class StyledVQ(PretrainedMixin, Tokenizer):
             decoder_input = quantized.codes
         else:
             decoder_input = codes + noise_sigma * torch.randn_like(codes) if noise_sigma > 0 else codes
+        if tail_drop > 0:
+            b, n = decoder_input.shape[:2]
+            keep = torch.randint(1, n + 1, (b, 1), device=codes.device)
+            keep = torch.where(torch.rand(b, 1, device=codes.device) < tail_drop, keep, n)
+            dropped = torch.arange(n, device=codes.device) >= keep  # (B, N)
+            mean = decoder_input.detach().mean(0, keepdim=True).expand_as(decoder_input)
+            decoder_input = torch.where(dropped[..., None], mean, decoder_input)
         return StyledOutput(codes, self.decoder(decoder_input), quantized)
 
     @torch.no_grad()
