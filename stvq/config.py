@@ -60,6 +60,11 @@ class ModelConfig:
         for f in fields(self):
             if f.type == "int" and (not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 0):
                 raise ConfigError(f"config field {f.name} must be a non-negative integer, got {getattr(self, f.name)!r}")
+        for name in ("image_size", "patch_size", "width", "heads", "code_dim"):  # sizes that divide or allocate
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
+        if not (isinstance(self.mlp_ratio, (int, float)) and math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
+            raise ConfigError(f"config field mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; pick sizes that divide"
@@ -162,9 +167,19 @@ class TrainConfig:
             raise StvqError(f"--stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.from_run:
             raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
-        for name in ("steps", "batch_size"):
+        for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise StvqError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("noise_sigma", "weight_decay", "grad_clip", "l1_weight", "mse_weight", "perceptual_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise StvqError(f"{name} must be a number of 0 or more, got {getattr(self, name)}")
+        for name in ("tail_drop", "lr_scales_until", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise StvqError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     def scales_weight_at(self, step: int) -> float:
         """How much of ``lr_scales`` applies at ``step``: 1 until ``lr_scales_until`` of the run, then

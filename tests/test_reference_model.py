@@ -216,6 +216,10 @@ def test_missing_files_are_clear_errors(tmp_path):
         ({"attn_mask": "causal"}, "attn_mask 'causal' is not one of"),
         ({"pos_init": "random"}, "pos_init 'random' is not one of normal, sincos"),
         ({"encoder_init": "xavier"}, "encoder_init 'xavier' is not one of vit, lecun-sincos"),
+        ({"heads": 0}, "config field heads must be at least 1"),
+        ({"patch_size": 0}, "config field patch_size must be at least 1"),
+        ({"code_dim": 0}, "config field code_dim must be at least 1"),
+        ({"mlp_ratio": -1.0}, "config field mlp_ratio must be a positive number"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
     ],
 )

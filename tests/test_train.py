@@ -202,6 +202,12 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         (["train", "--preset", "huge"], "unknown preset 'huge'"),
         (["train", "--stage", "2"], "stage 2 starts from a stage-1 run: pass --from runs/NAME"),
         (["train", "--resume", "/no/such/run"], "is not a training run"),
+        (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+        (["train", "--eval-every", "0"], "--eval-every must be at least 1"),
+        (["train", "--lr", "nan"], "--lr must be a positive number"),
+        (["train", "--num-workers", "-1"], "--num-workers must be 0 or more"),
+        (["train", "--set", "heads=0"], "config field heads must be at least 1"),
+        (["train", "--set", "image_size=0"], "config field image_size must be at least 1"),
         (["quantize", "--run", "/no/such/run"], "is not a training run"),
     ],
 )
