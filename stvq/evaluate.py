@@ -185,6 +185,8 @@ def probe_scores(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], 
         ytr, yte = train_factors[name], test_factors[name]
         for j in range(n):
             scores[i, j] = _probe_score(train_codes[:, j], ytr, test_codes[:, j], yte, FACTORS[name])
+        cumulative[i, 0] = scores[i, 0]  # the first token alone: the same probe
+        for j in range(1, n):
             cumulative[i, j] = _probe_score(train_codes[:, : j + 1].reshape(len(ytr), -1), ytr, test_codes[:, : j + 1].reshape(len(yte), -1), yte, FACTORS[name])
     scores, cumulative = scores.clip(0, 1), cumulative.clip(0, 1)
     return {"factors": names, "scores": scores.tolist(), "cumulative": cumulative.tolist(), **ordering_score(scores)}

@@ -122,7 +122,7 @@ def run_oracle(
     for step, (factors, images) in enumerate(loader):
         factors, images = factors.to(device, non_blocking=True), images.to(device, non_blocking=True)
         now = elapsed + time.perf_counter() - started
-        set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None))
+        set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
         l1, mse = reconstruction_losses(net(factors), images)
         loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
         opt.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@ condition layer reads, equivalence with the literal original block, and save/loa
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from benchmarks.literal_block import LiteralConditionBlock
 from stvq.checkpoint import load_pretrained
 from stvq.config import PRESETS, ModelConfig, make_config
 from stvq.data import ShapesDataset
+from stvq.evaluate import _probe_score
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
 from stvq_reference.encoder import StyledEncoder
 
@@ -238,18 +240,15 @@ def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options)
 
 
 def _location_r2(encoder_init: str) -> float:
-    """R^2 of the object's x read linearly (ridge) from a fresh tiny encoder's codes, on held-out images."""
+    """R^2 of the object's x read from a fresh tiny encoder's codes on held-out images, by the linear probe
+    that `stvq eval` uses."""
     torch.manual_seed(0)
     data = ShapesDataset(64, "train", seed=0)
     images = torch.stack([data[i] for i in range(1500)])
-    x = torch.tensor([data.factors(i)["x"] for i in range(1500)], dtype=torch.float64)
+    x = np.array([data.factors(i)["x"] for i in range(1500)])
     with torch.no_grad():
-        codes = StyledEncoder(preset="tiny", encoder_init=encoder_init)(images).flatten(1).double()
-    codes = (codes - codes[:1200].mean(0)) / (codes[:1200].std(0) + 1e-8)
-    train, held = codes[:1200], codes[1200:]
-    w = torch.linalg.solve(train.T @ train + 0.01 * len(train) * torch.eye(train.shape[1], dtype=torch.float64), train.T @ (x[:1200] - x[:1200].mean()))
-    residual = x[1200:] - x[:1200].mean() - held @ w
-    return 1 - (residual.square().sum() / (x[1200:] - x[1200:].mean()).square().sum()).item()
+        codes = StyledEncoder(preset="tiny", encoder_init=encoder_init)(images).flatten(1).double().numpy()
+    return _probe_score(codes[:1200], x[:1200], codes[1200:], x[1200:], classes=0)
 
 
 @pytest.mark.slow
