@@ -20,13 +20,16 @@ console = Console()
 
 
 class StvqGroup(click.Group):
-    """Turns :class:`StvqError` into one line on stderr and exit status 1, never a traceback."""
+    """Turns :class:`StvqError`, and an OS error on a file we read or write (no permission, a file where a
+    folder should be, a full disk), into one line on stderr and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except StvqError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:
+            raise click.ClickException(f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)) from None
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -211,6 +214,9 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
     from stvq.train import Trainer, read_train_config
 
     if resume_dir:
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise ConfigError(f"--resume continues {resume_dir} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
         cfg = read_train_config(resume_dir)
         if ctx.get_parameter_source("steps") is not click.core.ParameterSource.DEFAULT:
             cfg.steps = steps  # extending a finished run is the one change a resume accepts
@@ -226,7 +232,15 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
         )
         run = run_dir or _default_run(stage, preset if stage == 1 else Path(from_run).name)
     trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
-    summary = trainer.fit()
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        from stvq.train import CHECKPOINT_NAME, checkpoint_step
+
+        step = checkpoint_step(Path(run) / CHECKPOINT_NAME)
+        where = f"the last checkpoint (step {step}) is in {run}: continue with stvq train --resume {run}" if step else "no checkpoint was written yet: start the run again"
+        click.echo(f"Interrupted; {where}", err=True)
+        sys.exit(130)
     if "finished" in summary:
         if trainer.is_main:
             click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
@@ -246,13 +260,13 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
 
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A stage-1 run.")
-@click.option("--k", "k", type=int, default=8192, show_default=True, help="Codebook size.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=8192, show_default=True, help="Codebook size.")
 @click.option("--data", help="Data to encode (default: the run's).")
-@click.option("--max-images", type=int, default=20000, show_default=True)
+@click.option("--max-images", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--per-position", is_flag=True, help="One codebook per token position.")
-@click.option("--niter", type=int, default=20, show_default=True, help="k-means iterations.")
+@click.option("--niter", type=click.IntRange(min=1), default=20, show_default=True, help="k-means iterations.")
 @click.option("--spherical", is_flag=True, help="Spherical k-means (unit-norm centroids).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch_size, seed) -> None:
     """Give a stage-1 run a k-means codebook: encode the data with the frozen encoder, cluster the codes
@@ -373,7 +387,16 @@ def decode(tokenizer_dir, ids_file, output) -> None:
     tokenizer = _load_tokenizer(tokenizer_dir)
     if not Path(ids_file).is_file():
         raise ConfigError(f"no such ids file: {ids_file}")
-    ids = torch.from_numpy(np.load(ids_file).astype(np.int64))
+    try:
+        array = np.load(ids_file)  # allow_pickle stays False: a pickled array is refused, never run
+    except (ValueError, OSError, EOFError) as err:
+        raise ConfigError(f"{ids_file} is not a NumPy .npy array of ids ({err}); write ids with numpy.save or stvq encode") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ConfigError(f"{ids_file} is an .npz archive; pass one .npy array of ids (numpy.save)")
+    if array.dtype.kind not in "iu" or np.iinfo(array.dtype).max < tokenizer.vocab_size - 1:
+        raise ConfigError(f"ids in {ids_file} are {array.dtype}, which cannot be ids of a vocabulary of {tokenizer.vocab_size:,}; stvq encode writes int64")
+    ids = torch.from_numpy(array.astype(np.int64))
     images = tokenizer.decode(ids)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -386,9 +409,9 @@ def decode(tokenizer_dir, ids_file, output) -> None:
 @click.option("--tokenizer", "tokenizer_dir", required=True, type=click.Path(), help="A run or a composed tokenizer directory.")
 @click.option("--data", required=True, help="A folder of images ('shapes' or 'photos' with --max-images).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for shards and manifest.json.")
-@click.option("--shard-size", type=int, default=1024, show_default=True, help="Images per .npy shard.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-images", type=int, help="Tokenize only the first N images.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Images per .npy shard.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-images", type=click.IntRange(min=1), help="Tokenize only the first N images.")
 def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images) -> None:
     """A whole data set -> sharded token files (shard_NNNNN.npy + manifest.json with the vocabulary and
     layout), for an autoregressive model's data loader. Re-running resumes: finished shards are kept.
@@ -421,9 +444,9 @@ def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images) ->
 @click.option("--tokenizer", "tokenizer_options", multiple=True, type=click.Path(), help="A Styled VQ directory; repeatable.")
 @click.option("--compare", is_flag=True, help="Compare the runs: one table, one plot with every curve.")
 @click.option("--data", help="'shapes', 'photos' or a folder (default: the run's training data).")
-@click.option("--images", type=int, default=256, show_default=True, help="Validation images for the metrics.")
-@click.option("--prefix-images", type=int, default=64, show_default=True, help="Images for the prefix curves (37 x 2 decodes each).")
-@click.option("--probe-images", type=int, default=2000, show_default=True, help="shapes images to fit the factor probes on.")
+@click.option("--images", type=click.IntRange(min=1), default=256, show_default=True, help="Validation images for the metrics.")
+@click.option("--prefix-images", type=click.IntRange(min=1), default=64, show_default=True, help="Images for the prefix curves (37 x 2 decodes each).")
+@click.option("--probe-images", type=click.IntRange(min=1), default=2000, show_default=True, help="shapes images to fit the factor probes on.")
 @click.option("--no-perceptual", is_flag=True, help="Skip the EfficientNet-Lite0 feature distances.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Where --compare writes (default eval-compare/).")
 def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, output) -> None:

@@ -147,7 +147,11 @@ class TrainConfig:
     lr_scales_until: float = 0.5  # lr_scales hold for this fraction of the steps, then move linearly to 1 by the end
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
-    tail_drop: float = 0.0  # stage 1: share of images decoded from a random prefix of their codes (the rest at the mean)
+    # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder
+    # renders the objects; from the start it holds training on the plateau), a share ``tail_drop`` of the
+    # images is decoded from a random prefix of its codes, the rest at the batch mean (README).
+    tail_drop: float = 0.25
+    tail_drop_from: float = 2 / 3
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.evaluate.perceptual_loss); costly on CPU
@@ -177,7 +181,7 @@ class TrainConfig:
         for name in ("noise_sigma", "weight_decay", "grad_clip", "l1_weight", "mse_weight", "perceptual_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise StvqError(f"{name} must be a number of 0 or more, got {getattr(self, name)}")
-        for name in ("tail_drop", "lr_scales_until", "min_lr_ratio"):
+        for name in ("tail_drop", "tail_drop_from", "lr_scales_until", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise StvqError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
@@ -186,6 +190,10 @@ class TrainConfig:
         linearly down to 0 (every group at the base rate) at the last step."""
         hold = self.lr_scales_until * self.steps
         return 1.0 if step <= hold else max(0.0, (self.steps - step) / max(1.0, self.steps - hold))
+
+    def tail_drop_at(self, step: int) -> float:
+        """The share of images decoded from a random prefix at ``step`` (stage 1 only)."""
+        return self.tail_drop if self.stage == 1 and step >= self.tail_drop_from * self.steps else 0.0
 
     def lr_at(self, step: int, progress: float | None = None) -> float:
         """Linear warmup, then cosine decay to lr * min_lr_ratio; ``progress`` in [0, 1] drives the cosine

@@ -120,6 +120,43 @@ class ShapesDataset(Dataset):
         return {name: np.array([row[name] for row in rows]) for name in FACTORS}
 
 
+class DrawnScenes(Dataset):
+    """Held-out one-object scenes from another generator than :class:`ShapesDataset`: PIL's ImageDraw
+    rasterises a circle, square, triangle or diamond (no supersampling, texture or noise) in a palette
+    colour on a plain palette background, at a size, place and rotation drawn from a separate stream.
+    Item i is (image (3, S, S) in [-1, 1], object mask (1, S, S) bool), for object-pixel PSNR."""
+
+    SIDES = {"circle": 0, "square": 4, "triangle": 3, "diamond": 4}
+
+    def __init__(self, image_size: int = 64, seed: int = 0, length: int = VAL_SIZE) -> None:
+        self.image_size, self.seed, self.length = image_size, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from PIL import ImageDraw
+
+        rng = np.random.default_rng([self.seed, 7, index])  # 7: a stream the shapes splits never use
+        s = self.image_size
+        background = int(rng.integers(len(PALETTE)))
+        color = (background + int(rng.integers(1, len(PALETTE)))) % len(PALETTE)
+        shape = list(self.SIDES)[int(rng.integers(len(self.SIDES)))]
+        radius = rng.uniform(0.16, 0.32)
+        centre = (rng.uniform(radius, 1 - radius) * s, rng.uniform(radius, 1 - radius) * s)
+        mask = Image.new("L", (s, s))
+        draw = ImageDraw.Draw(mask)
+        if shape == "circle":
+            draw.ellipse([centre[0] - radius * s, centre[1] - radius * s, centre[0] + radius * s, centre[1] + radius * s], fill=255)
+        else:
+            rotation = rng.uniform(0, 90) + (45 if shape == "diamond" else 0)
+            draw.regular_polygon((*centre, radius * s), self.SIDES[shape], rotation=rotation, fill=255)
+        inside = torch.from_numpy(np.asarray(mask) > 127)[None]  # (1, S, S)
+        palette = torch.from_numpy(PALETTE)
+        image = torch.where(inside, palette[color].view(3, 1, 1), palette[background].view(3, 1, 1))
+        return image, inside
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
@@ -136,7 +173,10 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """Any mode -> RGB, shorter side resized to ``image_size`` and centre-cropped; (3, S, S) in [-1, 1]."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grey: convert("RGB") would clip it at 255, all white
+            img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        img = img.convert("RGB")
         return from_pil(ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC))
 
 
@@ -172,7 +212,17 @@ class ImageFolderDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return load_image(self.paths[index], self.image_size)
+        """The image at ``index``; a file that passed the scan but fails to decode (a truncated JPEG: PIL's
+        verify() reads no pixels) is skipped with one warning and counted, and the next file stands in."""
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                return load_image(path, self.image_size)
+            except Exception as err:  # PIL and the codecs raise many types: OSError, SyntaxError, ValueError
+                if path not in self.broken:
+                    self.broken.append(path)
+                    warnings.warn(f"skipped unreadable image file {path} ({err}); the next file stands in", stacklevel=2)
+        raise StvqError(f"no image under the data folder can be decoded ({len(self.broken)} unreadable files)")
 
 
 #: Real photographs that scikit-image ships as files (no download): colour and grey, objects and textures.

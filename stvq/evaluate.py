@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from stvq.checkpoint import write_json
-from stvq.data import FACTORS, ShapesDataset, make_dataset
+from stvq.data import FACTORS, DrawnScenes, ShapesDataset, make_dataset
 from stvq.errors import StvqError
-from stvq.metrics import mean_image_psnr, psnr
+from stvq.metrics import masked_psnr, mean_image_psnr, psnr
 
 
 # ------------------------------------------------------------------------------------ image metrics
@@ -116,6 +116,17 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
 @torch.no_grad()
 def decode_batched(model, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     return torch.cat([model.decoder(c) for c in codes.split(batch_size)])
+
+
+@torch.no_grad()
+def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict | None, torch.Tensor]:
+    """(continuous codes, the codes the decoder gets, codebook stats or None, reconstructions) of ``images``,
+    through the model's quantizer where it has one."""
+    codes = torch.cat([model.encode_codes(b) for b in images.split(64)])  # (B, N, D) continuous
+    if model.quantizer is None:
+        return codes, codes, None, decode_batched(model, codes)
+    q = model.quantizer(codes)
+    return codes, q.codes, q.stats, decode_batched(model, q.codes)
 
 
 @torch.no_grad()
@@ -283,14 +294,8 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
     val = make_dataset(data, size, "val", seed)
     count = min(images, len(val))
     originals = torch.stack([val[i] for i in range(count)])
-    codes = torch.cat([model.encode_codes(b) for b in originals.split(64)])  # (B, N, D) continuous
+    codes, codes_used, stats, recon = reconstruct(model, originals)
     quantized = model.quantizer is not None
-    if quantized:
-        q = model.quantizer(codes)
-        codes_used, stats = q.codes, q.stats
-    else:
-        codes_used, stats = codes, None
-    recon = decode_batched(model, codes_used)
     result: dict[str, Any] = {
         "name": name, "data": data, "images": count, "quantized": quantized,
         "reconstruction": reconstruction_metrics(originals, recon, perceptual),
@@ -311,6 +316,13 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
         result["probe"] = probe
         plot_probe(probe, out / "factor_probe.png", name)
+        scenes = [DrawnScenes(size, seed)[i] for i in range(count)]
+        drawn, masks = torch.stack([image for image, _ in scenes]), torch.stack([mask for _, mask in scenes])
+        drawn_recon = reconstruct(model, drawn)[3].clamp(-1, 1)
+        result["heldout"] = {
+            "generator": "DrawnScenes: one object drawn by PIL's ImageDraw", "images": count,
+            "psnr": psnr(drawn_recon, drawn).mean().item(), "object_psnr": masked_psnr(drawn_recon, drawn, masks).mean().item(),
+        }
     write_json(out / "eval.json", result)
     return result
 
@@ -333,6 +345,8 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
     if result.get("codebook"):
         c = result["codebook"]
         rows.update({"codebook usage": f"{c['usage']:.1%}", "perplexity": f"{c['perplexity']:.1f}", "dead codes": f"{c['dead_codes']:,}", "quantization MSE": f"{c['mse']:.5f}"})
+    if "heldout" in result:
+        rows["held-out drawn scenes: PSNR / object pixels (dB)"] = f"{result['heldout']['psnr']:.2f} / {result['heldout']['object_psnr']:.2f}"
     if "probe" in result:
         probe = result["probe"]
         rows["ordering score"] = f"{probe['ordering_score']:+.2f} ({sum(probe['encoded'])} encoded factors)"

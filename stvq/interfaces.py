@@ -80,9 +80,15 @@ class Composer(ABC):
 
 
 def check_ids(ids: torch.Tensor, num_tokens: int, vocab_size: int, what: str = "ids") -> None:
-    """Raise a clear :class:`StvqError` unless ``ids`` is (B, num_tokens) with values in [0, vocab_size)."""
+    """Raise a clear :class:`StvqError` unless ``ids`` is a non-empty integer (B, num_tokens) tensor with
+    values in [0, vocab_size)."""
+    if not isinstance(ids, torch.Tensor) or ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        kind = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise StvqError(f"{what} must be an integer tensor (int64), got {kind}; token ids are whole numbers")
     if ids.ndim != 2 or ids.shape[1] != num_tokens:
         raise StvqError(f"expected {what} of shape (B, {num_tokens}), got {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise StvqError(f"no {what} to decode: the batch is empty")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise StvqError(f"{what} must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
 
@@ -92,3 +98,13 @@ def check_images(images: torch.Tensor, image_size: int) -> None:
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise StvqError(f"expected images of shape (B, 3, {image_size}, {image_size}), got {shape}; resize or pick a preset of that size")
+
+
+def check_pixel_values(images: torch.Tensor) -> None:
+    """Raise a clear :class:`StvqError` unless every pixel is finite and in [-1, 1] (a little slack for
+    resampling): 0-255 or 0-1 pixels would encode without a word, and wrongly."""
+    if not torch.isfinite(images).all():
+        raise StvqError("images hold NaN or infinite values; check the data that produced them")
+    low, high = images.aminmax()
+    if low < -1.05 or high > 1.05:
+        raise StvqError(f"images must lie in [-1, 1], got values in [{low.item():.3g}, {high.item():.3g}]; scale 0-255 pixels with x / 127.5 - 1")

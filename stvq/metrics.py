@@ -11,6 +11,13 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
 
 
+def masked_psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PSNR per image over the pixels where ``mask`` (B, 1, H, W) is true, e.g. an object's own pixels."""
+    weight = mask.float().expand_as(x)
+    mse = ((x.float() - y.float()).pow(2) * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1)
+    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
+
+
 def mean_image_psnr(train, images: torch.Tensor, count: int = 512) -> float:
     """PSNR of ``images`` against the mean of the first ``count`` items of the data set ``train``: the
     baseline a reconstruction has to beat."""

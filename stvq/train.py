@@ -320,7 +320,7 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
                 with autocast:
-                    extra = {"tail_drop": cfg.tail_drop} if cfg.tail_drop > 0 and cfg.stage == 1 else {}  # plugins need not take it
+                    extra = {"tail_drop": cfg.tail_drop} if cfg.tail_drop_at(step) > 0 else {}  # plugins need not take it
                     out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes, **extra)
                 l1, mse = reconstruction_losses(out.reconstruction, images)
                 loss = cfg.l1_weight * l1 + cfg.mse_weight * mse

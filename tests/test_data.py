@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from stvq.data import FACTORS, PALETTE, SHAPES, TEXTURES, PhotosDataset, ShapesDataset, make_dataset
+from stvq.data import FACTORS, PALETTE, SHAPES, TEXTURES, DrawnScenes, PhotosDataset, ShapesDataset, make_dataset
 from stvq.errors import StvqError
 
 
@@ -28,6 +28,21 @@ def test_shapes_images_show_their_factors():
         assert np.abs(centre - PALETTE[f["background"]]).max() > 0.1  # the object covers its centre
         assert f["color"] != f["background"]
         assert f["size"] <= f["x"] <= 1 - f["size"] and 0 <= f["rotation"] < 90
+
+
+def test_drawn_scenes_are_one_object_in_its_mask_on_a_plain_background():
+    scenes = DrawnScenes(64, seed=0)
+    assert len(scenes) == 512 and torch.equal(scenes[3][0], DrawnScenes(64, seed=0)[3][0])
+    palette = torch.from_numpy(PALETTE)
+    for i in range(30):
+        image, mask = scenes[i]
+        assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and mask.dtype == torch.bool
+        assert 0.02 < mask.float().mean() < 0.4  # one object, a few per cent of the image to a third
+        inside, outside = image[:, mask[0]], image[:, ~mask[0]]
+        assert (inside == inside[:, :1]).all() and (outside == outside[:, :1]).all()  # two flat colours
+        assert not torch.equal(inside[:, 0], outside[:, 0])
+        assert any(torch.equal(inside[:, 0], c) for c in palette) and any(torch.equal(outside[:, 0], c) for c in palette)
+        assert not torch.equal(image, ShapesDataset(64, split="val")[i])
 
 
 def test_shapes_factor_table_covers_every_factor_and_class():

@@ -12,13 +12,25 @@ import stvq
 from stvq.cli import main
 from stvq.data import FACTORS, load_image, photo_paths
 from stvq.evaluate import efficientnet_lite0, features, frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
-from stvq.metrics import psnr
+from stvq.metrics import masked_psnr, psnr
 from stvq.train import TrainConfig, Trainer
 
 
 def test_psnr_of_a_known_error():
     x = torch.zeros(2, 3, 8, 8)
     assert psnr(x + 0.1, x).tolist() == pytest.approx([10 * math.log10(4 / 0.01)] * 2, rel=1e-5)
+
+
+def test_masked_psnr_scores_only_the_masked_pixels():
+    x = torch.zeros(2, 3, 8, 8)
+    y = x.clone()
+    y[:, :, :4] = 0.1  # an error of 0.1 in the top half only
+    top = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    top[:, :, :4] = True
+    assert masked_psnr(y, x, top).tolist() == pytest.approx([10 * math.log10(4 / 0.01)] * 2, rel=1e-5)
+    assert masked_psnr(y, x, ~top).tolist() == pytest.approx([100.0] * 2)  # no error where the mask is
+    whole = masked_psnr(y, x, torch.ones_like(top))
+    assert torch.allclose(whole, psnr(y, x)) and torch.allclose(whole, masked_psnr(y, x, top) + 10 * math.log10(2))
 
 
 def test_ssim_identical_and_of_two_flat_images():
@@ -135,6 +147,10 @@ def test_eval_end_to_end_writes_table_json_and_plots(two_runs, runner):
     written = json.loads((styled / "eval.json").read_text())
     assert len(written["prefix"]["prefix_psnr"]) == 37 and written["probe"]["factors"] == list(FACTORS)
     assert {"psnr", "ssim", "mae", "fd_effnet_lite0", "cos_effnet_lite0"} <= set(written["reconstruction"])
+    heldout = written["heldout"]
+    assert heldout["images"] == 16 and 0 < heldout["object_psnr"] < 60 and 0 < heldout["psnr"] < 60
+    assert heldout["object_psnr"] != heldout["psnr"]
+    assert "held-out drawn scenes" in result.output
     for name in ("prefix_curve.png", "factor_probe.png"):
         assert (styled / name).stat().st_size > 10_000
 

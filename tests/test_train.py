@@ -297,6 +297,23 @@ def test_lr_scales_hold_then_ramp_to_the_base_rate():
     assert rates(100) == {(True, 1e-3), (False, 1e-3)}
 
 
+def test_tail_drop_starts_at_its_fraction_of_the_run_and_only_in_stage_1(tmp_path, monkeypatch):
+    import stvq.train as train
+
+    seen, build = [], train.build_model
+
+    def spy(cfg):
+        model = build(cfg)
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("tail_drop", 0.0)) if m.training else None, with_kwargs=True)
+        return model
+
+    monkeypatch.setattr(train, "build_model", spy)
+    cfg = small_config(steps=12, eval_every=100, checkpoint_every=100, tail_drop=0.5, tail_drop_from=0.75)
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert seen == [0.0] * 9 + [0.5] * 3  # steps 9, 10, 11 are the last quarter
+    assert TrainConfig(stage=2, from_run="runs/x", tail_drop=0.5, tail_drop_from=0.0).tail_drop_at(5) == 0.0
+
+
 def copy_run(run: Path, to: Path) -> Path:
     shutil.copytree(run, to)
     return to

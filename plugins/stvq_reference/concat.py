@@ -17,7 +17,7 @@ from torch import nn
 from stvq import registry
 from stvq.checkpoint import PretrainedMixin, write_json
 from stvq.errors import StvqError
-from stvq.interfaces import Composer, Tokenizer
+from stvq.interfaces import Composer, Tokenizer, check_ids
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -92,8 +92,7 @@ class ComposedTokenizer(PretrainedMixin, Tokenizer):
 
     def split(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """ids (B, num_tokens) -> each part's own ids (offsets removed), checking every range."""
-        if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
-            raise StvqError(f"expected composed ids of shape (B, {self.num_tokens}), got {tuple(ids.shape)}")
+        check_ids(ids, self.num_tokens, self.vocab_size, "composed ids")
         for name, position, value in (("begin", 0, self.begin_id), *(("separator", st - 1, self.separator_id) for st in self.starts[1:])):
             if value is not None and not torch.all(ids[:, position] == value):
                 raise StvqError(f"position {position} must hold the {name} id {value}")

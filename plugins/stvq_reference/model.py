@@ -12,7 +12,7 @@ from stvq import registry
 from stvq.checkpoint import PretrainedMixin
 from stvq.config import ModelConfig, make_config
 from stvq.errors import StvqError
-from stvq.interfaces import QuantizerOutput, Tokenizer, check_ids, check_images
+from stvq.interfaces import QuantizerOutput, Tokenizer, check_ids, check_images, check_pixel_values
 
 
 @dataclass
@@ -90,6 +90,8 @@ class StyledVQ(PretrainedMixin, Tokenizer):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> ids (B, N) int64."""
+        check_images(images, self.image_size)
+        check_pixel_values(images)
         return self._require_quantizer()(self.encode_codes(images)).ids
 
     @torch.no_grad()

@@ -1,0 +1,124 @@
+"""Bad input, table-driven: each case is a command line (or an API call) with the exit status and a phrase
+of the one line it must give, never a traceback; and inputs that used to give a silent wrong result."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stvq
+from stvq.cli import main
+from stvq.data import ImageFolderDataset, load_image
+from stvq.train import TrainConfig, Trainer
+
+SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tokenizer with a vocabulary of 512, a short run, and a folder of bad and good files."""
+    root = tmp_path_factory.mktemp("bad")
+    stvq.create("tokenizer", "styled", preset="tiny", quantizer={"name": "fsq", "levels": [8, 8, 8]}).save_pretrained(root / "tok")
+    Trainer(TrainConfig(model=SMALL, steps=2, batch_size=2, checkpoint_every=2, eval_every=2), root / "run", progress=False).fit()
+    np.save(root / "float.npy", np.full((2, 36), 95.5))
+    np.save(root / "bool.npy", np.ones((2, 36), dtype=bool))
+    np.save(root / "uint8.npy", np.ones((2, 36), dtype=np.uint8))
+    np.save(root / "empty.npy", np.zeros((0, 36), dtype=np.int64))
+    np.save(root / "short.npy", np.zeros((2, 35), dtype=np.int64))
+    np.save(root / "high.npy", np.full((2, 36), 512, dtype=np.int64))
+    np.save(root / "object.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.savez(root / "archive.npz", ids=np.zeros((2, 36), dtype=np.int64))
+    (root / "text.npy").write_text("1 2 3\n")
+    (root / "a_file").write_text("")
+    return root
+
+
+CASES = [
+    # (command line with {root} for the fixture's folder, exit status, phrase of the message)
+    ("decode --tokenizer {root}/tok {root}/float.npy -o {root}/out", 1, "are float64, which cannot be ids"),
+    ("decode --tokenizer {root}/tok {root}/bool.npy -o {root}/out", 1, "are bool, which cannot be ids"),
+    ("decode --tokenizer {root}/tok {root}/uint8.npy -o {root}/out", 1, "are uint8, which cannot be ids of a vocabulary of 512"),
+    ("decode --tokenizer {root}/tok {root}/empty.npy -o {root}/out", 1, "no ids to decode: the batch is empty"),
+    ("decode --tokenizer {root}/tok {root}/short.npy -o {root}/out", 1, "expected ids of shape (B, 36), got (2, 35)"),
+    ("decode --tokenizer {root}/tok {root}/high.npy -o {root}/out", 1, "ids must lie in [0, 512); got [512, 512]"),
+    ("decode --tokenizer {root}/tok {root}/object.npy -o {root}/out", 1, "is not a NumPy .npy array of ids"),
+    ("decode --tokenizer {root}/tok {root}/text.npy -o {root}/out", 1, "is not a NumPy .npy array of ids"),
+    ("decode --tokenizer {root}/tok {root}/archive.npz -o {root}/out", 1, "is an .npz archive; pass one .npy array"),
+    ("decode --tokenizer {root}/tok {root}/none.npy -o {root}/out", 1, "no such ids file"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 --shard-size 0 -o {root}/s", 2, "Invalid value for '--shard-size'"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 --batch-size 0 -o {root}/s", 2, "Invalid value for '--batch-size'"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images -1 -o {root}/s", 2, "Invalid value for '--max-images'"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/a_file/s", 1, "{root}/a_file/s"),
+    ("quantize --run {root}/run --k 0", 2, "Invalid value for '--k'"),
+    ("quantize --run {root}/run --niter 0", 2, "Invalid value for '--niter'"),
+    ("eval --run {root}/run --images 0", 2, "Invalid value for '--images'"),
+    ("train --resume {root}/run --preset small", 1, "--resume continues {root}/run with its own train.json; drop --preset"),
+    ("train --resume {root}/run --set width=64 --lr 0.1", 1, "drop --set, --lr (only --steps may change"),
+]
+
+
+@pytest.mark.parametrize("line,status,phrase", CASES, ids=[c[0].split(" {root}/")[0] + " " + c[2][:30] for c in CASES])
+def test_bad_command_line_is_one_clear_line(runner, files, line, status, phrase):
+    result = runner.invoke(main, line.format(root=files).split())
+    assert result.exit_code == status, result.output + result.stderr
+    assert phrase.format(root=files) in result.stderr and "Traceback" not in result.output + result.stderr
+    if status == 1:  # our errors: exactly one line (click's usage errors, status 2, add a usage line)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_bad_tensors_through_the_api_are_one_clear_error(files):
+    tok = stvq.load_tokenizer(files / "tok")
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with pytest.raises(stvq.StvqError, match=r"images must lie in \[-1, 1\], got values in \[0, 25\d\]; scale 0-255 pixels"):
+        tok.encode(images.add(1).mul(127.5).round())
+    with pytest.raises(stvq.StvqError, match="images hold NaN or infinite values"):
+        tok.encode(images.where(torch.rand_like(images) > 0.01, float("nan")))
+    ids = tok.encode(images)
+    with pytest.raises(stvq.StvqError, match="ids must be an integer tensor \\(int64\\), got torch.float32"):
+        tok.decode(ids.float())
+    with pytest.raises(stvq.StvqError, match="got torch.bool"):
+        tok.decode(ids > 3)
+    assert tok.decode(ids).shape == (2, 3, 64, 64)
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(runner, files, tmp_path, monkeypatch):
+    import stvq.train
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stvq.train.Trainer, "fit", interrupted)
+    result = runner.invoke(main, ["train", "--resume", str(files / "run"), "--steps", "9"])
+    assert result.exit_code == 130
+    assert f"Interrupted; the last checkpoint (step 2) is in {files / 'run'}: continue with stvq train --resume {files / 'run'}" in result.stderr
+    result = runner.invoke(main, ["train", "--run-dir", str(tmp_path / "fresh")])
+    assert result.exit_code == 130 and "no checkpoint was written yet" in result.stderr
+
+
+def test_a_16_bit_grey_png_keeps_its_grey_levels(tmp_path):
+    levels = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16).repeat(4, 0)  # black, dark, mid, white
+    Image.fromarray(levels).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    image = load_image(tmp_path / "grey16.png", 4)
+    assert image.shape == (3, 4, 4) and torch.equal(image[0], image[2])  # grey in every channel
+    np.testing.assert_allclose(image[0, 0].numpy(), np.array([0, 64, 128, 255]) / 127.5 - 1, atol=0.02)
+
+
+def test_a_truncated_jpeg_is_skipped_mid_run_with_one_warning_and_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
+    whole = (tmp_path / "b.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(whole[: len(whole) // 2])  # PIL's verify() at start-up passes it
+    dataset = ImageFolderDataset(tmp_path, 16, split="all")
+    assert len(dataset) == 3 and not dataset.broken
+    with pytest.warns(UserWarning, match=r"skipped unreadable image file .*b\.jpg"):
+        stand_in = dataset[1]
+    assert torch.equal(stand_in, dataset[2]) and dataset.broken == [tmp_path / "b.jpg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # counted once: no second warning for the same file
+        dataset[1]
+    assert pickle.loads(pickle.dumps(dataset)).paths == dataset.paths  # still picklable for DataLoader workers
