@@ -430,11 +430,13 @@ def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images) ->
         if max_images is None:
             raise ConfigError(f"--data {data} is endless; give --max-images N")
         dataset = make_dataset(data, tokenizer.image_size, "train")
+        fingerprint = f"{data}:train:seed0"
     else:
         dataset = ImageFolderDataset(data, tokenizer.image_size, split="all")
+        fingerprint = dataset.fingerprint()
     if max_images is not None:
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
-    result = tokenize_dataset(tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console)
+    result = tokenize_dataset(tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console, data_fingerprint=fingerprint)
     click.echo(f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}")
 
 

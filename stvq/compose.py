@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -60,10 +61,20 @@ def _shard_ok(path: Path, shape: tuple[int, int], dtype) -> bool:
     return ids.shape == shape and ids.dtype == dtype
 
 
-def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True) -> dict[str, Any]:
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and bytes): the same weights, the same string."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True, data_fingerprint: str = "") -> dict[str, Any]:
     """Write ``shard_NNNNN.npy`` files of ``shard_size`` rows of ids, and ``manifest.json``. Shards are
     written atomically and finished ones are skipped (a truncated one is written again), so an interrupted
-    run resumes where it stopped."""
+    run resumes where it stopped; the manifest fingerprints the tokenizer's weights and the data
+    (``data_fingerprint``), and a resume with either changed is refused."""
     out = Path(out)
     count = len(dataset)
     shards = (count + shard_size - 1) // shard_size
@@ -72,13 +83,16 @@ def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024
         "num_images": count, "num_shards": shards, "shard_size": shard_size, "num_tokens": tokenizer.num_tokens,
         "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
         "layout": tokenizer.manifest() if hasattr(tokenizer, "manifest") else None,
+        "tokenizer_sha256": weights_fingerprint(tokenizer), "data_fingerprint": data_fingerprint,
     }
     with run_lock(out):  # one writer per output directory
         manifest_path = out / "manifest.json"
         if manifest_path.is_file():
             old = json.loads(manifest_path.read_text())
-            if any(old.get(k) != manifest[k] for k in ("num_images", "shard_size", "num_tokens", "vocab_size")):
-                raise StvqError(f"{out} holds shards of another tokenizer or data set; pick a new -o directory")
+            keys = ("tokenizer_sha256", "data_fingerprint", "num_images", "shard_size", "num_tokens", "vocab_size")
+            changed = [k for k in keys if old.get(k) != manifest[k]]
+            if changed:
+                raise StvqError(f"{out} holds shards of another tokenizer or data set ({', '.join(changed)} differ); pick a new -o directory")
         write_json(manifest_path, manifest)
         skipped = 0
         with Progress(console=console, disable=not progress) as bar:

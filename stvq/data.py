@@ -206,10 +206,18 @@ class ImageFolderDataset(Dataset):
         val = set(readable[::20])
         train = [p for p in readable if p not in val] or readable
         self.paths = {"val": sorted(val), "train": train, "all": readable}[split]
-        self.image_size, self.broken = image_size, broken
+        self.root, self.image_size, self.broken = root, image_size, broken
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """sha256 over the files' paths (relative to the root) and sizes: another folder, or a changed file
+        list, gives another string."""
+        import hashlib
+
+        listing = "\n".join(f"{p.relative_to(self.root)}\t{p.stat().st_size}" for p in self.paths)
+        return hashlib.sha256(listing.encode()).hexdigest()
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """The image at ``index``; a file that passed the scan but fails to decode (a truncated JPEG: PIL's

@@ -168,18 +168,22 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     if not path.is_file():
         raise CheckpointError(f"no {CHECKPOINT_NAME} in {path.parent}: the run never reached its first checkpoint; start it again")
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    torch.set_rng_state(tensors["rng.torch"])
-    data_generator.set_state(tensors["rng.data"])
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        opt.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+        torch.set_rng_state(tensors["rng.torch"])
+        data_generator.set_state(tensors["rng.data"])
+    except Exception as err:  # a header that lies, another model's tensors, missing entries: many types
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first}); start the run again in another directory") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(metadata["step"])
@@ -204,14 +208,24 @@ def read_train_config(run: Path) -> TrainConfig:
     path = Path(run) / TRAIN_CONFIG_NAME
     if not path.is_file():
         raise StvqError(f"{run} is not a training run (no {TRAIN_CONFIG_NAME}); pass a directory made by `stvq train`")
-    return TrainConfig(**json.loads(path.read_text()))
+    try:
+        fields = json.loads(path.read_text())
+        return TrainConfig(**fields)
+    except StvqError:
+        raise
+    except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields
+        raise StvqError(f"{path} is not a train.json that stvq wrote ({type(err).__name__}: {err}); start the run again in another directory") from None
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged on)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-        atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+def _trim_metrics(path: Path, last_step: int) -> float:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged on);
+    returns the training seconds the last kept line had logged, for the resumed run to count on from."""
+    if not path.is_file():
+        return 0.0
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [record for record in kept if record["step"] <= last_step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(record) + "\n" for record in kept)))
+    return kept[-1].get("seconds", 0.0) if kept else 0.0
 
 
 def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -278,11 +292,11 @@ class Trainer:
         opt = make_optimizer(model, cfg)
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
         image_size = model.config.image_size
-        start = 0
+        start, logged_seconds = 0, 0.0
         if self.resume:
             start = load_checkpoint(self.run / CHECKPOINT_NAME, model, opt, data_generator)
             if self.is_main:
-                _trim_metrics(self.run / "metrics.jsonl", start)
+                logged_seconds = _trim_metrics(self.run / "metrics.jsonl", start)
         elif self.is_main:
             write_config(self.run, cfg)
         if cfg.stage == 2:
@@ -352,6 +366,7 @@ class Trainer:
                         "step": done, "loss": loss.item(), "l1": l1.item(), "mse": mse.item(),
                         "psnr": psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item(),
                         "lr": cfg.lr_at(step), "images_per_s": window_images / max(now - window_start, 1e-9),
+                        "seconds": logged_seconds + now - started,  # training time so far, across resumes
                     }
                     if perceptual is not None:
                         record["perceptual"] = perceptual.item()

@@ -1,18 +1,22 @@
 """Bad input, table-driven: each case is a command line (or an API call) with the exit status and a phrase
 of the one line it must give, never a traceback; and inputs that used to give a silent wrong result."""
 
+import json
 import pickle
+import shutil
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import stvq
 from stvq.cli import main
 from stvq.data import ImageFolderDataset, load_image
 from stvq.train import TrainConfig, Trainer
+from test_tokenizers import NotATensor, write_taming
 
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
 
@@ -33,6 +37,21 @@ def files(tmp_path_factory):
     np.savez(root / "archive.npz", ids=np.zeros((2, 36), dtype=np.int64))
     (root / "text.npy").write_text("1 2 3\n")
     (root / "a_file").write_text("")
+    _, _, config = write_taming(root)  # model.ckpt, model.yaml
+    text = config.read_text()
+    (root / "no_z.yaml").write_text(text.replace("z_channels: 64", "zz: 64"))
+    (root / "typed.yaml").write_text(text.replace("ch: 32", "ch: thirty-two"))
+    torch.save({"state_dict": {}, "evil": NotATensor()}, root / "pickled.ckpt")
+    for name, text in (("garbage", "{not json"), ("typed", None), ("unknown", None), ("lying", None)):
+        shutil.copytree(root / "run", root / name)
+        fields = json.loads((root / "run" / "train.json").read_text())
+        if name == "garbage":
+            (root / name / "train.json").write_text(text)
+        elif name in ("typed", "unknown"):
+            fields.update({"steps": "many"} if name == "typed" else {"epochs": 3})
+            (root / name / "train.json").write_text(json.dumps(fields))
+        else:  # a header that says step 1 over another model's tensors
+            save_file({"model.other.weight": torch.zeros(2)}, root / name / "checkpoint.safetensors", metadata={"step": "1", "param_groups": "[]"})
     return root
 
 
@@ -52,6 +71,13 @@ CASES = [
     ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 --batch-size 0 -o {root}/s", 2, "Invalid value for '--batch-size'"),
     ("tokenize --tokenizer {root}/tok --data shapes --max-images -1 -o {root}/s", 2, "Invalid value for '--max-images'"),
     ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/a_file/s", 1, "{root}/a_file/s"),
+    ("compose vqgan --vqgan {root}/model.ckpt --vqgan-config {root}/no_z.yaml -o {root}/v", 1, "is not a taming-transformers VQGAN ddconfig (TypeError"),
+    ("compose vqgan --vqgan {root}/model.ckpt --vqgan-config {root}/typed.yaml -o {root}/v", 1, "is not a taming-transformers VQGAN ddconfig"),
+    ("compose vqgan --vqgan {root}/pickled.ckpt --vqgan-config {root}/model.yaml -o {root}/v", 1, "weights_only=True, which never runs code (UnpicklingError"),
+    ("train --resume {root}/garbage", 1, "train.json is not a train.json that stvq wrote (JSONDecodeError"),
+    ("train --resume {root}/typed", 1, "is not a train.json that stvq wrote (TypeError"),
+    ("train --resume {root}/unknown", 1, "unexpected keyword argument 'epochs'"),
+    ("train --resume {root}/lying", 1, "checkpoint.safetensors does not match this run (RuntimeError"),
     ("quantize --run {root}/run --k 0", 2, "Invalid value for '--k'"),
     ("quantize --run {root}/run --niter 0", 2, "Invalid value for '--niter'"),
     ("eval --run {root}/run --images 0", 2, "Invalid value for '--images'"),
@@ -112,7 +138,7 @@ def test_a_truncated_jpeg_is_skipped_mid_run_with_one_warning_and_counted(tmp_pa
     for name in ("a.png", "b.jpg", "c.png"):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
     whole = (tmp_path / "b.jpg").read_bytes()
-    (tmp_path / "b.jpg").write_bytes(whole[: len(whole) // 2])  # PIL's verify() at start-up passes it
+    (tmp_path / "b.jpg").write_bytes(whole[:-300])  # the scan's verify() reads no pixels: it passes
     dataset = ImageFolderDataset(tmp_path, 16, split="all")
     assert len(dataset) == 3 and not dataset.broken
     with pytest.warns(UserWarning, match=r"skipped unreadable image file .*b\.jpg"):
@@ -122,3 +148,23 @@ def test_a_truncated_jpeg_is_skipped_mid_run_with_one_warning_and_counted(tmp_pa
         warnings.simplefilter("error")  # counted once: no second warning for the same file
         dataset[1]
     assert pickle.loads(pickle.dumps(dataset)).paths == dataset.paths  # still picklable for DataLoader workers
+
+
+def test_tokenize_resume_refuses_another_folder_or_tokenizer_with_the_same_count(runner, files, tmp_path):
+    for folder, seed in (("one", 0), ("two", 1)):
+        (tmp_path / folder).mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / folder / f"{folder}{i}.png")
+    out = str(tmp_path / "shards")
+    assert runner.invoke(main, ["tokenize", "--tokenizer", str(files / "tok"), "--data", str(tmp_path / "one"), "-o", out]).exit_code == 0
+    again = runner.invoke(main, ["tokenize", "--tokenizer", str(files / "tok"), "--data", str(tmp_path / "one"), "-o", out])
+    assert again.exit_code == 0 and "(1 already there)" in again.output
+    other_data = runner.invoke(main, ["tokenize", "--tokenizer", str(files / "tok"), "--data", str(tmp_path / "two"), "-o", out])
+    assert other_data.exit_code == 1 and "holds shards of another tokenizer or data set (data_fingerprint differ)" in other_data.stderr
+    retrained = stvq.load_tokenizer(files / "tok")
+    with torch.no_grad():
+        retrained.decoder.out_conv.bias.add_(0.01)
+    retrained.save_pretrained(tmp_path / "tok2")
+    other_weights = runner.invoke(main, ["tokenize", "--tokenizer", str(tmp_path / "tok2"), "--data", str(tmp_path / "one"), "-o", out])
+    assert other_weights.exit_code == 1 and "(tokenizer_sha256 differ)" in other_weights.stderr

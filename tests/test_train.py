@@ -163,6 +163,8 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     for step in range(1, 41):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-5, abs=1e-6), step
     assert json.loads((killed / "summary.json").read_text())["resumed_from"] >= 15
+    seconds = [m["seconds"] for m in metrics(killed)]
+    assert seconds[0] > 0 and all(later > earlier for earlier, later in zip(seconds, seconds[1:]))  # counted on across the resume
 
 
 @pytest.mark.slow

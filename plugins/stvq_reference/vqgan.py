@@ -191,8 +191,9 @@ def read_taming_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"VQGAN checkpoint {path} does not exist")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path} is not a checkpoint torch can load with weights_only=True ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch's message runs to several lines: keep its first
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise CheckpointError(f"{path} is not a checkpoint torch can load with weights_only=True, which never runs code ({type(err).__name__}: {first})") from None
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state_dict")
@@ -214,13 +215,16 @@ class VQGANTokenizer(PretrainedMixin, Tokenizer):
         if ddconfig is None or embed_dim is None or n_embed is None:
             raise ConfigError("the vqgan tokenizer needs config=model.yaml (with checkpoint=model.ckpt), or ddconfig, embed_dim and n_embed")
         self.ddconfig, self.embed_dim, self.n_embed = dict(ddconfig), int(embed_dim), int(n_embed)
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
-        self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
-        self.quantize = Codebook(n_embed, embed_dim)
-        self.image_size = int(ddconfig["resolution"])
-        self.grid = self.image_size // 2 ** (len(ddconfig["ch_mult"]) - 1)
+        try:  # a ddconfig with a key missing or of the wrong type fails somewhere inside the networks
+            self.encoder = Encoder(**ddconfig)
+            self.decoder = Decoder(**ddconfig)
+            self.quant_conv = nn.Conv2d(ddconfig["z_channels"], embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+            self.quantize = Codebook(n_embed, embed_dim)
+            self.image_size = int(ddconfig["resolution"])
+            self.grid = self.image_size // 2 ** (len(ddconfig["ch_mult"]) - 1)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ConfigError(f"ddconfig {self.ddconfig} is not a taming-transformers VQGAN ddconfig ({type(err).__name__}: {err})") from None
         self.num_tokens, self.vocab_size = self.grid**2, self.n_embed
         if checkpoint is not None:
             state = read_taming_state(checkpoint)
