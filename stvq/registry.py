@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from stvq.errors import UnknownPluginError
+from stvq.errors import ConfigError, StvqError, UnknownPluginError
 from stvq.hookspecs import KINDS
 from stvq.plugins import PluginInfo, plugin_table
 
@@ -26,8 +27,26 @@ def get(kind: str, name: str) -> PluginInfo:
 
 def create(kind: str, name: str, **options: Any) -> Any:
     """Build the plugin registered as ``kind``/``name`` with ``options``, e.g.
-    ``create("quantizer", "fsq", levels=[8, 5, 5, 5])``."""
-    return get(kind, name).resolve()(**options)
+    ``create("quantizer", "fsq", levels=[8, 5, 5, 5])``. Options the factory does not take, or values it
+    cannot use (a ValueError or TypeError while it is built), are a :class:`ConfigError` naming them."""
+    factory = get(kind, name).resolve()
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins and C extensions have none: let the call decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError as err:
+            takes = ", ".join(p for p in signature.parameters if p not in ("self", "args", "kwargs")) or "none"
+            raise ConfigError(f"{kind} {name!r}: {err} (its options: {takes})") from None
+    try:
+        return factory(**options)
+    except StvqError:
+        raise
+    except (ValueError, TypeError) as err:
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("config",))
+        raise ConfigError(f"{kind} {name!r} cannot be built with {shown or 'these options'}: {err}") from None
 
 
 def list_plugins(kind: str | None = None) -> dict[str, list[str]]:
