@@ -180,6 +180,9 @@ def load_image(path: Path, image_size: int) -> torch.Tensor:
         return from_pil(ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC))
 
 
+_WARNED: set[tuple[Path, tuple[Path, ...]]] = set()  # folders whose unreadable files were already reported
+
+
 class ImageFolderDataset(Dataset):
     """Every readable image under ``root`` (recursive; jpg, png, webp, bmp). Unreadable files are
     skipped and counted with one warning; every 20th file (sorted) forms the validation split, and
@@ -198,7 +201,8 @@ class ImageFolderDataset(Dataset):
                 readable.append(path)
             except Exception:
                 broken.append(path)
-        if broken:
+        if broken and (root, tuple(broken)) not in _WARNED:  # once per folder: eval scans it for two splits
+            _WARNED.add((root, tuple(broken)))
             shown = ", ".join(str(p) for p in broken[:3])
             warnings.warn(f"skipped {len(broken)} unreadable image file(s) in {root}: {shown}{' ...' if len(broken) > 3 else ''}", stacklevel=2)
         if not readable:

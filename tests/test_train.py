@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,8 +120,10 @@ def test_image_folder_with_corrupt_grayscale_and_cmyk_files(tmp_path):
     assert len(metrics(tmp_path / "run")) == 6
     from stvq.data import ImageFolderDataset
 
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once per folder, not again for the next split or run
         ds = ImageFolderDataset(folder, 64)
+    assert [p.name for p in ds.broken] == ["broken.jpg"]
     assert all(ds[i].shape == (3, 64, 64) and -1 <= ds[i].min() and ds[i].max() <= 1 for i in range(len(ds)))
 
 
