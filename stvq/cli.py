@@ -322,6 +322,9 @@ def compose(spec, styled, vqgan, vqgan_config, parts, begin, separator, output) 
     """
     from stvq.compose import compose as do_compose
 
+    bad = [p for p in parts if not p.partition("=")[0] or not p.partition("=")[2]]
+    if bad:
+        raise ConfigError(f"--part {bad[0]!r} is not NAME=PATH, e.g. --part titok=runs/titok")
     sources = {"styled": styled, "vqgan": vqgan, **{k: v for k, _, v in (p.partition("=") for p in parts)}}
     options = {"begin": begin, "separator": separator} if "+" in spec else {}
     tokenizer = do_compose(spec, {k: v for k, v in sources.items() if v}, {"vqgan": vqgan_config} if vqgan_config else {}, **options)

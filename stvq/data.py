@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
 from stvq.errors import StvqError
@@ -135,8 +135,6 @@ class DrawnScenes(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import ImageDraw
-
         rng = np.random.default_rng([self.seed, 7, index])  # 7: a stream the shapes splits never use
         s = self.image_size
         background = int(rng.integers(len(PALETTE)))

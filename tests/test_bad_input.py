@@ -80,6 +80,7 @@ CASES = [
     ("train --resume {root}/lying", 1, "checkpoint.safetensors does not match this run (RuntimeError"),
     ("train --stage 2 --from {root}/run --quantizer fsq --quantizer-option levels=notjson --run-dir {root}/q", 1, "quantizer 'fsq' cannot be built with levels='notjson'"),
     ("train --stage 2 --from {root}/run --quantizer fsq --quantizer-option foo=1 --run-dir {root}/q", 1, "got an unexpected keyword argument 'foo' (its options: levels, dim, eps)"),
+    ("compose styled+vqgan --styled {root}/tok --part vqgan -o {root}/c", 1, "--part 'vqgan' is not NAME=PATH"),
     ("quantize --run {root}/run --k 0", 2, "Invalid value for '--k'"),
     ("quantize --run {root}/run --niter 0", 2, "Invalid value for '--niter'"),
     ("eval --run {root}/run --images 0", 2, "Invalid value for '--images'"),
