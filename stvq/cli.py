@@ -100,7 +100,8 @@ def plugins() -> None:
 @main.command()
 @preset_option
 @set_option
-def info(preset: str, overrides: tuple[str, ...]) -> None:
+@click.option("--tokenizer", default=TrainConfig.tokenizer, show_default=True, help="The registered tokenizer to build.")
+def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
     """Parameter counts per part, token count, code_dim and sequence lengths of a preset.
 
     No real weights are allocated (the model is built on torch's meta device).
@@ -117,7 +118,7 @@ def info(preset: str, overrides: tuple[str, ...]) -> None:
 
     cfg = make_config(preset=preset, **parse_overrides(overrides))
     with torch.device("meta"):
-        model = create("tokenizer", "styled", config=cfg)
+        model = create("tokenizer", tokenizer, config=cfg)
 
     table = Table(title=f"preset {preset}: parameters")
     table.add_column("part")
@@ -179,6 +180,7 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--run-dir", "--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
 @click.option("--from", "from_run", type=click.Path(file_okay=False), help="Stage 2: the stage-1 run to start from.")
+@click.option("--tokenizer", default=TrainConfig.tokenizer, show_default=True, help="Stage 1: the registered tokenizer to train (a CodeTokenizer).")
 @click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
 @click.option("--no-cache-codes", is_flag=True, help="Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached.")
@@ -196,7 +198,7 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.pass_context
-def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, perceptual_weight, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
+def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, tokenizer, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, perceptual_weight, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
     """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
     quantized codes, encoder frozen). With no option: the tiny preset on the built-in shapes, a few
     minutes on a CPU. Runs under `torchrun --nproc_per_node N stvq train ...` with DDP.
@@ -226,7 +228,7 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
         if quantizer_options and not quantizer:
             raise ConfigError("--quantizer-option needs --quantizer NAME")
         cfg = TrainConfig(
-            stage=stage, preset=preset, model=parse_overrides(overrides), data=data, steps=steps, batch_size=batch_size,
+            stage=stage, tokenizer=tokenizer, preset=preset, model=parse_overrides(overrides), data=data, steps=steps, batch_size=batch_size,
             lr=lr, noise_sigma=noise_sigma, perceptual_weight=perceptual_weight, bf16=bf16, compile=compile_, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
             log_every=log_every, num_workers=num_workers, from_run=from_run, quantizer=q, cache_codes=not no_cache_codes,
         )
@@ -268,7 +270,8 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
 @click.option("--spherical", is_flag=True, help="Spherical k-means (unit-norm centroids).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
-def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch_size, seed) -> None:
+@click.option("--quantizer", default="kmeans", show_default=True, help="The registered quantizer to fit (a FittableQuantizer); --niter and --spherical are k-means options.")
+def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch_size, seed, quantizer) -> None:
     """Give a stage-1 run a k-means codebook: encode the data with the frozen encoder, cluster the codes
     with faiss, and write the codebook into the run (then `stvq train --stage 2 --from RUN`).
 
@@ -282,7 +285,7 @@ def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch
     from stvq.quantize import fit_codebook
 
     started = time.perf_counter()
-    result = fit_codebook(run_dir, k=k, data=data, max_images=max_images, per_position=per_position, niter=niter, spherical=spherical, batch_size=batch_size, seed=seed, console=console)
+    result = fit_codebook(run_dir, k=k, data=data, max_images=max_images, per_position=per_position, niter=niter, spherical=spherical, batch_size=batch_size, seed=seed, console=console, quantizer=quantizer)
     table = Table(title=f"k-means codebook written to {run_dir}")
     for column in ("K", "vectors", "time", "quantization MSE", "usage", "perplexity", "dead codes"):
         table.add_column(column, justify="right")
@@ -332,10 +335,7 @@ def compose(spec, styled, vqgan, vqgan_config, parts, begin, separator, output) 
     table = Table(title=f"{spec} -> {output}")
     for column in ("part", "tokens", "vocabulary", "id range", "image size"):
         table.add_column(column, justify="right")
-    layout = tokenizer.manifest()["parts"] if hasattr(tokenizer, "manifest") else [
-        {"name": spec, "num_tokens": tokenizer.num_tokens, "vocab_size": tokenizer.vocab_size, "offset": 0, "image_size": tokenizer.image_size}
-    ]
-    for p in layout:
+    for p in tokenizer.manifest()["parts"]:
         table.add_row(p["name"], str(p["num_tokens"]), f"{p['vocab_size']:,}", f"[{p['offset']:,}, {p['offset'] + p['vocab_size']:,})", str(p["image_size"]))
     table.add_row("[bold]total[/]", str(tokenizer.num_tokens), f"{tokenizer.vocab_size:,}", "", str(tokenizer.image_size))
     console.print(table)
@@ -466,6 +466,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     """
     import stvq
     from stvq.evaluate import evaluate, plot_prefix, summary_rows
+    from stvq.interfaces import CodeTokenizer
     from stvq.train import TRAIN_CONFIG_NAME, read_train_config
 
     targets = [*runs, *run_options, *tokenizer_options]
@@ -479,8 +480,8 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         if not path.is_dir():
             raise ConfigError(f"{target} is not a directory; pass a run or a Styled VQ directory")
         model = stvq.load_tokenizer(path)
-        if not hasattr(model, "encode_codes"):
-            raise ConfigError(f"{target} holds a {type(model).__name__}; stvq eval measures a Styled VQ run")
+        if not isinstance(model, CodeTokenizer):
+            raise ConfigError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
         source = data or (read_train_config(path).data if (path / TRAIN_CONFIG_NAME).is_file() else "shapes")
         console.print(f"evaluating {target} on {source} ...")
         results.append(evaluate(model, path, source, images, prefix_images, probe_images, not no_perceptual, name=path.name))

@@ -82,7 +82,7 @@ def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024
     manifest = {
         "num_images": count, "num_shards": shards, "shard_size": shard_size, "num_tokens": tokenizer.num_tokens,
         "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
-        "layout": tokenizer.manifest() if hasattr(tokenizer, "manifest") else None,
+        "layout": tokenizer.manifest(),
         "tokenizer_sha256": weights_fingerprint(tokenizer), "data_fingerprint": data_fingerprint,
     }
     with run_lock(out):  # one writer per output directory

@@ -131,6 +131,7 @@ class TrainConfig:
     decoder oracle and the full pipeline (README, "The background plateau")."""
 
     stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
+    tokenizer: str = "styled"  # stage 1: the registered CodeTokenizer to train (stage 2 takes from_run's)
     preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
     data: str = "shapes"  # "shapes" (built in) or an image folder

@@ -115,7 +115,7 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
 
 @torch.no_grad()
 def decode_batched(model, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([model.decoder(c) for c in codes.split(batch_size)])
+    return torch.cat([model.decode_codes(c) for c in codes.split(batch_size)])
 
 
 @torch.no_grad()

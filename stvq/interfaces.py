@@ -1,11 +1,16 @@
 """The base classes of the five plugin kinds and their output types. Small and stable: plugins subclass
-them, and the core talks to plugins only through them."""
+them, and the core talks to plugins only through them (checked with ``isinstance``).
+
+Two refinements say what the training and measuring commands need beyond the five kinds:
+:class:`CodeTokenizer` (images -> continuous codes -> optional quantizer -> decoder: what ``stvq train``,
+``stvq quantize`` and ``stvq eval`` drive) and :class:`FittableQuantizer` (a codebook fitted offline on a
+data set's codes: what ``stvq quantize`` fits)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +63,16 @@ class Quantizer(nn.Module, ABC):
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor: ...
 
 
+class FittableQuantizer(Quantizer):
+    """A quantizer whose codebook is fitted offline on a data set's codes (``stvq quantize``), e.g. k-means.
+    It is built with ``dim``, ``codebook_size`` and ``positions`` (0: one shared codebook; N: one per token
+    position) besides its own options."""
+
+    @abstractmethod
+    def fit(self, codes: torch.Tensor) -> dict[str, float]:
+        """Fit the codebook in place on codes (M, N, dim) of M images; returns statistics."""
+
+
 class Tokenizer(nn.Module, ABC):
     """Images (B, 3, H, W) in [-1, 1] <-> int64 ids (B, num_tokens) in [0, vocab_size)."""
 
@@ -70,6 +85,61 @@ class Tokenizer(nn.Module, ABC):
 
     @abstractmethod
     def decode(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def manifest(self) -> dict[str, Any]:
+        """The layout of the ids, for token shards and tables: one part here; a composed tokenizer lists its
+        parts with their id offsets and positions."""
+        part = {
+            "name": getattr(self, "plugin_name", type(self).__name__), "offset": 0, "vocab_size": self.vocab_size,
+            "positions": [0, self.num_tokens], "num_tokens": self.num_tokens, "image_size": self.image_size, "resized_from": None,
+        }
+        return {"vocab_size": self.vocab_size, "num_tokens": self.num_tokens, "image_size": self.image_size, "parts": [part]}
+
+
+@dataclass
+class CodeTokenizerOutput:
+    """What a :class:`CodeTokenizer`'s forward returns."""
+
+    codes: torch.Tensor  # (B, N, code_dim) continuous codes (noised in training when sigma > 0)
+    reconstruction: torch.Tensor  # (B, 3, H, W)
+    quantized: QuantizerOutput | None = None  # set when the codes went through the quantizer
+
+
+class CodeTokenizer(Tokenizer):
+    """A tokenizer built as encoder -> continuous codes (B, N, code_dim) -> optional quantizer -> decoder:
+    what ``stvq train`` trains (stage 1 on continuous codes, stage 2 on quantized ones with the encoder
+    frozen), ``stvq quantize`` gives a codebook and ``stvq eval`` measures. Built by the registry with
+    ``config=`` a :class:`stvq.config.ModelConfig`."""
+
+    config: Any  # the model's config dataclass; the core reads image_size
+    encoder: Encoder
+    decoder: Decoder
+    quantizer: Quantizer | None  # None until a quantizer is attached
+
+    @abstractmethod
+    def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> continuous codes (B, N, code_dim)."""
+
+    @abstractmethod
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, N, code_dim), continuous or quantized -> images (B, 3, H, W)."""
+
+    @abstractmethod
+    def save_pretrained(self, directory) -> Any:
+        """Write config.json + model.safetensors that ``stvq.load_tokenizer`` reads back (a run's model);
+        :class:`stvq.checkpoint.PretrainedMixin` provides it."""
+
+    @abstractmethod
+    def set_quantizer(self, spec: dict[str, Any]) -> None:
+        """Attach the registered quantizer ``spec["name"]`` built with the rest of ``spec`` as options."""
+
+    @abstractmethod
+    def forward(
+        self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0
+    ) -> CodeTokenizerOutput:
+        """Reconstruct ``images``: Gaussian noise of std ``noise_sigma`` on the codes (stage 1), through the
+        quantizer with ``quantize=True`` (stage 2); ``codes`` given skips the encoder; ``tail_drop`` p
+        decodes a share p of the images from a random prefix of their codes, the rest at the batch mean."""
 
 
 class Composer(ABC):

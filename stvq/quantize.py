@@ -12,6 +12,8 @@ from stvq.checkpoint import load_pretrained, run_lock, write_json
 from stvq.codecache import cache_key, load_codes, save_codes
 from stvq.data import make_dataset
 from stvq.errors import StvqError
+from stvq.interfaces import CodeTokenizer, FittableQuantizer
+from stvq.registry import require_subclass
 from stvq.train import read_train_config
 
 
@@ -32,14 +34,19 @@ def encode_dataset(model, dataset, max_images: int, batch_size: int, console=Non
 def fit_codebook(
     run: str | Path, k: int = 8192, data: str | None = None, max_images: int = 20000, per_position: bool = False,
     niter: int = 20, spherical: bool = False, batch_size: int = 256, seed: int = 0, console=None, progress: bool = True,
+    quantizer: str = "kmeans",
 ) -> dict[str, Any]:
-    """Encode, cluster and write the k-means quantizer into ``run``; returns the codebook statistics."""
+    """Encode, fit the registered :class:`FittableQuantizer` ``quantizer`` (k-means by default; ``niter``
+    and ``spherical`` are its options) and write it into ``run``; returns the codebook statistics."""
     run = Path(run)
     cfg = read_train_config(run)
+    require_subclass("quantizer", quantizer, FittableQuantizer, f"it is not fitted offline; train it in stage 2 instead: stvq train --stage 2 --from {run} --quantizer {quantizer}")
     if cfg.stage != 1:
         raise StvqError(f"{run} is a stage-{cfg.stage} run; quantize the stage-1 run it came from ({cfg.from_run})")
     with run_lock(run):  # one writer: a run being trained or quantized elsewhere is refused
         model = load_pretrained(run)
+        if not isinstance(model, CodeTokenizer):
+            raise StvqError(f"{run} holds a {type(model).__name__}; stvq quantize fits a codebook for a tokenizer with continuous codes (a CodeTokenizer)")
         spec = data or cfg.data
         dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
         key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
@@ -54,7 +61,7 @@ def fit_codebook(
         per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
         if k > per_codebook:
             raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
-        model.set_quantizer({"name": "kmeans", "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical})
+        model.set_quantizer({"name": quantizer, "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical})
         model.quantizer.fit(codes)
         stats = model.quantizer.eval()(codes).stats
         model.save_pretrained(run)

@@ -49,6 +49,14 @@ def create(kind: str, name: str, **options: Any) -> Any:
         raise ConfigError(f"{kind} {name!r} cannot be built with {shown or 'these options'}: {err}") from None
 
 
+def require_subclass(kind: str, name: str, base: type, why: str) -> None:
+    """Raise a :class:`ConfigError` unless the plugin ``kind``/``name`` is a class deriving from ``base``
+    (an interface the caller needs), before anything is built; ``why`` says what the caller does."""
+    factory = get(kind, name).resolve()
+    if isinstance(factory, type) and not issubclass(factory, base):
+        raise ConfigError(f"{kind} {name!r} ({factory.__name__}) is not a {base.__name__}: {why}")
+
+
 def list_plugins(kind: str | None = None) -> dict[str, list[str]]:
     """``{kind: [name, ...]}`` over every kind (or only ``kind``), names sorted."""
     if kind is not None:

@@ -34,8 +34,9 @@ from stvq.codecache import cache_key, load_codes
 from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
 from stvq.errors import CheckpointError, StvqError
+from stvq.interfaces import CodeTokenizer
 from stvq.metrics import mean_image_psnr, psnr
-from stvq.registry import create
+from stvq.registry import create, require_subclass
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TRAIN_CONFIG_NAME = "train.json"
@@ -110,17 +111,25 @@ def init_distributed() -> tuple[int, int, torch.device]:
 # --------------------------------------------------------------------------------------- the model
 
 
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
+def build_model(cfg: TrainConfig) -> CodeTokenizer:
+    """Stage 1: a fresh ``cfg.tokenizer``; stage 2: the stage-1 run's model with its quantizer (or
+    ``cfg.quantizer``) and its encoder frozen."""
     if cfg.stage == 1:
-        return create("tokenizer", "styled", config=make_config(preset=cfg.preset, **cfg.model))
-    source = Path(cfg.from_run)
-    if not (source / "config.json").is_file():
-        raise StvqError(f"--from {source}: not a run directory (no config.json); pass a finished stage-1 run")
-    model = load_pretrained(source).train()
+        require_subclass("tokenizer", cfg.tokenizer, CodeTokenizer, "stvq train trains tokenizers with continuous codes (encoder, codes, decoder)")
+        model = create("tokenizer", cfg.tokenizer, config=make_config(preset=cfg.preset, **cfg.model))
+    else:
+        source = Path(cfg.from_run)
+        if not (source / "config.json").is_file():
+            raise StvqError(f"--from {source}: not a run directory (no config.json); pass a finished stage-1 run")
+        model = load_pretrained(source).train()
+    if not isinstance(model, CodeTokenizer):
+        raise StvqError(f"tokenizer {type(model).__name__} cannot be trained by stvq train: it is not a CodeTokenizer (encoder, codes, decoder)")
+    if cfg.stage == 1:
+        return model
     if cfg.quantizer:
         model.set_quantizer(cfg.quantizer)
     elif model.quantizer is None:
-        raise StvqError(f"run {source} has no codebook: run `stvq quantize --run {source} --k 8192` first, or pass --quantizer fsq or ema-vq")
+        raise StvqError(f"run {cfg.from_run} has no codebook: run `stvq quantize --run {cfg.from_run} --k 8192` first, or pass --quantizer fsq or ema-vq")
     for p in model.encoder.parameters():
         p.requires_grad_(False)
     return model

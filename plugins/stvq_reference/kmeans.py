@@ -8,7 +8,7 @@ import faiss
 import torch
 
 from stvq.errors import StvqError
-from stvq.interfaces import QuantizerOutput
+from stvq.interfaces import FittableQuantizer, QuantizerOutput
 
 from stvq_reference.codebook import CodebookQuantizer
 
@@ -20,7 +20,7 @@ INIT_METHODS = {
 }
 
 
-class KMeansQuantizer(CodebookQuantizer):
+class KMeansQuantizer(CodebookQuantizer, FittableQuantizer):
     """A codebook fitted once by :meth:`fit`, then fixed. Seeded with k-means++ by default: faiss's
     random seeding misses clusters even on well-separated data. The auxiliary loss is zero (the encoder is
     frozen in stage 2); the quantization error is in ``stats["mse"]``."""

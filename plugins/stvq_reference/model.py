@@ -3,7 +3,6 @@ the ``styled`` tokenizer: 36 ids per image, from high-level attributes to low-le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,17 +11,12 @@ from stvq import registry
 from stvq.checkpoint import PretrainedMixin
 from stvq.config import ModelConfig, make_config
 from stvq.errors import StvqError
-from stvq.interfaces import QuantizerOutput, Tokenizer, check_ids, check_images, check_pixel_values
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, check_pixel_values
+
+StyledOutput = CodeTokenizerOutput  # the name earlier versions exported
 
 
-@dataclass
-class StyledOutput:
-    codes: torch.Tensor  # (B, N, code_dim) continuous codes (noised in training when sigma > 0)
-    reconstruction: torch.Tensor  # (B, 3, H, W)
-    quantized: QuantizerOutput | None = None  # set when the codes went through the quantizer
-
-
-class StyledVQ(PretrainedMixin, Tokenizer):
+class StyledVQ(PretrainedMixin, CodeTokenizer):
     """The Styled VQ tokenizer. ``quantizer`` is ``{"name": registered quantizer, **options}`` or None
     (a stage-1 model: continuous codes only)."""
 
@@ -64,9 +58,13 @@ class StyledVQ(PretrainedMixin, Tokenizer):
         check_images(images, self.image_size)
         return self.encoder(images)
 
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, N, code_dim) -> images (B, 3, H, W), not clamped (training reads the raw output)."""
+        return self.decoder(codes)
+
     def forward(
         self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0
-    ) -> StyledOutput:
+    ) -> CodeTokenizerOutput:
         """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,
         stage 2 passes ``quantize=True``, and ``codes`` (the frozen encoder's, cached) skips the encoder.
         ``tail_drop`` p: each image, with probability p, keeps only its first k codes (k uniform in 1..N)
@@ -85,7 +83,7 @@ class StyledVQ(PretrainedMixin, Tokenizer):
             dropped = torch.arange(n, device=codes.device) >= keep  # (B, N)
             mean = decoder_input.detach().mean(0, keepdim=True).expand_as(decoder_input)
             decoder_input = torch.where(dropped[..., None], mean, decoder_input)
-        return StyledOutput(codes, self.decoder(decoder_input), quantized)
+        return CodeTokenizerOutput(codes, self.decode_codes(decoder_input), quantized)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
