@@ -93,6 +93,27 @@ def test_third_party_package_is_discovered_and_usable(example_target, runner):
 
 
 @pytest.mark.slow
+def test_a_third_party_tokenizer_trains_quantizes_fine_tunes_and_evaluates_through_the_stock_commands(example_target, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(example_target), "OMP_NUM_THREADS": "1"}
+
+    def stvq(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "stvq.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    run = tmp_path / "conv"
+    stvq("train", "--tokenizer", "example-conv", "--set", "width=8", "--steps", "6", "--batch-size", "4", "--eval-every", "6", "--run-dir", str(run), "--no-progress")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["val_psnr"] is not None
+    assert json.loads((run / "config.json").read_text())["name"] == "example-conv"
+    stvq("quantize", "--run", str(run), "--k", "16", "--max-images", "32")
+    stvq("train", "--stage", "2", "--from", str(run), "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--run-dir", str(tmp_path / "s2"), "--no-progress")
+    stvq("eval", "--run", str(tmp_path / "s2"), "--images", "8", "--prefix-images", "4", "--probe-images", "100", "--no-perceptual")
+    result = json.loads((tmp_path / "s2" / "eval.json").read_text())
+    assert result["quantized"] and result["codebook"]["usage"] > 0 and len(result["prefix"]["prefix_psnr"]) == 37
+
+
+@pytest.mark.slow
 def test_broken_package_warns_once_and_the_rest_keeps_working(example_target, tmp_path):
     broken = make_package(tmp_path, "stvq-broken", "broken", "stvq_broken", "raise ImportError('needs libfoo')\n")
     target = tmp_path / "site"

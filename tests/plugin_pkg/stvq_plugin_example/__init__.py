@@ -1,4 +1,7 @@
-"""A sign quantizer: each of ``dim`` channels becomes +1 or -1, so there are 2**dim codewords
+"""An example third-party plugin package: a sign quantizer here, and a whole tokenizer (its own encoder
+and decoder) in ``tokenizer.py``.
+
+A sign quantizer: each of ``dim`` channels becomes +1 or -1, so there are 2**dim codewords
 (lookup-free quantization, Yu et al., 2023, without its entropy loss)."""
 
 import torch
@@ -26,3 +29,8 @@ class SignQuantizer(Quantizer):
 @stvq.hookimpl
 def register_quantizers(register):
     register("sign", SignQuantizer)
+
+
+@stvq.hookimpl
+def register_tokenizers(register):
+    register("example-conv", "stvq_plugin_example.tokenizer:ConvTokenizer")
