@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from stvq.errors import CheckpointError, ConfigError, PluginConflictError, PluginError, StvqError, UnknownPluginError
+from stvq.errors import CheckpointError, ConfigError, PluginConflictError, PluginError, StvqError, TrainingDiverged, UnknownPluginError
 from stvq.hookspecs import KINDS, hookimpl
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "PluginConflictError",
     "PluginError",
     "StvqError",
+    "TrainingDiverged",
     "UnknownPluginError",
     "__version__",
     "create",
@@ -44,19 +45,6 @@ def create(kind: str, name: str, **options: Any) -> Any:
 def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
     """A tokenizer from a directory written by stvq, or from a registered tokenizer's name and options,
     e.g. ``load_tokenizer("vqgan", checkpoint="x.ckpt", config="x.yaml")``."""
-    from pathlib import Path
+    from stvq.checkpoint import load_tokenizer as _load
 
-    from stvq.checkpoint import load_pretrained
-
-    if Path(path_or_spec).is_dir():
-        if options:
-            raise StvqError(f"options {sorted(options)} are not used when loading the directory {path_or_spec}")
-        return load_pretrained(path_or_spec)
-    from stvq.registry import create as _create, plugin_table
-
-    if str(path_or_spec) in plugin_table()["tokenizer"]:
-        return _create("tokenizer", str(path_or_spec), **options)
-    raise StvqError(
-        f"{str(path_or_spec)!r} is neither a directory written by stvq nor a registered tokenizer "
-        f"({', '.join(sorted(plugin_table()['tokenizer'])) or 'none installed'})"
-    )
+    return _load(path_or_spec, **options)

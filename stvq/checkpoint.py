@@ -155,6 +155,22 @@ class PretrainedMixin:
         return model.eval()
 
 
+def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
+    """``stvq.load_tokenizer``: a directory written by stvq, or a registered tokenizer's name and options."""
+    from stvq.registry import create, plugin_table
+
+    if Path(path_or_spec).is_dir():
+        if options:
+            raise StvqError(f"options {sorted(options)} are not used when loading the directory {path_or_spec}")
+        return load_pretrained(path_or_spec)
+    if str(path_or_spec) in plugin_table()["tokenizer"]:
+        return create("tokenizer", str(path_or_spec), **options)
+    raise StvqError(
+        f"{str(path_or_spec)!r} is neither a directory written by stvq nor a registered tokenizer "
+        f"({', '.join(sorted(plugin_table()['tokenizer'])) or 'none installed'})"
+    )
+
+
 def load_pretrained(directory: str | os.PathLike) -> Any:
     """Rebuild whatever plugin ``directory/config.json`` names and load its weights."""
     from stvq.registry import create

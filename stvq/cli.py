@@ -297,11 +297,11 @@ def quantize(run_dir, k, data, max_images, per_position, niter, spherical, batch
 
 
 def _load_tokenizer(path: str):
-    import stvq
+    from stvq.checkpoint import load_tokenizer
 
     if not Path(path).is_dir():
         raise ConfigError(f"--tokenizer {path} is not a directory; pass a run or a directory written by `stvq compose`")
-    return stvq.load_tokenizer(path)
+    return load_tokenizer(path)
 
 
 @main.command()
@@ -464,7 +464,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
       stvq eval --run runs/NAME
       stvq eval --compare runs/styled runs/unordered -o compare/
     """
-    import stvq
+    from stvq.checkpoint import load_tokenizer
     from stvq.evaluate import evaluate, plot_prefix, summary_rows
     from stvq.interfaces import CodeTokenizer
     from stvq.train import TRAIN_CONFIG_NAME, read_train_config
@@ -479,7 +479,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         path = Path(target)
         if not path.is_dir():
             raise ConfigError(f"{target} is not a directory; pass a run or a Styled VQ directory")
-        model = stvq.load_tokenizer(path)
+        model = load_tokenizer(path)
         if not isinstance(model, CodeTokenizer):
             raise ConfigError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
         source = data or (read_train_config(path).data if (path / TRAIN_CONFIG_NAME).is_file() else "shapes")

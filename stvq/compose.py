@@ -11,24 +11,22 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import atomic_write, run_lock, write_json
+from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, write_json
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
 
 def load_part(name: str, source: str | None, config: str | None = None) -> Any:
     """One part of ``A+B``: a directory written by stvq, or (vqgan) a taming ``.ckpt`` with its YAML."""
-    import stvq
-
     if source is None:
         raise StvqError(f"part {name!r} needs a source: --{name} PATH (or --part {name}=PATH)")
     path = Path(source)
     if path.is_dir():
-        return stvq.load_tokenizer(path)
+        return load_tokenizer(path)
     if config is None:
         hint = f"; a taming checkpoint also needs --{name}-config model.yaml" if name == "vqgan" else ""
         raise StvqError(f"{source} is not a directory written by stvq{hint}")
-    return stvq.load_tokenizer(name, checkpoint=str(path), config=config)
+    return load_tokenizer(name, checkpoint=str(path), config=config)
 
 
 def compose(spec: str, sources: dict[str, str], configs: dict[str, str] | None = None, composer: str = "concat", **options: Any) -> Any:

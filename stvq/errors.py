@@ -26,3 +26,7 @@ class PluginConflictError(PluginError):
 
 class CheckpointError(StvqError):
     """A checkpoint is missing, malformed, or does not match its config."""
+
+
+class TrainingDiverged(StvqError):
+    """The loss became NaN or infinite."""

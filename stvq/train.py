@@ -33,17 +33,13 @@ from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensor
 from stvq.codecache import cache_key, load_codes
 from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
-from stvq.errors import CheckpointError, StvqError
+from stvq.errors import CheckpointError, StvqError, TrainingDiverged
 from stvq.interfaces import CodeTokenizer
 from stvq.metrics import mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 TRAIN_CONFIG_NAME = "train.json"
-
-
-class TrainingDiverged(StvqError):
-    """The loss became NaN or infinite."""
 
 
 # --------------------------------------------------------------------------------------------- data
