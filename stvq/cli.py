@@ -42,24 +42,39 @@ def _parse_bool(value: str) -> bool:
     return value.lower() in ("true", "1")
 
 
+CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, example: str = "levels=[8,5,5,5]") -> dict[str, Any]:
+    """The one KEY=VALUE parser: ``("width=256", "lr_scales={\"encoder.\": 0.3}")`` -> a dict. With a
+    config dataclass ``schema``, keys must be its fields and values take the field's type (int, float,
+    bool, str; other types as JSON); without one, values are JSON where they parse, else strings."""
+    import json
+
+    types = {f.name: f.type for f in fields(schema)} if schema else None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and key and value):
+            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE, e.g. {flag} {example}")
+        if types is not None and key not in types:
+            raise ConfigError(f"{flag} {key}: unknown config field; known fields: {', '.join(sorted(types))}")
+        kind = types[key] if types is not None else None
+        try:
+            out[key] = CASTS[kind](value) if kind in CASTS else json.loads(value)
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            if kind is None:
+                out[key] = value  # an option's plain string
+            else:
+                raise ConfigError(f"{flag} {key}={value}: expected a value of type {kind}") from None
+    return out
+
+
 def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
     """``("width=256", "attn_mask=causal-placeholders")`` -> typed ModelConfig overrides."""
     from stvq.config import ModelConfig
 
-    types = {f.name: f.type for f in fields(ModelConfig)}
-    casts = {"int": int, "float": float, "str": str, "bool": _parse_bool}
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {pair!r} is not KEY=VALUE, e.g. --set width=256")
-        if key not in types:
-            raise ConfigError(f"--set {key}: unknown config field; known fields: {', '.join(sorted(types))}")
-        try:
-            out[key] = casts[types[key]](value)
-        except ValueError:
-            raise ConfigError(f"--set {key}={value}: expected a value of type {types[key]}") from None
-    return out
+    return parse_pairs(pairs, "--set", ModelConfig, "width=256")
 
 
 preset_option = click.option("--preset", default="tiny", show_default=True, help="Model preset: tiny, small or reference.")
@@ -149,20 +164,8 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
-    """``("levels=[8,5,5,5]", "decay=0.9")`` -> {"levels": [8, 5, 5, 5], "decay": 0.9}; values are JSON
-    where they parse as JSON, else strings."""
-    import json
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE, e.g. {flag} levels=[8,5,5,5]")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    """``("levels=[8,5,5,5]", "decay=0.9")`` -> {"levels": [8, 5, 5, 5], "decay": 0.9}: a plugin's options."""
+    return parse_pairs(pairs, flag)
 
 
 def _default_run(stage: int, name: str) -> str:
@@ -197,8 +200,9 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--log-every", type=int, default=TrainConfig.log_every, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="Any TrainConfig field by name (JSON for dicts), applied after the other options, e.g. --train tail_drop=0.5; repeatable.")
 @click.pass_context
-def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, tokenizer, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, perceptual_weight, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress) -> None:
+def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_dir, from_run, tokenizer, quantizer, quantizer_options, no_cache_codes, steps, batch_size, lr, noise_sigma, perceptual_weight, bf16, compile_, seed, eval_every, checkpoint_every, log_every, num_workers, no_progress, train_fields) -> None:
     """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
     quantized codes, encoder frozen). With no option: the tiny preset on the built-in shapes, a few
     minutes on a CPU. Runs under `torchrun --nproc_per_node N stvq train ...` with DDP.
@@ -227,11 +231,12 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
         q = {"name": quantizer, **parse_options(quantizer_options, "--quantizer-option")} if quantizer else None
         if quantizer_options and not quantizer:
             raise ConfigError("--quantizer-option needs --quantizer NAME")
-        cfg = TrainConfig(
+        options = dict(
             stage=stage, tokenizer=tokenizer, preset=preset, model=parse_overrides(overrides), data=data, steps=steps, batch_size=batch_size,
             lr=lr, noise_sigma=noise_sigma, perceptual_weight=perceptual_weight, bf16=bf16, compile=compile_, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
             log_every=log_every, num_workers=num_workers, from_run=from_run, quantizer=q, cache_codes=not no_cache_codes,
         )
+        cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
         run = run_dir or _default_run(stage, preset if stage == 1 else Path(from_run).name)
     trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
     try:
@@ -325,10 +330,8 @@ def compose(spec, styled, vqgan, vqgan_config, parts, begin, separator, output) 
     """
     from stvq.compose import compose as do_compose
 
-    bad = [p for p in parts if not p.partition("=")[0] or not p.partition("=")[2]]
-    if bad:
-        raise ConfigError(f"--part {bad[0]!r} is not NAME=PATH, e.g. --part titok=runs/titok")
-    sources = {"styled": styled, "vqgan": vqgan, **{k: v for k, _, v in (p.partition("=") for p in parts)}}
+    named = {k: str(v) for k, v in parse_pairs(parts, "--part", example="titok=runs/titok").items()}
+    sources = {"styled": styled, "vqgan": vqgan, **named}
     options = {"begin": begin, "separator": separator} if "+" in spec else {}
     tokenizer = do_compose(spec, {k: v for k, v in sources.items() if v}, {"vqgan": vqgan_config} if vqgan_config else {}, **options)
     tokenizer.save_pretrained(output)

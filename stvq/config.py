@@ -175,6 +175,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (isinstance(self.lr_scales, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in self.lr_scales.items())):
+            raise StvqError(f'lr_scales must map parameter-name substrings to numbers, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
+        if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
+            raise StvqError("model and quantizer must be JSON objects of options, e.g. model={\"width\": 64}")
         if self.num_workers < 0:
             raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -319,6 +319,17 @@ def test_tail_drop_starts_at_its_fraction_of_the_run_and_only_in_stage_1(tmp_pat
     assert TrainConfig(stage=2, from_run="runs/x", tail_drop=0.5, tail_drop_from=0.0).tail_drop_at(5) == 0.0
 
 
+def test_any_train_config_field_is_set_by_name_with_train(runner, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", *SMALL_ARGS, "--steps", "9", "--batch-size", "2", "--eval-every", "3", "--run-dir", str(run), "--no-progress",
+            "--train", "tail_drop=0.5", "--train", 'lr_scales={"decoder.": 2}', "--train", "steps=3"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.stderr
+    saved = json.loads((run / "train.json").read_text())
+    assert (saved["tail_drop"], saved["lr_scales"], saved["steps"]) == (0.5, {"decoder.": 2}, 3)  # --train last
+    assert [m["step"] for m in metrics(run)][-1] == 3
+
+
 def copy_run(run: Path, to: Path) -> Path:
     shutil.copytree(run, to)
     return to
