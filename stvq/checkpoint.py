@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -153,6 +154,15 @@ class PretrainedMixin:
         model = cls(**config["options"])
         model.load_weights(directory)
         return model.eval()
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names, dtypes, shapes and bytes): the same weights, the same string."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:

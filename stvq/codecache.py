@@ -10,17 +10,13 @@ from pathlib import Path
 
 import torch
 
-from stvq.checkpoint import load_tensors, save_tensors
+from stvq.checkpoint import load_tensors, save_tensors, weights_fingerprint
 
 CACHE_DIR = "codes"
 
 
 def cache_key(encoder: torch.nn.Module, data: str, image_size: int, seed: int) -> str:
-    digest = hashlib.sha256(json.dumps([data, image_size, seed]).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256(json.dumps([data, image_size, seed, weights_fingerprint(encoder)]).encode()).hexdigest()[:16]
 
 
 def cache_path(run: str | Path, key: str) -> Path:

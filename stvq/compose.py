@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, write_json
+from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
@@ -57,15 +56,6 @@ def _shard_ok(path: Path, shape: tuple[int, int], dtype) -> bool:
     except (OSError, ValueError):
         return False
     return ids.shape == shape and ids.dtype == dtype
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes and bytes): the same weights, the same string."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True, data_fingerprint: str = "") -> dict[str, Any]:
