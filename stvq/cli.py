@@ -242,9 +242,10 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
-        from stvq.train import CHECKPOINT_NAME, checkpoint_step
+        from stvq.run import RunDir
+        from stvq.train import checkpoint_step
 
-        step = checkpoint_step(Path(run) / CHECKPOINT_NAME)
+        step = checkpoint_step(RunDir(run).checkpoint)
         where = f"the last checkpoint (step {step}) is in {run}: continue with stvq train --resume {run}" if step else "no checkpoint was written yet: start the run again"
         click.echo(f"Interrupted; {where}", err=True)
         sys.exit(130)
@@ -470,7 +471,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     from stvq.checkpoint import load_tokenizer
     from stvq.evaluate import evaluate, plot_prefix, summary_rows
     from stvq.interfaces import CodeTokenizer
-    from stvq.train import TRAIN_CONFIG_NAME, read_train_config
+    from stvq.run import RunDir
 
     targets = [*runs, *run_options, *tokenizer_options]
     if not targets:
@@ -485,7 +486,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         model = load_tokenizer(path)
         if not isinstance(model, CodeTokenizer):
             raise ConfigError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
-        source = data or (read_train_config(path).data if (path / TRAIN_CONFIG_NAME).is_file() else "shapes")
+        source = data or (RunDir(path).read_train_config().data if RunDir(path).is_run() else "shapes")
         console.print(f"evaluating {target} on {source} ...")
         results.append(evaluate(model, path, source, images, prefix_images, probe_images, not no_perceptual, name=path.name))
     table = Table(title="stvq eval" + (" (compare)" if len(results) > 1 else ""))

@@ -8,13 +8,12 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import load_pretrained, run_lock, write_json
-from stvq.codecache import cache_key, load_codes, save_codes
+from stvq.checkpoint import load_pretrained, run_lock
 from stvq.data import make_dataset
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.registry import require_subclass
-from stvq.train import read_train_config
+from stvq.run import RunDir, cache_key
 
 
 @torch.no_grad()
@@ -38,8 +37,8 @@ def fit_codebook(
 ) -> dict[str, Any]:
     """Encode, fit the registered :class:`FittableQuantizer` ``quantizer`` (k-means by default; ``niter``
     and ``spherical`` are its options) and write it into ``run``; returns the codebook statistics."""
-    run = Path(run)
-    cfg = read_train_config(run)
+    run_dir = RunDir(run)
+    cfg = run_dir.read_train_config()
     require_subclass("quantizer", quantizer, FittableQuantizer, f"it is not fitted offline; train it in stage 2 instead: stvq train --stage 2 --from {run} --quantizer {quantizer}")
     if cfg.stage != 1:
         raise StvqError(f"{run} is a stage-{cfg.stage} run; quantize the stage-1 run it came from ({cfg.from_run})")
@@ -50,14 +49,14 @@ def fit_codebook(
         spec = data or cfg.data
         dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
         key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
-        cached = load_codes(run, key)
+        cached = run_dir.load_codes(key)
         count = min(max_images, len(dataset))
         from_cache = cached is not None and len(cached) >= count
         if from_cache:
             codes = cached[:count]  # the frozen encoder's codes for these images are already known
         else:
             codes = encode_dataset(model, dataset, count, batch_size, console, progress)
-            save_codes(run, key, codes)
+            run_dir.save_codes(key, codes)
         per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
         if k > per_codebook:
             raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
@@ -66,5 +65,5 @@ def fit_codebook(
         stats = model.quantizer.eval()(codes).stats
         model.save_pretrained(run)
         result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": from_cache, **stats}
-        write_json(run / "quantize.json", result)
+        run_dir.write_quantize(result)
         return result

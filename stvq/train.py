@@ -1,19 +1,10 @@
 """Training: stage 1 (continuous codes with Gaussian noise, encoder and decoder together) and stage 2
-(frozen encoder, quantized codes, decoder fine-tuned). One run = one directory:
-
-    train.json               the TrainConfig (read back by --resume)
-    checkpoint.safetensors   model, optimizer and RNG state in one file, written atomically
-    config.json, model.safetensors   the exported model: ``stvq.load_tokenizer(run_dir)`` loads it
-    metrics.jsonl            one JSON line per logged step
-    samples/step_NNNNNN.png  validation images (top) above their reconstructions (bottom)
-    summary.json             final numbers
-
-Runs under ``torchrun`` with DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 alone writes.
+(frozen encoder, quantized codes, decoder fine-tuned). One run = one directory (:class:`stvq.run.RunDir`
+owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on GPUs, gloo on CPU); rank 0 alone writes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,17 +20,17 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensors, write_json
-from stvq.codecache import cache_key, load_codes
+from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensors
 from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged
 from stvq.interfaces import CodeTokenizer
 from stvq.metrics import mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
+from stvq.run import RunDir, cache_key
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-TRAIN_CONFIG_NAME = "train.json"
+CHECKPOINT_NAME = RunDir.CHECKPOINT
+TRAIN_CONFIG_NAME = RunDir.TRAIN_CONFIG
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -205,32 +196,8 @@ def checkpoint_step(path: Path) -> int | None:
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({err}); start the run again in another directory") from None
 
 
-def write_config(run: Path, cfg: TrainConfig) -> None:
-    write_json(run / TRAIN_CONFIG_NAME, dataclasses.asdict(cfg))
-
-
-def read_train_config(run: Path) -> TrainConfig:
-    path = Path(run) / TRAIN_CONFIG_NAME
-    if not path.is_file():
-        raise StvqError(f"{run} is not a training run (no {TRAIN_CONFIG_NAME}); pass a directory made by `stvq train`")
-    try:
-        fields = json.loads(path.read_text())
-        return TrainConfig(**fields)
-    except StvqError:
-        raise
-    except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields
-        raise StvqError(f"{path} is not a train.json that stvq wrote ({type(err).__name__}: {err}); start the run again in another directory") from None
-
-
-def _trim_metrics(path: Path, last_step: int) -> float:
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged on);
-    returns the training seconds the last kept line had logged, for the resumed run to count on from."""
-    if not path.is_file():
-        return 0.0
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [record for record in kept if record["step"] <= last_step]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(record) + "\n" for record in kept)))
-    return kept[-1].get("seconds", 0.0) if kept else 0.0
+def read_train_config(run: str | Path) -> TrainConfig:
+    return RunDir(run).read_train_config()
 
 
 def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -253,17 +220,16 @@ class Trainer:
     """Runs one training job into ``run``; ``resume=True`` continues it from its checkpoint."""
 
     def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
-        self.cfg, self.run, self.resume = cfg, Path(run), resume
+        self.cfg, self.run, self.dir, self.resume = cfg, Path(run), RunDir(run), resume
         self.rank, self.world, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.progress, self.console = progress and self.is_main, console
-        if not resume and (self.run / CHECKPOINT_NAME).exists():
+        if not resume and self.dir.checkpoint.exists():
             raise StvqError(f"{self.run} already holds a run; continue it with --resume {self.run} or pass another --run")
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.is_main:
-            with open(self.run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.dir.log(record)
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, images: torch.Tensor, step: int) -> dict[str, float]:
@@ -273,17 +239,16 @@ class Trainer:
         if self.cfg.stage == 2:
             model.encoder.eval()
         if self.is_main:
-            save_grid(self.run / "samples" / f"step_{step:06d}.png", images[:8].cpu(), recon[:8].cpu())
+            save_grid(self.dir.sample(step), images[:8].cpu(), recon[:8].cpu())
         return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
 
     def fit(self) -> dict[str, Any]:
         """Train; a resumed run that already holds ``cfg.steps`` steps is left untouched, and its summary
         comes back with ``"finished"``: the step it holds."""
         cfg = self.cfg
-        done = checkpoint_step(self.run / CHECKPOINT_NAME) if self.resume else None
+        done = checkpoint_step(self.dir.checkpoint) if self.resume else None
         if done is not None and done >= cfg.steps:
-            summary = self.run / "summary.json"
-            return {**(json.loads(summary.read_text()) if summary.is_file() else {"run": str(self.run)}), "finished": done}
+            return {**(self.dir.read_summary() or {"run": str(self.run)}), "finished": done}
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(self.device)
         image_size = model.config.image_size
@@ -299,11 +264,11 @@ class Trainer:
         image_size = model.config.image_size
         start, logged_seconds = 0, 0.0
         if self.resume:
-            start = load_checkpoint(self.run / CHECKPOINT_NAME, model, opt, data_generator)
+            start = load_checkpoint(self.dir.checkpoint, model, opt, data_generator)
             if self.is_main:
-                logged_seconds = _trim_metrics(self.run / "metrics.jsonl", start)
+                logged_seconds = self.dir.trim_metrics(start)
         elif self.is_main:
-            write_config(self.run, cfg)
+            self.dir.write_train_config(cfg)
         if cfg.stage == 2:
             model.encoder.eval()
         if cfg.compile:
@@ -314,7 +279,7 @@ class Trainer:
         baseline_psnr = mean_image_psnr(dataset, val_images)
         cached = None
         if cfg.stage == 2 and cfg.cache_codes:
-            cached = load_codes(cfg.from_run, cache_key(model.encoder, cfg.data, image_size, cfg.seed))
+            cached = RunDir(cfg.from_run).load_codes(cache_key(model.encoder, cfg.data, image_size, cfg.seed))
             if cached is not None:
                 dataset = WithCodes(dataset, cached)
 
@@ -385,7 +350,7 @@ class Trainer:
                     status = f"loss {record['loss']:.4f}  psnr {record['psnr']:.2f}  {record['images_per_s']:.0f} img/s"
                     bar.update(task, status=status + (f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else ""))
                 if self.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                    save_checkpoint(self.run / CHECKPOINT_NAME, model, opt, done, data_generator)
+                    save_checkpoint(self.dir.checkpoint, model, opt, done, data_generator)
                     model.save_pretrained(self.run)
                 bar.update(task, completed=done)
 
@@ -394,13 +359,13 @@ class Trainer:
             "run": str(self.run), "stage": cfg.stage, "steps": cfg.steps, "resumed_from": start,
             "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
             "val_psnr": last_eval.get("val_psnr"), "mean_image_psnr": baseline_psnr,
-            "grid": str(self.run / "samples" / f"step_{cfg.steps:06d}.png"),
+            "grid": str(self.dir.sample(cfg.steps)),
             "cached_codes": None if cached is None else len(cached),
         }
         if self.world > 1:
             summary["ranks_agree"] = self._ranks_agree(model)
         if self.is_main:
-            write_json(self.run / "summary.json", summary)
+            self.dir.write_summary(summary)
         if self.world > 1:
             dist.barrier()
         return summary

@@ -237,7 +237,7 @@ def test_empty_folder_and_stage2_without_codebook(runner, tmp_path, stage1_run):
 
 
 def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatch):
-    from stvq.codecache import cache_key, load_codes
+    from stvq.run import RunDir, cache_key
     from stvq.data import ShapesDataset
     from stvq_reference.encoder import StyledEncoder
 
@@ -247,7 +247,7 @@ def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatc
     assert first["codes_from_cache"] is False
     model = stvq.load_tokenizer(run)
     key = cache_key(model.encoder, "shapes", 64, 0)
-    cached = load_codes(run, key)
+    cached = RunDir(run).load_codes(key)
     images = torch.stack([ShapesDataset(64)[i] for i in range(3)])
     with torch.no_grad():
         assert torch.allclose(cached[:3], model.encode_codes(images), atol=1e-5)
