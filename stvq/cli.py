@@ -217,13 +217,14 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
     """
     from rich.panel import Panel
 
-    from stvq.train import Trainer, read_train_config
+    from stvq.run import RunDir
+    from stvq.train import Trainer
 
     if resume_dir:
         given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
         if given:
             raise ConfigError(f"--resume continues {resume_dir} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
-        cfg = read_train_config(resume_dir)
+        cfg = RunDir(resume_dir).read_train_config()
         if ctx.get_parameter_source("steps") is not click.core.ParameterSource.DEFAULT:
             cfg.steps = steps  # extending a finished run is the one change a resume accepts
         run = resume_dir
@@ -242,7 +243,6 @@ def train(ctx: click.Context, stage, preset, overrides, data, run_dir, resume_di
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
-        from stvq.run import RunDir
         from stvq.train import checkpoint_step
 
         step = checkpoint_step(RunDir(run).checkpoint)
@@ -486,7 +486,8 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         model = load_tokenizer(path)
         if not isinstance(model, CodeTokenizer):
             raise ConfigError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
-        source = data or (RunDir(path).read_train_config().data if RunDir(path).is_run() else "shapes")
+        run_dir = RunDir(path)
+        source = data or (run_dir.read_train_config().data if run_dir.is_run() else "shapes")
         console.print(f"evaluating {target} on {source} ...")
         results.append(evaluate(model, path, source, images, prefix_images, probe_images, not no_perceptual, name=path.name))
     table = Table(title="stvq eval" + (" (compare)" if len(results) > 1 else ""))

@@ -29,8 +29,6 @@ from stvq.metrics import mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
 
-CHECKPOINT_NAME = RunDir.CHECKPOINT
-TRAIN_CONFIG_NAME = RunDir.TRAIN_CONFIG
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -163,7 +161,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
 def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     if not path.is_file():
-        raise CheckpointError(f"no {CHECKPOINT_NAME} in {path.parent}: the run never reached its first checkpoint; start it again")
+        raise CheckpointError(f"no {path.name} in {path.parent}: the run never reached its first checkpoint; start it again")
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
@@ -194,10 +192,6 @@ def checkpoint_step(path: Path) -> int | None:
             return int(f.metadata()["step"])
     except Exception as err:  # a torn or foreign file: safetensors and int() raise their own types
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({err}); start the run again in another directory") from None
-
-
-def read_train_config(run: str | Path) -> TrainConfig:
-    return RunDir(run).read_train_config()
 
 
 def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -304,8 +298,10 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
                 with autocast:
-                    extra = {"tail_drop": cfg.tail_drop} if cfg.tail_drop_at(step) > 0 else {}  # plugins need not take it
-                    out = net(images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes, **extra)
+                    out = net(
+                        images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes,
+                        tail_drop=cfg.tail_drop_at(step),  # every CodeTokenizer takes it (stvq.interfaces)
+                    )
                 l1, mse = reconstruction_losses(out.reconstruction, images)
                 loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
                 perceptual = None
