@@ -105,6 +105,18 @@ class CodeTokenizerOutput:
     quantized: QuantizerOutput | None = None  # set when the codes went through the quantizer
 
 
+def drop_tail(codes: torch.Tensor, share: float) -> torch.Tensor:
+    """``CodeTokenizer.forward``'s ``tail_drop``: each image, with probability ``share``, keeps only its
+    first k codes (k uniform in 1..N) and has the rest set to the batch's mean code per position, as the
+    prefix curve decodes them. codes (B, N, D) -> (B, N, D)."""
+    b, n = codes.shape[:2]
+    keep = torch.randint(1, n + 1, (b, 1), device=codes.device)
+    keep = torch.where(torch.rand(b, 1, device=codes.device) < share, keep, n)
+    dropped = torch.arange(n, device=codes.device) >= keep  # (B, N)
+    mean = codes.detach().mean(0, keepdim=True).expand_as(codes)
+    return torch.where(dropped[..., None], mean, codes)
+
+
 class CodeTokenizer(Tokenizer):
     """A tokenizer built as encoder -> continuous codes (B, N, code_dim) -> optional quantizer -> decoder:
     what ``stvq train`` trains (stage 1 on continuous codes, stage 2 on quantized ones with the encoder
@@ -139,7 +151,7 @@ class CodeTokenizer(Tokenizer):
     ) -> CodeTokenizerOutput:
         """Reconstruct ``images``: Gaussian noise of std ``noise_sigma`` on the codes (stage 1), through the
         quantizer with ``quantize=True`` (stage 2); ``codes`` given skips the encoder; ``tail_drop`` p
-        decodes a share p of the images from a random prefix of their codes, the rest at the batch mean."""
+        decodes a share p of the images from a random prefix of their codes (:func:`drop_tail`)."""
 
 
 class Composer(ABC):
@@ -163,16 +175,15 @@ def check_ids(ids: torch.Tensor, num_tokens: int, vocab_size: int, what: str = "
         raise StvqError(f"{what} must lie in [0, {vocab_size}); got [{int(ids.min())}, {int(ids.max())}]")
 
 
-def check_images(images: torch.Tensor, image_size: int) -> None:
-    """Raise a clear :class:`StvqError` unless ``images`` is (B, 3, image_size, image_size)."""
+def check_images(images: torch.Tensor, image_size: int, values: bool = False) -> None:
+    """Raise a clear :class:`StvqError` unless ``images`` is (B, 3, image_size, image_size) and, with
+    ``values`` (the public ``encode``), every pixel is finite and in [-1, 1] (a little slack for
+    resampling): 0-255 or 0-1 pixels would encode without a word, and wrongly."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise StvqError(f"expected images of shape (B, 3, {image_size}, {image_size}), got {shape}; resize or pick a preset of that size")
-
-
-def check_pixel_values(images: torch.Tensor) -> None:
-    """Raise a clear :class:`StvqError` unless every pixel is finite and in [-1, 1] (a little slack for
-    resampling): 0-255 or 0-1 pixels would encode without a word, and wrongly."""
+    if not values:
+        return
     if not torch.isfinite(images).all():
         raise StvqError("images hold NaN or infinite values; check the data that produced them")
     low, high = images.aminmax()

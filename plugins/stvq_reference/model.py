@@ -11,7 +11,7 @@ from stvq import registry
 from stvq.checkpoint import PretrainedMixin
 from stvq.config import ModelConfig, make_config
 from stvq.errors import StvqError
-from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, check_pixel_values
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, drop_tail
 
 StyledOutput = CodeTokenizerOutput  # the name earlier versions exported
 
@@ -67,8 +67,7 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
     ) -> CodeTokenizerOutput:
         """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,
         stage 2 passes ``quantize=True``, and ``codes`` (the frozen encoder's, cached) skips the encoder.
-        ``tail_drop`` p: each image, with probability p, keeps only its first k codes (k uniform in 1..N)
-        and has the rest set to the batch's mean code per position, as the prefix curve decodes them."""
+        ``tail_drop`` p decodes a share p of the images from a random prefix of their codes (``drop_tail``)."""
         codes = self.encode_codes(images) if codes is None else codes
         quantized = None
         if quantize:
@@ -77,20 +76,14 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
         else:
             decoder_input = codes + noise_sigma * torch.randn_like(codes) if noise_sigma > 0 else codes
         if tail_drop > 0:
-            b, n = decoder_input.shape[:2]
-            keep = torch.randint(1, n + 1, (b, 1), device=codes.device)
-            keep = torch.where(torch.rand(b, 1, device=codes.device) < tail_drop, keep, n)
-            dropped = torch.arange(n, device=codes.device) >= keep  # (B, N)
-            mean = decoder_input.detach().mean(0, keepdim=True).expand_as(decoder_input)
-            decoder_input = torch.where(dropped[..., None], mean, decoder_input)
+            decoder_input = drop_tail(decoder_input, tail_drop)
         return CodeTokenizerOutput(codes, self.decode_codes(decoder_input), quantized)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> ids (B, N) int64."""
-        check_images(images, self.image_size)
-        check_pixel_values(images)
-        return self._require_quantizer()(self.encode_codes(images)).ids
+        check_images(images, self.image_size, values=True)
+        return self._require_quantizer()(self.encoder(images)).ids
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

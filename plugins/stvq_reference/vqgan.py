@@ -19,7 +19,7 @@ from torch import nn
 
 from stvq.checkpoint import PretrainedMixin, check_state_dict
 from stvq.errors import CheckpointError, ConfigError
-from stvq.interfaces import Tokenizer, check_ids, check_images, check_pixel_values
+from stvq.interfaces import Tokenizer, check_ids, check_images
 
 from stvq_reference.codebook import nearest
 
@@ -238,8 +238,7 @@ class VQGANTokenizer(PretrainedMixin, Tokenizer):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> ids (B, h * w), row-major over the latent grid."""
-        check_images(images, self.image_size)
-        check_pixel_values(images)
+        check_images(images, self.image_size, values=True)
         z = self.quant_conv(self.encoder(images))  # (B, e, h, w)
         flat = rearrange(z, "b e h w -> (b h w) e")
         return nearest(flat, self.quantize.embedding.weight).reshape(len(images), -1)

@@ -9,7 +9,7 @@ from torch import nn
 
 from stvq.checkpoint import PretrainedMixin
 from stvq.config import make_config
-from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, drop_tail
 from stvq.registry import create
 
 
@@ -72,10 +72,8 @@ class ConvTokenizer(PretrainedMixin, CodeTokenizer):
         codes = self.encode_codes(images) if codes is None else codes
         quantized = self.quantizer(codes) if quantize else None
         z = quantized.codes if quantized is not None else codes + noise_sigma * torch.randn_like(codes)
-        if tail_drop > 0:  # a random prefix kept for a share of the images, the rest at the batch mean
-            b, n = z.shape[:2]
-            keep = torch.where(torch.rand(b, 1) < tail_drop, torch.randint(1, n + 1, (b, 1)), n)
-            z = torch.where((torch.arange(n) >= keep)[..., None], z.detach().mean(0, keepdim=True), z)
+        if tail_drop > 0:
+            z = drop_tail(z, tail_drop)
         return CodeTokenizerOutput(codes, self.decode_codes(z), quantized)
 
     @torch.no_grad()
