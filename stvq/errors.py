@@ -1,6 +1,12 @@
 """The exception types stvq raises for bad input; the CLI prints them as one line on stderr."""
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of a library's message (torch's and safetensors' run to several), for our one line."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class StvqError(Exception):
     """Base class: a problem the user can fix; the message names the bad value and the fix."""
 

@@ -119,10 +119,16 @@ def decode_batched(model, codes: torch.Tensor, batch_size: int = 64) -> torch.Te
 
 
 @torch.no_grad()
+def encode_batched(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """images (B, 3, H, W) -> continuous codes (B, N, D), in batches."""
+    return torch.cat([model.encode_codes(b) for b in images.split(batch_size)])
+
+
+@torch.no_grad()
 def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict | None, torch.Tensor]:
     """(continuous codes, the codes the decoder gets, codebook stats or None, reconstructions) of ``images``,
     through the model's quantizer where it has one."""
-    codes = torch.cat([model.encode_codes(b) for b in images.split(64)])  # (B, N, D) continuous
+    codes = encode_batched(model, images)  # (B, N, D) continuous
     if model.quantizer is None:
         return codes, codes, None, decode_batched(model, codes)
     q = model.quantizer(codes)
@@ -312,7 +318,7 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
     if data == "shapes":
         train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
         train_imgs = torch.stack([train_ds[i] for i in range(probe_images)])
-        train_codes = torch.cat([model.encode_codes(b) for b in train_imgs.split(64)]).numpy()
+        train_codes = encode_batched(model, train_imgs).numpy()
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
         result["probe"] = probe
         plot_probe(probe, out / "factor_probe.png", name)

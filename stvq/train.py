@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensors
 from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
-from stvq.errors import CheckpointError, StvqError, TrainingDiverged
+from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer
 from stvq.metrics import mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
@@ -176,8 +176,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         torch.set_rng_state(tensors["rng.torch"])
         data_generator.set_state(tensors["rng.data"])
     except Exception as err:  # a header that lies, another model's tensors, missing entries: many types
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first}); start the run again in another directory") from None
+        raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(metadata["step"])

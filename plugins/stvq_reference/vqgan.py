@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from stvq.checkpoint import PretrainedMixin, check_state_dict
-from stvq.errors import CheckpointError, ConfigError
+from stvq.errors import CheckpointError, ConfigError, first_line
 from stvq.interfaces import Tokenizer, check_ids, check_images
 
 from stvq_reference.codebook import nearest
@@ -191,9 +191,8 @@ def read_taming_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"VQGAN checkpoint {path} does not exist")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch's message runs to several lines: keep its first
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise CheckpointError(f"{path} is not a checkpoint torch can load with weights_only=True, which never runs code ({type(err).__name__}: {first})") from None
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a checkpoint torch can load with weights_only=True, which never runs code ({type(err).__name__}: {first_line(err)})") from None
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state_dict")
