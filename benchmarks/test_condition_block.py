@@ -1,5 +1,5 @@
 """The hot path: one condition block, forward and forward+backward. Three implementations of the same
-shapes side by side in one group: ours, the literal original (benchmarks/literal_block.py, same weights)
+shapes side by side in one group: ours, the literal original (plugins/stvq_reference/literal_block.py, same weights)
 and the bare compute (its matrix products and one SDPA call, the arithmetic no implementation avoids)."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import DEVICES, SIZES, sync
-from benchmarks.literal_block import LiteralConditionBlock
+from stvq_reference.literal_block import LiteralConditionBlock
 from stvq.config import PRESETS
 from stvq_reference.decoder import ConditionBlock
 

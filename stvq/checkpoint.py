@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -134,11 +135,9 @@ class PretrainedMixin:
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from stvq import __version__
-
         directory = Path(directory)
         save_tensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
-        config = {"kind": self.plugin_kind, "name": self.plugin_name, "stvq_version": __version__, "options": self.init_options()}
+        config = {"kind": self.plugin_kind, "name": self.plugin_name, "stvq_version": metadata.version("stvq"), "options": self.init_options()}
         write_json(directory / CONFIG_NAME, config)
         return directory
 

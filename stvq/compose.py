@@ -15,21 +15,20 @@ from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
 
-def load_part(name: str, source: str | None, config: str | None = None) -> Any:
-    """One part of ``A+B``: a directory written by stvq, or (vqgan) a taming ``.ckpt`` with its YAML."""
+def load_part(name: str, source: str | None, **options: Any) -> Any:
+    """One part of ``A+B``: a directory written by stvq, or a file that the tokenizer plugin ``name`` loads
+    with its own ``options`` (vqgan: a taming ``.ckpt`` with ``config=model.yaml``)."""
     if source is None:
-        raise StvqError(f"part {name!r} needs a source: --{name} PATH (or --part {name}=PATH)")
+        raise StvqError(f"part {name!r} needs a source: --part {name}=PATH")
     path = Path(source)
     if path.is_dir():
         return load_tokenizer(path)
-    if config is None:
-        hint = f"; a taming checkpoint also needs --{name}-config model.yaml" if name == "vqgan" else ""
-        raise StvqError(f"{source} is not a directory written by stvq{hint}")
-    return load_tokenizer(name, checkpoint=str(path), config=config)
+    return load_tokenizer(name, checkpoint=str(path), **options)
 
 
-def compose(spec: str, sources: dict[str, str], configs: dict[str, str] | None = None, composer: str = "concat", **options: Any) -> Any:
-    """``spec`` = "styled+vqgan" -> one tokenizer; a single name just loads that tokenizer."""
+def compose(spec: str, parts: dict[str, dict[str, Any]], composer: str = "concat", **options: Any) -> Any:
+    """``spec`` = "styled+vqgan" -> one tokenizer; a single name just loads that tokenizer. ``parts`` maps
+    a name to ``{"source": PATH, **options of its plugin}`` (:func:`load_part`)."""
     names = [n for n in spec.split("+") if n]
     if not names:
         raise StvqError(f"{spec!r} names no tokenizer; write A+B, e.g. styled+vqgan")
@@ -37,10 +36,56 @@ def compose(spec: str, sources: dict[str, str], configs: dict[str, str] | None =
     for name in names:
         if name not in known:
             raise StvqError(f"no tokenizer named {name!r}; available: {', '.join(sorted(known))}")
-    parts = [load_part(n, sources.get(n), (configs or {}).get(n)) for n in names]
-    if len(parts) == 1:
-        return parts[0]
-    return create("composer", composer).compose(parts, **options)
+    loaded = []
+    for name in names:
+        part = dict(parts.get(name, {}))
+        loaded.append(load_part(name, part.pop("source", None), **part))
+    if len(loaded) == 1:
+        return loaded[0]
+    return create("composer", composer).compose(loaded, **options)
+
+
+def read_images(paths: list[str], image_size: int) -> torch.Tensor:
+    """Image files -> (B, 3, image_size, image_size) in [-1, 1], in the order given."""
+    from stvq.data import load_image
+
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise StvqError(f"no such image file: {missing[0]}")
+    try:
+        return torch.stack([load_image(Path(p), image_size) for p in paths])
+    except Exception as err:  # PIL raises many types for files it cannot decode
+        raise StvqError(f"cannot read an image: {err}") from None
+
+
+def read_ids(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """A ``.npy`` array of ids (one row per image) -> int64 ids; refuses pickles, archives, text, floats,
+    bools and integer types too narrow for ``vocab_size``."""
+    if not Path(path).is_file():
+        raise StvqError(f"no such ids file: {path}")
+    try:
+        array = np.load(path)  # allow_pickle stays False: a pickled array is refused, never run
+    except (ValueError, OSError, EOFError) as err:
+        raise StvqError(f"{path} is not a NumPy .npy array of ids ({err}); write ids with numpy.save or stvq encode") from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise StvqError(f"{path} is an .npz archive; pass one .npy array of ids (numpy.save)")
+    if array.dtype.kind not in "iu" or np.iinfo(array.dtype).max < vocab_size - 1:
+        raise StvqError(f"ids in {path} are {array.dtype}, which cannot be ids of a vocabulary of {vocab_size:,}; stvq encode writes int64")
+    return torch.from_numpy(array.astype(np.int64))
+
+
+def write_pngs(images: torch.Tensor, out: str | Path) -> Path:
+    """(B, 3, H, W) in [-1, 1] -> out/000000.png, 000001.png, ..."""
+    from PIL import Image
+
+    from stvq.data import to_uint8
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(to_uint8(image)).save(out / f"{i:06d}.png")
+    return out
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

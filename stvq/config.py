@@ -155,7 +155,7 @@ class TrainConfig:
     tail_drop_from: float = 2 / 3
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
     mse_weight: float = 1.0
-    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.evaluate.perceptual_loss); costly on CPU
+    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.losses.perceptual_loss); costly on CPU
     bf16: bool = False  # autocast matrix work to bfloat16
     compile: bool = False  # torch.compile the encoder and decoder (checkpoints are unchanged)
     seed: int = 0

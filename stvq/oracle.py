@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from stvq.config import TrainConfig, make_config
 from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
-from stvq.metrics import psnr
+from stvq.losses import psnr
 from stvq.registry import create
 
 #: Length of the factor vector: one-hots (background, shape, colour, texture), size, x, y, sin/cos of 4x rotation.
@@ -100,14 +100,15 @@ def run_oracle(
     ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
     is not counted. ``device`` defaults to CUDA where there is one. Returns the validation PSNR curve."""
-    from stvq.train import make_optimizer, reconstruction_losses, set_lr
+    from stvq.losses import ReconstructionLoss
+    from stvq.train import make_optimizer, set_lr
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     config = make_config(preset=preset, decoder=decoder, **(model or {}))
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = OracleModel(create("decoder", decoder, config=config)).to(device)
-    opt = make_optimizer(net, cfg)
+    opt, objective = make_optimizer(net, cfg), ReconstructionLoss.from_config(cfg)
     if cfg.compile:
         net.decoder.compile()
     val = FactorShapes(config.image_size, "val", seed)
@@ -123,8 +124,7 @@ def run_oracle(
         factors, images = factors.to(device, non_blocking=True), images.to(device, non_blocking=True)
         now = elapsed + time.perf_counter() - started
         set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
-        l1, mse = reconstruction_losses(net(factors), images)
-        loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
+        loss, _ = objective(net(factors), images)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -106,9 +106,26 @@ def collect(pm: pluggy.PluginManager, providers: dict[str, tuple[str, str]]) -> 
 
 
 @lru_cache(maxsize=None)
-def plugin_table() -> dict[str, dict[str, PluginInfo]]:
-    """The registry's contents, discovered once per process."""
+def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
+    """The plugin manager with every entry point registered, and their providers; once per process."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    providers = load_entry_points(pm)
-    return collect(pm, providers)
+    return pm, load_entry_points(pm)
+
+
+@lru_cache(maxsize=None)
+def plugin_table() -> dict[str, dict[str, PluginInfo]]:
+    """The registry's contents, discovered once per process."""
+    return collect(*plugin_manager())
+
+
+def add_plugin_commands(cli: Any) -> None:
+    """Let every plugin add its commands and options to ``cli`` (``register_commands``). A package whose
+    hook fails gives one :class:`StvqPluginWarning`; the command line keeps working without it."""
+    pm, providers = plugin_manager()
+    for impl in pm.hook.register_commands.get_hookimpls():
+        try:
+            impl.function(cli=cli)
+        except Exception as err:  # any failure of a third-party package
+            package = providers.get(impl.plugin_name, (impl.plugin_name, "?"))[0]
+            warnings.warn(f"stvq plugin package {package!r} failed to add its commands: {type(err).__name__}: {err}", StvqPluginWarning, stacklevel=2)

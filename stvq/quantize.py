@@ -32,11 +32,11 @@ def encode_dataset(model, dataset, max_images: int, batch_size: int, console=Non
 
 def fit_codebook(
     run: str | Path, k: int = 8192, data: str | None = None, max_images: int = 20000, per_position: bool = False,
-    niter: int = 20, spherical: bool = False, batch_size: int = 256, seed: int = 0, console=None, progress: bool = True,
-    quantizer: str = "kmeans",
+    batch_size: int = 256, seed: int = 0, console=None, progress: bool = True, quantizer: str = "kmeans", options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Encode, fit the registered :class:`FittableQuantizer` ``quantizer`` (k-means by default; ``niter``
-    and ``spherical`` are its options) and write it into ``run``; returns the codebook statistics."""
+    """Encode, fit the registered :class:`FittableQuantizer` ``quantizer`` (k-means by default) built with
+    its own ``options`` (k-means: ``niter``, ``spherical``) and write it into ``run``; returns the codebook
+    statistics."""
     run_dir = RunDir(run)
     cfg = run_dir.read_train_config()
     require_subclass("quantizer", quantizer, FittableQuantizer, f"it is not fitted offline; train it in stage 2 instead: stvq train --stage 2 --from {run} --quantizer {quantizer}")
@@ -60,7 +60,7 @@ def fit_codebook(
         per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
         if k > per_codebook:
             raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
-        model.set_quantizer({"name": quantizer, "codebook_size": k, "positions": model.num_tokens if per_position else 0, "niter": niter, "seed": seed, "spherical": spherical})
+        model.set_quantizer({"name": quantizer, **(options or {}), "codebook_size": k, "positions": model.num_tokens if per_position else 0, "seed": seed})
         model.quantizer.fit(codes)
         stats = model.quantizer.eval()(codes).stats
         model.save_pretrained(run)

@@ -24,8 +24,8 @@ from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensor
 from stvq.config import TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
-from stvq.interfaces import CodeTokenizer
-from stvq.metrics import mean_image_psnr, psnr
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput
+from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
 
@@ -93,31 +93,89 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-# --------------------------------------------------------------------------------------- the model
+# ------------------------------------------------------------------------------------------ stages
 
 
-def build_model(cfg: TrainConfig) -> CodeTokenizer:
-    """Stage 1: a fresh ``cfg.tokenizer``; stage 2: the stage-1 run's model with its quantizer (or
-    ``cfg.quantizer``) and its encoder frozen."""
-    if cfg.stage == 1:
+class Stage:
+    """One training stage: what it builds, what stays frozen, and what the model's forward gets."""
+
+    number: int
+
+    def build(self, cfg: TrainConfig) -> CodeTokenizer:
+        raise NotImplementedError
+
+    def set_modes(self, model: CodeTokenizer) -> None:
+        """After ``model.train()``: put the parts that do not train back into eval mode."""
+
+    def forward_options(self, cfg: TrainConfig, step: int) -> dict[str, Any]:
+        """Keyword arguments of :meth:`CodeTokenizer.forward` at a training ``step``; ``step=None``: at
+        validation."""
+        raise NotImplementedError
+
+    def with_cached_codes(self, cfg: TrainConfig, model: CodeTokenizer, dataset: Dataset) -> tuple[Dataset, int | None]:
+        """The data set to train on, and how many images come with cached codes (None: no cache)."""
+        return dataset, None
+
+
+class ContinuousStage(Stage):
+    """Stage 1: a fresh ``cfg.tokenizer``, encoder and decoder trained on noisy continuous codes, with
+    nested dropout (``tail_drop``) over the last part of the run."""
+
+    number = 1
+
+    def build(self, cfg: TrainConfig) -> CodeTokenizer:
         require_subclass("tokenizer", cfg.tokenizer, CodeTokenizer, "stvq train trains tokenizers with continuous codes (encoder, codes, decoder)")
-        model = create("tokenizer", cfg.tokenizer, config=make_config(preset=cfg.preset, **cfg.model))
-    else:
+        return _code_tokenizer(create("tokenizer", cfg.tokenizer, config=make_config(preset=cfg.preset, **cfg.model)))
+
+    def forward_options(self, cfg: TrainConfig, step: int | None) -> dict[str, Any]:
+        if step is None:
+            return {}
+        return {"noise_sigma": cfg.noise_sigma, "tail_drop": cfg.tail_drop_at(step)}
+
+
+class QuantizedStage(Stage):
+    """Stage 2: the stage-1 run's model with its quantizer (or ``cfg.quantizer``); the encoder is frozen,
+    the decoder learns the quantized codes, which come from the cache ``stvq quantize`` wrote where it can."""
+
+    number = 2
+
+    def build(self, cfg: TrainConfig) -> CodeTokenizer:
         source = Path(cfg.from_run)
         if not (source / "config.json").is_file():
             raise StvqError(f"--from {source}: not a run directory (no config.json); pass a finished stage-1 run")
-        model = load_pretrained(source).train()
+        model = _code_tokenizer(load_pretrained(source).train())
+        if cfg.quantizer:
+            model.set_quantizer(cfg.quantizer)
+        elif model.quantizer is None:
+            raise StvqError(f"run {cfg.from_run} has no codebook: run `stvq quantize --run {cfg.from_run} --k 8192` first, or pass --quantizer fsq or ema-vq")
+        model.encoder.requires_grad_(False)
+        return model
+
+    def set_modes(self, model: CodeTokenizer) -> None:
+        model.encoder.eval()
+
+    def forward_options(self, cfg: TrainConfig, step: int | None) -> dict[str, Any]:
+        return {"quantize": True}
+
+    def with_cached_codes(self, cfg: TrainConfig, model: CodeTokenizer, dataset: Dataset) -> tuple[Dataset, int | None]:
+        if not cfg.cache_codes:
+            return dataset, None
+        cached = RunDir(cfg.from_run).load_codes(cache_key(model.encoder, cfg.data, model.config.image_size, cfg.seed))
+        return (dataset, None) if cached is None else (WithCodes(dataset, cached), len(cached))
+
+
+STAGES: dict[int, Stage] = {1: ContinuousStage(), 2: QuantizedStage()}
+
+
+def _code_tokenizer(model: Any) -> CodeTokenizer:
     if not isinstance(model, CodeTokenizer):
         raise StvqError(f"tokenizer {type(model).__name__} cannot be trained by stvq train: it is not a CodeTokenizer (encoder, codes, decoder)")
-    if cfg.stage == 1:
-        return model
-    if cfg.quantizer:
-        model.set_quantizer(cfg.quantizer)
-    elif model.quantizer is None:
-        raise StvqError(f"run {cfg.from_run} has no codebook: run `stvq quantize --run {cfg.from_run} --k 8192` first, or pass --quantizer fsq or ema-vq")
-    for p in model.encoder.parameters():
-        p.requires_grad_(False)
     return model
+
+
+def build_model(cfg: TrainConfig) -> CodeTokenizer:
+    """The model stage ``cfg.stage`` trains (:class:`ContinuousStage`, :class:`QuantizedStage`)."""
+    return STAGES[cfg.stage].build(cfg)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -190,7 +248,7 @@ def checkpoint_step(path: Path) -> int | None:
         with safe_open(str(path), "pt") as f:
             return int(f.metadata()["step"])
     except Exception as err:  # a torn or foreign file: safetensors and int() raise their own types
-        raise CheckpointError(f"{path} is not a readable stvq checkpoint ({err}); start the run again in another directory") from None
+        raise CheckpointError(f"{path} is not a readable stvq checkpoint ({first_line(err)}); start the run again in another directory") from None
 
 
 def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -205,35 +263,18 @@ def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -
 # ------------------------------------------------------------------------------------------ training
 
 
-def reconstruction_losses(recon: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return F.l1_loss(recon.float(), images), F.mse_loss(recon.float(), images)
-
-
 class Trainer:
-    """Runs one training job into ``run``; ``resume=True`` continues it from its checkpoint."""
+    """Runs one training job into the run directory ``run``; ``resume=True`` continues it from its
+    checkpoint. :meth:`fit` reads top to bottom: build, restore, then per step :meth:`_step`,
+    :meth:`_log_step` and the checkpoint, and :meth:`_finish`."""
 
     def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
-        self.cfg, self.run, self.dir, self.resume = cfg, Path(run), RunDir(run), resume
+        self.cfg, self.dir, self.resume, self.stage = cfg, RunDir(run), resume, STAGES[cfg.stage]
         self.rank, self.world, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.progress, self.console = progress and self.is_main, console
         if not resume and self.dir.checkpoint.exists():
-            raise StvqError(f"{self.run} already holds a run; continue it with --resume {self.run} or pass another --run")
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            self.dir.log(record)
-
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, images: torch.Tensor, step: int) -> dict[str, float]:
-        model.eval()
-        recon = torch.cat([model(batch, quantize=self.cfg.stage == 2).reconstruction.float() for batch in images.split(32)])
-        model.train()
-        if self.cfg.stage == 2:
-            model.encoder.eval()
-        if self.is_main:
-            save_grid(self.dir.sample(step), images[:8].cpu(), recon[:8].cpu())
-        return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
+            raise StvqError(f"{self.dir} already holds a run; continue it with --resume {self.dir} or pass another --run")
 
     def fit(self) -> dict[str, Any]:
         """Train; a resumed run that already holds ``cfg.steps`` steps is left untouched, and its summary
@@ -241,121 +282,125 @@ class Trainer:
         cfg = self.cfg
         done = checkpoint_step(self.dir.checkpoint) if self.resume else None
         if done is not None and done >= cfg.steps:
-            return {**(self.dir.read_summary() or {"run": str(self.run)}), "finished": done}
+            return {**(self.dir.read_summary() or {"run": str(self.dir)}), "finished": done}
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(self.device)
         image_size = model.config.image_size
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)  # bad data fails before the run exists
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
-        with run_lock(self.run) if self.is_main else nullcontext():  # one writer per run directory
+        with run_lock(self.dir.path) if self.is_main else nullcontext():  # one writer per run directory
             return self._train(model, dataset, val)
 
-    def _train(self, model: torch.nn.Module, dataset: Dataset, val: Dataset) -> dict[str, Any]:
+    def _train(self, model: CodeTokenizer, dataset: Dataset, val: Dataset) -> dict[str, Any]:
         cfg = self.cfg
-        opt = make_optimizer(model, cfg)
+        opt, objective = make_optimizer(model, cfg), ReconstructionLoss.from_config(cfg)
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
-        image_size = model.config.image_size
-        start, logged_seconds = 0, 0.0
-        if self.resume:
-            start = load_checkpoint(self.dir.checkpoint, model, opt, data_generator)
-            if self.is_main:
-                logged_seconds = self.dir.trim_metrics(start)
-        elif self.is_main:
-            self.dir.write_train_config(cfg)
-        if cfg.stage == 2:
-            model.encoder.eval()
+        start, logged_seconds = self._restore(model, opt, data_generator)
+        self.stage.set_modes(model)
         if cfg.compile:
             model.encoder.compile()  # in place: parameter names, and so checkpoints, stay the same
             model.decoder.compile()
-
         val_images = torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
         baseline_psnr = mean_image_psnr(dataset, val_images)
-        cached = None
-        if cfg.stage == 2 and cfg.cache_codes:
-            cached = RunDir(cfg.from_run).load_codes(cache_key(model.encoder, cfg.data, image_size, cfg.seed))
-            if cached is not None:
-                dataset = WithCodes(dataset, cached)
-
+        dataset, cached = self.stage.with_cached_codes(cfg, model, dataset)
         batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=data_generator)
         net = DistributedDataParallel(model) if self.world > 1 else model
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        bar = Progress(
-            TextColumn(f"stage {cfg.stage}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not self.progress,
-        )
-        started, last_eval, seen = time.perf_counter(), {}, 0
-        window_start, window_images = time.perf_counter(), 0
-        with bar:
+        clock = _Clock(logged_seconds)
+        last_eval: dict[str, float] = {}
+        with self._progress_bar() as bar:
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
             for step, batch in enumerate(loader, start=start):
                 images, codes = (batch[0], batch[1].to(self.device)) if cached is not None else (batch, None)
                 images = images.to(self.device, non_blocking=True)
-                set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
-                with autocast:
-                    out = net(
-                        images, noise_sigma=cfg.noise_sigma if cfg.stage == 1 else 0.0, quantize=cfg.stage == 2, codes=codes,
-                        tail_drop=cfg.tail_drop_at(step),  # every CodeTokenizer takes it (stvq.interfaces)
-                    )
-                l1, mse = reconstruction_losses(out.reconstruction, images)
-                loss = cfg.l1_weight * l1 + cfg.mse_weight * mse
-                perceptual = None
-                if cfg.perceptual_weight > 0:
-                    from stvq.evaluate import perceptual_loss
-
-                    perceptual = perceptual_loss(out.reconstruction, images)
-                    loss = loss + cfg.perceptual_weight * perceptual
-                if out.quantized is not None:
-                    loss = loss + out.quantized.loss
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {step}; the last good checkpoint in {self.run} is kept "
-                        f"(resume with --resume {self.run}); lower --lr or keep gradient clipping on"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
-                opt.step()
+                loss, terms, out = self._step(net, opt, objective, images, codes, step)
                 done = step + 1
-                seen += len(images) * self.world
-                window_images += len(images) * self.world
-
+                clock.count(len(images) * self.world)
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    now = time.perf_counter()
-                    record = {
-                        "step": done, "loss": loss.item(), "l1": l1.item(), "mse": mse.item(),
-                        "psnr": psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item(),
-                        "lr": cfg.lr_at(step), "images_per_s": window_images / max(now - window_start, 1e-9),
-                        "seconds": logged_seconds + now - started,  # training time so far, across resumes
-                    }
-                    if perceptual is not None:
-                        record["perceptual"] = perceptual.item()
-                    if out.quantized is not None:
-                        record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
-                    window_start, window_images = now, 0
-                    if done % cfg.eval_every == 0 or done == cfg.steps:
-                        last_eval = self.evaluate(model, val_images, done)
-                        record.update(last_eval)
-                    self._log(record)
+                    evaluation = self.evaluate(model, val_images, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
+                    last_eval = evaluation or last_eval
+                    record = self._log_step(done, loss, terms, out, images, clock, evaluation)
                     status = f"loss {record['loss']:.4f}  psnr {record['psnr']:.2f}  {record['images_per_s']:.0f} img/s"
                     bar.update(task, status=status + (f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else ""))
                 if self.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                     save_checkpoint(self.dir.checkpoint, model, opt, done, data_generator)
-                    model.save_pretrained(self.run)
+                    model.save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
+        return self._finish(model, start, clock, last_eval, baseline_psnr, cached)
 
-        elapsed = time.perf_counter() - started
+    def _restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> tuple[int, float]:
+        """(first step, training seconds logged before it): a resume loads the checkpoint and cuts the
+        metrics back to it; a new run writes its train.json."""
+        if not self.resume:
+            if self.is_main:
+                self.dir.write_train_config(self.cfg)
+            return 0, 0.0
+        start = load_checkpoint(self.dir.checkpoint, model, opt, data_generator)
+        return start, self.dir.trim_metrics(start) if self.is_main else 0.0
+
+    def _step(self, net, opt, objective, images, codes, step) -> tuple[torch.Tensor, dict[str, torch.Tensor], CodeTokenizerOutput]:
+        """One optimizer step at ``step``: forward with the stage's options, loss, backward, clip, update."""
+        cfg = self.cfg
+        set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            out = net(images, codes=codes, **self.stage.forward_options(cfg, step))
+        loss, terms = objective(out.reconstruction, images, out.quantized)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept "
+                f"(resume with --resume {self.dir}); lower --lr or keep gradient clipping on"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        opt.step()
+        return loss, terms, out
+
+    def _log_step(self, done, loss, terms, out, images, clock: "_Clock", evaluation: dict[str, float]) -> dict[str, Any]:
+        """One metrics.jsonl record (rank 0 writes it): loss terms, batch PSNR, throughput since the last
+        record, training seconds across resumes, quantizer statistics, validation where it ran."""
+        record = {
+            "step": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
+            "psnr": psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item(),
+            "lr": self.cfg.lr_at(done - 1), **clock.lap(),
+        }
+        if out.quantized is not None:
+            record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
+        record.update(evaluation)
+        if self.is_main:
+            self.dir.log(record)
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, model: CodeTokenizer, images: torch.Tensor, step: int) -> dict[str, float]:
+        """Validation PSNR and MSE on ``images``, and the grid of the first eight (samples/)."""
+        model.eval()
+        options = self.stage.forward_options(self.cfg, None)
+        recon = torch.cat([model(batch, **options).reconstruction.float() for batch in images.split(32)])
+        model.train()
+        self.stage.set_modes(model)
+        if self.is_main:
+            save_grid(self.dir.sample(step), images[:8].cpu(), recon[:8].cpu())
+        return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
+
+    def _progress_bar(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return Progress(
+            TextColumn(f"stage {self.cfg.stage}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=self.console, disable=not self.progress,
+        )
+
+    def _finish(self, model, start, clock: "_Clock", last_eval, baseline_psnr, cached) -> dict[str, Any]:
+        cfg = self.cfg
         summary = {
-            "run": str(self.run), "stage": cfg.stage, "steps": cfg.steps, "resumed_from": start,
-            "seconds": elapsed, "images_per_s": seen / max(elapsed, 1e-9),
+            "run": str(self.dir), "stage": cfg.stage, "steps": cfg.steps, "resumed_from": start,
+            "seconds": clock.elapsed(), "images_per_s": clock.images / max(clock.elapsed(), 1e-9),
             "val_psnr": last_eval.get("val_psnr"), "mean_image_psnr": baseline_psnr,
-            "grid": str(self.dir.sample(cfg.steps)),
-            "cached_codes": None if cached is None else len(cached),
+            "grid": str(self.dir.sample(cfg.steps)), "cached_codes": cached,
         }
         if self.world > 1:
             summary["ranks_agree"] = self._ranks_agree(model)
@@ -371,3 +416,25 @@ class Trainer:
         gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
         dist.all_gather(gathered, checksum)
         return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+class _Clock:
+    """Training time and images: in all (this process's part of the run) and per logging window."""
+
+    def __init__(self, logged_seconds: float) -> None:
+        self.logged_seconds, self.started = logged_seconds, time.perf_counter()
+        self.images, self.window_start, self.window_images = 0, self.started, 0
+
+    def count(self, images: int) -> None:
+        self.images += images
+        self.window_images += images
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def lap(self) -> dict[str, float]:
+        """images/s since the last lap, and training seconds so far across resumes; starts a new window."""
+        now = time.perf_counter()
+        out = {"images_per_s": self.window_images / max(now - self.window_start, 1e-9), "seconds": self.logged_seconds + now - self.started}
+        self.window_start, self.window_images = now, 0
+        return out

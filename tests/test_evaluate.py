@@ -11,8 +11,8 @@ import torch
 import stvq
 from stvq.cli import main
 from stvq.data import FACTORS, load_image, photo_paths
-from stvq.evaluate import efficientnet_lite0, features, frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
-from stvq.metrics import masked_psnr, psnr
+from stvq.evaluate import frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
+from stvq.losses import efficientnet_lite0, features, masked_psnr, psnr
 from stvq.train import TrainConfig, Trainer
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import stvq
-from benchmarks.literal_block import LiteralConditionBlock
+from stvq_reference.literal_block import LiteralConditionBlock
 from stvq.checkpoint import load_pretrained
 from stvq.config import PRESETS, ModelConfig, make_config
 from stvq.data import ShapesDataset

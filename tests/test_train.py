@@ -185,15 +185,17 @@ def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path):
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     import stvq.train as train_module
 
-    real = train_module.reconstruction_losses
+    from stvq.losses import ReconstructionLoss
+
+    real = ReconstructionLoss.__call__
     calls = {"n": 0}
 
-    def poisoned(recon, images):
+    def poisoned(self, recon, images, quantized=None):
         calls["n"] += 1
-        l1, mse = real(recon, images)
-        return (l1 * float("nan"), mse) if calls["n"] == 7 else (l1, mse)
+        loss, terms = real(self, recon, images, quantized)
+        return (loss * float("nan"), terms) if calls["n"] == 7 else (loss, terms)
 
-    monkeypatch.setattr(train_module, "reconstruction_losses", poisoned)
+    monkeypatch.setattr(ReconstructionLoss, "__call__", poisoned)
     with pytest.raises(train_module.TrainingDiverged, match="loss became nan at step 6; the last good checkpoint"):
         Trainer(small_config(checkpoint_every=5), tmp_path / "run", progress=False).fit()
     state = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
@@ -274,7 +276,7 @@ def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatc
 
 
 def test_perceptual_loss_is_logged_and_reaches_the_decoder(tmp_path):
-    from stvq.evaluate import perceptual_loss
+    from stvq.losses import perceptual_loss
 
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     recon = (images + 0.3 * torch.randn_like(images)).requires_grad_()

@@ -34,3 +34,24 @@ def register_quantizers(register):
 @hookimpl
 def register_composers(register):
     register("concat", "stvq_reference.concat:ConcatComposer")
+
+
+@hookimpl
+def register_commands(cli):
+    """The reference plugins' own options: a part's source and config for ``stvq compose``, k-means's
+    options for ``stvq quantize``."""
+    import click
+
+    from stvq.cli.options import meta_option
+    from stvq.cli.tokens import PARTS
+    from stvq.cli.train import QUANTIZER_OPTIONS
+
+    cli.commands["compose"].params[1:1] = [
+        meta_option("--styled", PARTS, "styled.source", "The styled part: a run directory (stage 2, or stage 1 + `stvq quantize`).", type=click.Path()),
+        meta_option("--vqgan", PARTS, "vqgan.source", "The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.", type=click.Path()),
+        meta_option("--vqgan-config", PARTS, "vqgan.config", "The taming YAML config of --vqgan.", type=click.Path()),
+    ]
+    cli.commands["quantize"].params += [
+        meta_option("--niter", QUANTIZER_OPTIONS, "niter", "k-means iterations (default 20).", type=click.IntRange(min=1)),
+        meta_option("--spherical", QUANTIZER_OPTIONS, "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True),
+    ]

@@ -212,7 +212,7 @@ class VQGANTokenizer(PretrainedMixin, Tokenizer):
             params = read_taming_config(config)
             ddconfig, embed_dim, n_embed = params["ddconfig"], params["embed_dim"], params["n_embed"]
         if ddconfig is None or embed_dim is None or n_embed is None:
-            raise ConfigError("the vqgan tokenizer needs config=model.yaml (with checkpoint=model.ckpt), or ddconfig, embed_dim and n_embed")
+            raise ConfigError("a taming checkpoint also needs --vqgan-config model.yaml (config= in Python), or give ddconfig, embed_dim and n_embed")
         self.ddconfig, self.embed_dim, self.n_embed = dict(ddconfig), int(embed_dim), int(n_embed)
         try:  # a ddconfig with a key missing or of the wrong type fails somewhere inside the networks
             self.encoder = Encoder(**ddconfig)

@@ -1,0 +1,109 @@
+"""The ``stvq`` command line: the group, ``plugins`` and ``info`` here; the jobs' commands in
+:mod:`stvq.cli.train`, :mod:`stvq.cli.tokens` and :mod:`stvq.cli.evaluate`, each a thin function that
+parses, calls one job function and prints; plugins add commands and options through the
+``register_commands`` hook. Heavy imports (torch) happen inside commands, so ``stvq --help`` and ``stvq
+plugins`` stay fast."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import click
+from rich.table import Table
+
+from stvq.cli.evaluate import evaluate_command
+from stvq.cli.options import console, parse_overrides, preset_option, set_option
+from stvq.cli.tokens import compose, decode, encode, tokenize
+from stvq.cli.train import quantize, train
+from stvq.config import TrainConfig
+from stvq.errors import StvqError
+from stvq.plugins import add_plugin_commands
+
+
+class StvqGroup(click.Group):
+    """Turns :class:`StvqError`, and an OS error on a file we read or write (no permission, a file where a
+    folder should be, a full disk), into one line on stderr and exit status 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StvqError as err:
+            raise click.ClickException(str(err)) from None
+        except OSError as err:
+            raise click.ClickException(f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)) from None
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+@click.group(cls=StvqGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="stvq")
+def main() -> None:
+    """stvq: the Styled VQ image tokenizer (36 ordered discrete tokens per image).
+
+    \b
+    Example:
+      stvq plugins
+      stvq info --preset reference
+    """
+    warnings.showwarning = _one_line_warning
+
+
+@main.command()
+def plugins() -> None:
+    """List installed plugins: kind, name, providing package and version.
+
+    \b
+    Example:
+      stvq plugins
+    """
+    from stvq.registry import plugin_infos
+
+    table = Table(title="stvq plugins")
+    for column in ("kind", "name", "package", "version"):
+        table.add_column(column)
+    for info in plugin_infos():
+        table.add_row(info.kind, info.name, info.package, info.version)
+    console.print(table)
+
+
+@main.command()
+@preset_option
+@set_option
+@click.option("--tokenizer", default=TrainConfig.tokenizer, show_default=True, help="The registered tokenizer to build.")
+def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
+    """Parameter counts per part, token count, code_dim and sequence lengths of a preset.
+
+    No real weights are allocated (the model is built on torch's meta device).
+
+    \b
+    Example:
+      stvq info --preset reference
+      stvq info --preset tiny --set code_dim=8
+    """
+    import torch
+
+    from stvq.config import make_config
+    from stvq.describe import parameter_rows, shape_rows
+    from stvq.registry import create
+
+    cfg = make_config(preset=preset, **parse_overrides(overrides))
+    with torch.device("meta"):
+        model = create("tokenizer", tokenizer, config=cfg)
+    table = Table(title=f"preset {preset}: parameters")
+    for column, justify in (("part", "left"), ("modules", "right"), ("parameters", "right")):
+        table.add_column(column, justify=justify)
+    for part, modules, count, total in parameter_rows(model):
+        table.add_row(*((f"[bold]{part}[/]", "", f"[bold]{count:,}[/]") if total else (part, modules, f"{count:,}")))
+    console.print(table)
+    shape = Table(title="shapes", show_header=False)
+    for key, value in shape_rows(cfg):
+        shape.add_row(key, value)
+    console.print(shape)
+
+
+for command in (train, quantize, compose, encode, decode, tokenize, evaluate_command):
+    main.add_command(command)
+add_plugin_commands(main)

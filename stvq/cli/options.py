@@ -1,0 +1,119 @@
+"""What the commands share: the console, the one KEY=VALUE parser, options derived from a config
+dataclass (one source of defaults), and options that plugins add to a command (``register_commands``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from stvq.errors import ConfigError
+
+console = Console()
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1")
+
+
+CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, example: str = "levels=[8,5,5,5]") -> dict[str, Any]:
+    """The one KEY=VALUE parser: ``("width=256", "lr_scales={\"encoder.\": 0.3}")`` -> a dict. With a
+    config dataclass ``schema``, keys must be its fields and values take the field's type (int, float,
+    bool, str; other types as JSON); without one, values are JSON where they parse, else strings."""
+    types = {f.name: f.type for f in fields(schema)} if schema else None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and key and value):
+            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE, e.g. {flag} {example}")
+        if types is not None and key not in types:
+            raise ConfigError(f"{flag} {key}: unknown config field; known fields: {', '.join(sorted(types))}")
+        kind = types[key] if types is not None else None
+        try:
+            out[key] = CASTS[kind](value) if kind in CASTS else json.loads(value)
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            if kind is None:
+                out[key] = value  # an option's plain string
+            else:
+                raise ConfigError(f"{flag} {key}={value}: expected a value of type {kind}") from None
+    return out
+
+
+def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``("width=256", "attn_mask=causal-placeholders")`` -> typed ModelConfig overrides."""
+    from stvq.config import ModelConfig
+
+    return parse_pairs(pairs, "--set", ModelConfig, "width=256")
+
+
+def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """``("levels=[8,5,5,5]", "decay=0.9")`` -> {"levels": [8, 5, 5, 5], "decay": 0.9}: a plugin's options."""
+    return parse_pairs(pairs, flag)
+
+
+preset_option = click.option("--preset", default="tiny", show_default=True, help="Model preset: tiny, small or reference.")
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a model config field; repeatable.")
+
+
+def config_options(schema: type, flags: dict[str, dict[str, Any]]) -> Callable:
+    """Click options for the fields of the dataclass ``schema`` named in ``flags`` (in that order), each
+    with the field's type and default: the dataclass is the one source of defaults. ``flags[name]`` holds
+    extra click arguments (``help``, ``type``) and ``flag`` for another spelling than ``--field-name``.
+    A bool field that defaults to True becomes ``--no-field-name``."""
+    by_name = {f.name: f for f in fields(schema)}
+
+    def decorate(command: Callable) -> Callable:
+        for name, extra in reversed(flags.items()):
+            f, extra = by_name[name], dict(extra)
+            default = f.default if f.default is not MISSING else None
+            flag = extra.pop("flag", "--" + name.replace("_", "-"))
+            if f.type == "bool":
+                option = click.option(flag if not default else "--no-" + flag[2:], name, is_flag=True, flag_value=not default, default=default, **extra)
+            else:
+                kind = extra.pop("type", {"int": int, "float": float}.get(f.type, str))
+                option = click.option(flag, name, type=kind, default=default, show_default=default is not None, **extra)
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def meta_option(flag: str, key: str, name: str, help: str, **click_args: Any) -> click.Option:
+    """An option a plugin adds to a command (``register_commands``): a value the user gives is stored as
+    ``ctx.meta[key][name]``, which the command reads with :func:`given_meta`. E.g. the reference plugin's
+    ``--vqgan-config`` stores ``{"vqgan": {"config": PATH}}`` under ``stvq.compose.parts`` as
+    ``name="vqgan.config"``: a dotted name nests."""
+
+    def record(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT:
+            return  # a plugin's default is the plugin's own business
+        target = ctx.meta.setdefault(key, {})
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+
+    return click.Option([flag, "_" + flag.strip("-").replace("-", "_")], expose_value=False, callback=record, help=help, **click_args)
+
+
+def given_meta(key: str) -> dict[str, Any]:
+    """What the plugins' :func:`meta_option` options of the running command stored under ``key``."""
+    return click.get_current_context().meta.get(key, {})
+
+
+def load_tokenizer_dir(path: str):
+    """The tokenizer in ``path``, a run or a directory written by ``stvq compose``."""
+    from stvq.checkpoint import load_tokenizer
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"--tokenizer {path} is not a directory; pass a run or a directory written by `stvq compose`")
+    return load_tokenizer(path)

@@ -1,0 +1,152 @@
+"""``stvq train`` and ``stvq quantize``: the two stages and the codebook between them."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.panel import Panel
+from rich.table import Table
+
+from stvq.cli.options import config_options, console, given_meta, parse_options, parse_overrides, parse_pairs
+from stvq.config import TrainConfig
+from stvq.errors import ConfigError
+
+#: The TrainConfig fields that are flags of ``stvq train``, in the order --help lists them; every other field
+#: is set with ``--train KEY=VALUE``. Types and defaults come from TrainConfig.
+TRAIN_FLAGS = {
+    "stage": {"type": click.IntRange(1, 2), "help": "1: continuous codes; 2: quantized codes, frozen encoder."},
+    "preset": {"help": "Model preset: tiny, small or reference."},
+    "model": {"flag": "--set", "multiple": True, "metavar": "KEY=VALUE", "help": "Override a model config field; repeatable."},
+    "data": {"help": "'shapes' (built in), 'photos' (scikit-image's) or a folder of images."},
+    "from_run": {"flag": "--from", "type": click.Path(file_okay=False), "help": "Stage 2: the stage-1 run to start from."},
+    "tokenizer": {"help": "Stage 1: the registered tokenizer to train (a CodeTokenizer)."},
+    "cache_codes": {"help": "Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached."},
+    "steps": {},
+    "batch_size": {"help": "Per process."},
+    "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
+    "noise_sigma": {"help": "Stage 1: std of the noise added to the codes."},
+    "perceptual_weight": {"help": "Weight of the EfficientNet-Lite0 feature loss (slow on CPU)."},
+    "bf16": {"help": "Autocast to bfloat16."},
+    "compile": {"help": "torch.compile the encoder and decoder."},
+    "seed": {},
+    "eval_every": {},
+    "checkpoint_every": {},
+    "log_every": {},
+    "num_workers": {"help": "DataLoader worker processes."},
+}
+
+
+def _default_run(stage: int, name: str) -> str:
+    """runs/PRESET-stage1-TIME, or runs/SOURCE-stage2-TIME for a stage-2 run started from SOURCE."""
+    return f"runs/{name}-stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+@click.command()
+@config_options(TrainConfig, TRAIN_FLAGS)
+@click.option("--run-dir", "--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
+@click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
+@click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="Any TrainConfig field by name (JSON for dicts), applied after the other options, e.g. --train tail_drop=0.5; repeatable.")
+@click.pass_context
+def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options, no_progress, train_fields, **flags) -> None:
+    """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
+    quantized codes, encoder frozen). With no option: the tiny preset on the built-in shapes, a few
+    minutes on a CPU. Runs under `torchrun --nproc_per_node N stvq train ...` with DDP.
+
+    \b
+    Example:
+      stvq train --stage 1
+      stvq quantize --run runs/tiny-stage1-... --k 1024
+      stvq train --stage 2 --from runs/tiny-stage1-...
+      stvq train --resume runs/tiny-stage1-...
+      torchrun --nproc_per_node 2 $(which stvq) train --run-dir runs/ddp
+    """
+    from stvq.run import RunDir
+    from stvq.train import Trainer, checkpoint_step
+
+    if resume_dir:
+        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and _given(ctx, p.name)]
+        if given:
+            raise ConfigError(f"--resume continues {resume_dir} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
+        cfg = RunDir(resume_dir).read_train_config()
+        if _given(ctx, "steps"):
+            cfg.steps = flags["steps"]  # extending a finished run is the one change a resume accepts
+        run = resume_dir
+    else:
+        if quantizer_options and not quantizer:
+            raise ConfigError("--quantizer-option needs --quantizer NAME")
+        q = {"name": quantizer, **parse_options(quantizer_options, "--quantizer-option")} if quantizer else None
+        options = {**flags, "model": parse_overrides(flags["model"]), "quantizer": q}
+        cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
+        run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run).name)
+    trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        step = checkpoint_step(RunDir(run).checkpoint)
+        where = f"the last checkpoint (step {step}) is in {run}: continue with stvq train --resume {run}" if step else "no checkpoint was written yet: start the run again"
+        click.echo(f"Interrupted; {where}", err=True)
+        sys.exit(130)
+    if not trainer.is_main:
+        return
+    if "finished" in summary:
+        click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
+        return
+    val = summary["val_psnr"]
+    lines = [
+        f"run            {summary['run']}",
+        f"steps          {summary['steps']} (stage {summary['stage']}, resumed from {summary['resumed_from']})",
+        f"time           {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s",
+        f"val PSNR       {val:.2f} dB" if val is not None else "val PSNR       (no step run)",
+        f"mean image     {summary['mean_image_psnr']:.2f} dB (baseline)",
+        f"grid           {summary['grid']}",
+    ] + ([f"cached codes   {summary['cached_codes']:,} images (encoder skipped)"] if summary.get("cached_codes") else [])
+    console.print(Panel("\n".join(lines), title="stvq train: done", expand=False))
+
+
+#: Where plugins' options of ``stvq quantize`` (``register_commands``, :func:`stvq.cli.options.meta_option`)
+#: put the quantizer's options, e.g. the reference plugin's ``--niter`` for k-means.
+QUANTIZER_OPTIONS = "stvq.quantize.options"
+
+
+@click.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A stage-1 run.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=8192, show_default=True, help="Codebook size.")
+@click.option("--data", help="Data to encode (default: the run's).")
+@click.option("--max-images", type=click.IntRange(min=1), default=20000, show_default=True)
+@click.option("--per-position", is_flag=True, help="One codebook per token position.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--quantizer", default="kmeans", show_default=True, help="The registered quantizer to fit (a FittableQuantizer).")
+@click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="An option of the quantizer, JSON value; repeatable.")
+def quantize(run_dir, k, data, max_images, per_position, batch_size, seed, quantizer, quantizer_options) -> None:
+    """Give a stage-1 run a codebook: encode the data with the frozen encoder, fit the quantizer on the
+    codes (k-means with faiss by default), and write it into the run (then `stvq train --stage 2 --from RUN`).
+
+    \b
+    Example:
+      stvq quantize --run runs/tiny-stage1-... --k 8192
+      stvq quantize --run runs/tiny-stage1-... --k 256 --per-position
+    """
+    from stvq.quantize import fit_codebook
+
+    options = {**given_meta(QUANTIZER_OPTIONS), **parse_options(quantizer_options, "--quantizer-option")}
+    started = time.perf_counter()
+    result = fit_codebook(run_dir, k=k, data=data, max_images=max_images, per_position=per_position, batch_size=batch_size, seed=seed, console=console, quantizer=quantizer, options=options)
+    table = Table(title=f"{quantizer} codebook written to {run_dir}")
+    for column in ("K", "vectors", "time", "quantization MSE", "usage", "perplexity", "dead codes"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        f"{k:,}" + (" per position" if per_position else ""), f"{result['vectors']:,}", f"{time.perf_counter() - started:.1f} s",
+        f"{result['mse']:.5f}", f"{result['usage']:.1%}", f"{result['perplexity']:.1f}", f"{result['dead_codes']:,}",
+    )
+    console.print(table)
