@@ -1,6 +1,6 @@
-"""Contract tests that every quantizer must pass, written once. A plugin package's tests subclass
-:class:`QuantizerContract` and implement ``make_quantizer``; stvq's own suite runs it for every registered
-quantizer.
+"""Contract tests, written once per plugin kind: what every quantizer, encoder/decoder pair, tokenizer,
+code tokenizer and composer must do. A plugin package's tests subclass one and implement its ``make_*``
+method; stvq's own suite runs each for every registered plugin of the kind (tests/test_hooks.py).
 
     class TestMyQuantizer(QuantizerContract):
         def make_quantizer(self, dim):
@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stvq.interfaces import Quantizer, QuantizerOutput
+from stvq.errors import StvqError
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, Quantizer, QuantizerOutput, Tokenizer
 
 
 class QuantizerContract:
@@ -68,3 +69,179 @@ class QuantizerContract:
         fresh.load_state_dict(load_file(str(tmp_path / "q.safetensors")))
         fresh.eval()
         assert torch.equal(fresh(z).ids, quantizer(z).ids)
+
+
+def random_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
+    """(count, 3, size, size) uniform in [-1, 1], reproducible."""
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+class EncoderDecoderContract:
+    """SPEC section 3: an encoder maps images (B, 3, H, W) to codes (B, N, code_dim), its decoder maps such
+    codes back to images of the same size; the two agree on N, code_dim and the image size, and a loss on
+    the decoder's images reaches every encoder parameter that the codes depend on."""
+
+    def make_pair(self) -> tuple[Encoder, Decoder]:
+        """A small encoder and the decoder that reads its codes."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def pair(self) -> tuple[Encoder, Decoder]:
+        torch.manual_seed(0)
+        return self.make_pair()
+
+    def test_the_pair_agrees_on_its_sizes(self, pair):
+        encoder, decoder = pair
+        assert isinstance(encoder, Encoder) and isinstance(decoder, Decoder)
+        assert (encoder.num_tokens, encoder.code_dim, encoder.image_size) == (decoder.num_tokens, decoder.code_dim, decoder.image_size)
+
+    def test_images_to_codes_to_images(self, pair):
+        encoder, decoder = pair
+        images = random_images(2, encoder.image_size)
+        codes = encoder(images)
+        assert codes.shape == (2, encoder.num_tokens, encoder.code_dim) and codes.dtype == images.dtype
+        assert decoder(codes).shape == images.shape
+
+    def test_a_loss_on_the_images_trains_the_encoder(self, pair):
+        encoder, decoder = pair
+        images = random_images(2, encoder.image_size)
+        (decoder(encoder(images)) - images).pow(2).mean().backward()
+        grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+        assert grads and sum(g.abs().sum() for g in grads if g is not None) > 0
+
+    def test_each_image_is_encoded_alone(self, pair):
+        encoder, _ = pair
+        encoder.eval()
+        images = random_images(3, encoder.image_size)
+        with torch.no_grad():
+            torch.testing.assert_close(encoder(images)[1:2], encoder(images[1:2]), rtol=1e-4, atol=1e-5)
+
+
+class TokenizerContract:
+    """SPEC section 5: images (B, 3, H, W) in [-1, 1] <-> int64 ids (B, num_tokens) in [0, vocab_size);
+    ``decode`` refuses ids it cannot mean with a :class:`StvqError`; ``manifest()`` describes the layout;
+    ``save_pretrained`` (where the tokenizer has it) round-trips through ``stvq.load_tokenizer``."""
+
+    def make_tokenizer(self) -> Tokenizer:
+        """A small, ready tokenizer (with its codebook, if it needs one)."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def tokenizer(self) -> Tokenizer:
+        torch.manual_seed(0)
+        return self.make_tokenizer().eval()
+
+    @pytest.fixture
+    def images(self, tokenizer) -> torch.Tensor:
+        return random_images(2, tokenizer.image_size)
+
+    def test_encode_gives_ids_in_the_vocabulary(self, tokenizer, images):
+        with torch.no_grad():
+            ids = tokenizer.encode(images)
+        assert isinstance(tokenizer, Tokenizer)
+        assert ids.shape == (2, tokenizer.num_tokens) and ids.dtype == torch.int64
+        assert 0 <= ids.min() and ids.max() < tokenizer.vocab_size
+
+    def test_decode_gives_images(self, tokenizer, images):
+        with torch.no_grad():
+            out = tokenizer.decode(tokenizer.encode(images))
+        assert out.shape == images.shape and torch.isfinite(out).all()
+
+    def test_decode_refuses_ids_it_cannot_mean(self, tokenizer, images):
+        with torch.no_grad():
+            ids = tokenizer.encode(images)
+        for bad in (ids.float(), ids[:, :-1], torch.full_like(ids, tokenizer.vocab_size), torch.full_like(ids, -1)):
+            with pytest.raises(StvqError):
+                tokenizer.decode(bad)
+
+    def test_manifest_describes_the_layout(self, tokenizer):
+        m = tokenizer.manifest()
+        assert (m["vocab_size"], m["num_tokens"], m["image_size"]) == (tokenizer.vocab_size, tokenizer.num_tokens, tokenizer.image_size)
+        assert sum(p["num_tokens"] for p in m["parts"]) <= tokenizer.num_tokens  # special ids (begin, separator) add tokens
+        assert sum(p["vocab_size"] for p in m["parts"]) <= tokenizer.vocab_size
+        assert [p["positions"][0] for p in m["parts"]] == sorted(p["positions"][0] for p in m["parts"])
+
+    def test_save_and_load_round_trip(self, tokenizer, images, tmp_path):
+        if not hasattr(tokenizer, "save_pretrained"):
+            pytest.skip("this tokenizer is not saved by stvq")
+        from stvq.checkpoint import load_tokenizer
+
+        tokenizer.save_pretrained(tmp_path / "tok")
+        with torch.no_grad():
+            assert torch.equal(load_tokenizer(tmp_path / "tok").eval().encode(images), tokenizer.encode(images))
+
+
+class CodeTokenizerContract(TokenizerContract):
+    """What ``stvq train``, ``stvq quantize`` and ``stvq eval`` use of a :class:`CodeTokenizer`:
+    ``make_tokenizer`` returns one with no quantizer yet; the contract attaches FSQ where it needs ids."""
+
+    def attach_quantizer(self, tokenizer: CodeTokenizer) -> None:
+        tokenizer.set_quantizer({"name": "fsq", "levels": [4, 4, 4]})
+
+    @pytest.fixture
+    def tokenizer(self) -> CodeTokenizer:
+        torch.manual_seed(0)
+        model = self.make_tokenizer()
+        assert isinstance(model, CodeTokenizer) and model.quantizer is None
+        self.attach_quantizer(model)
+        return model.eval()
+
+    def test_forward_reconstructs_with_the_training_options(self, tokenizer, images):
+        tokenizer.train()
+        out = tokenizer(images, noise_sigma=0.1, tail_drop=1.0)
+        assert isinstance(out, CodeTokenizerOutput) and out.quantized is None
+        assert out.codes.shape == (2, tokenizer.num_tokens, tokenizer.config.code_dim) and out.reconstruction.shape == images.shape
+        quantized = tokenizer(images, quantize=True).quantized
+        assert quantized is not None and quantized.ids.shape == (2, tokenizer.num_tokens)
+
+    def test_codes_path_is_the_forward_path(self, tokenizer, images):
+        assert isinstance(tokenizer.encoder, Encoder) and isinstance(tokenizer.decoder, Decoder)
+        with torch.no_grad():
+            codes = tokenizer.encode_codes(images)
+            assert torch.equal(tokenizer.decode_codes(codes), tokenizer(images).reconstruction)  # no noise: one path
+            assert torch.equal(tokenizer(images, codes=codes).reconstruction, tokenizer(images).reconstruction)
+
+    def test_tail_drop_keeps_a_prefix_and_fills_the_rest(self, tokenizer, images):
+        from stvq.interfaces import drop_tail
+
+        codes = torch.randn(64, tokenizer.num_tokens, tokenizer.config.code_dim)
+        dropped = drop_tail(codes, 1.0)
+        kept = (dropped == codes).all(-1)  # (B, N): True where the code survived
+        assert (kept[:, :1]).all() and (kept.int().diff(dim=1) <= 0).all()  # a prefix, never a gap
+
+
+class ComposerContract:
+    """SPEC section 5: several tokenizers -> one over one sequence and one vocabulary, each part's ids
+    offset into its own range, decoding back through each part."""
+
+    def make_composer(self):
+        raise NotImplementedError
+
+    def make_parts(self) -> list[Tokenizer]:
+        """Two or more small, ready tokenizers."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def parts(self) -> list[Tokenizer]:
+        torch.manual_seed(0)
+        return [p.eval() for p in self.make_parts()]
+
+    def test_the_composed_tokenizer_is_a_tokenizer_of_all_parts(self, parts):
+        composed = self.make_composer().compose(parts)
+        assert isinstance(composed, Tokenizer)
+        assert composed.num_tokens >= sum(p.num_tokens for p in parts) and composed.vocab_size >= sum(p.vocab_size for p in parts)
+        layout = composed.manifest()["parts"]
+        assert [p["num_tokens"] for p in layout] == [p.num_tokens for p in parts]
+        offsets = [p["offset"] for p in layout]
+        assert offsets == sorted(offsets) and all(a["offset"] + a["vocab_size"] <= b["offset"] for a, b in zip(layout, layout[1:]))
+
+    def test_each_part_keeps_its_ids_in_its_range(self, parts):
+        composed = self.make_composer().compose(parts).eval()
+        images = random_images(2, composed.image_size)
+        with torch.no_grad():
+            ids = composed.encode(images)
+            for part in composed.manifest()["parts"]:
+                first, last = part["positions"]
+                block = ids[:, first:last]
+                assert block.min() >= part["offset"] and block.max() < part["offset"] + part["vocab_size"]
+            assert composed.decode(ids).shape == images.shape

@@ -4,6 +4,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+collect_ignore = ["plugin_pkg"]  # the example package's own tests run installed, in test_plugin_packages.py
+
 
 @pytest.fixture(autouse=True)
 def _seed():

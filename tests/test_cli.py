@@ -48,3 +48,19 @@ def test_bad_input_is_one_line_on_stderr(runner, args, message):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output
+
+
+def test_train_flags_take_their_defaults_from_train_config():
+    import dataclasses
+
+    from stvq.cli.train import TRAIN_FLAGS
+    from stvq.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    flags = {p.name: p for p in main.commands["train"].params if p.name in TRAIN_FLAGS and p.name in defaults}
+    assert len(flags) == len(TRAIN_FLAGS) - 1  # all but --set (the model field, a dict)
+    for name, param in flags.items():
+        assert param.default == defaults[name], name
+    assert main.commands["train"].params[0].opts == ["--stage"]
+    cache = next(p for p in main.commands["train"].params if p.name == "cache_codes")
+    assert cache.opts == ["--no-cache-codes"] and cache.flag_value is False and cache.default is True

@@ -90,6 +90,17 @@ def test_third_party_package_is_discovered_and_usable(example_target, runner):
     listed = subprocess.run([sys.executable, "-m", "stvq.cli", "plugins"], env=env, capture_output=True, text=True, check=True)
     row = next(line for line in listed.stdout.splitlines() if "sign" in line)
     assert "stvq-plugin-example" in row and "0.3.1" in row
+    added = subprocess.run([sys.executable, "-m", "stvq.cli", "example-codewords", "10"], env=env, capture_output=True, text=True, check=True)
+    assert added.stdout.strip() == "sign quantizer over 10 channels: 1,024 codewords"  # register_commands
+
+
+@pytest.mark.slow
+def test_a_third_party_package_runs_stvqs_contracts_in_its_own_tests(example_target):
+    env = {**os.environ, "PYTHONPATH": str(example_target), "OMP_NUM_THREADS": "1"}
+    tests = HERE / "plugin_pkg" / "tests"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], env=env, capture_output=True, text=True, cwd=tests)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "16 passed" in done.stdout  # the sign quantizer, the encoder/decoder pair and the tokenizer under contract
 
 
 @pytest.mark.slow

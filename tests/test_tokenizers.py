@@ -220,3 +220,14 @@ def test_composition_errors_are_one_line(runner, args, message):
     result = runner.invoke(main, args)
     assert result.exit_code == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_generic_part_flags_give_what_the_plugins_flags_give(tmp_path, styled_dir, runner):
+    _, ckpt, cfg = write_taming(tmp_path)
+    plugin = ["compose", "styled+vqgan", "--styled", str(styled_dir), "--vqgan", str(ckpt), "--vqgan-config", str(cfg), "-o", str(tmp_path / "a")]
+    generic = ["compose", "styled+vqgan", "--part", f"styled={styled_dir}", "--part", f"vqgan={ckpt}", "--part-option", f"vqgan.config={cfg}", "-o", str(tmp_path / "b")]
+    assert runner.invoke(main, plugin).exit_code == 0 and runner.invoke(main, generic).exit_code == 0
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(stvq.load_tokenizer(tmp_path / "a").encode(images), stvq.load_tokenizer(tmp_path / "b").encode(images))
+    result = runner.invoke(main, ["compose", "vqgan", "--part", f"vqgan={ckpt}", "--part-option", "config=x", "-o", str(tmp_path / "c")])
+    assert result.exit_code == 1 and "--part-option config: not NAME.KEY=VALUE" in result.stderr

@@ -7,6 +7,7 @@ A sign quantizer: each of ``dim`` channels becomes +1 or -1, so there are 2**dim
 import torch
 
 import stvq
+from stvq.codebook import codebook_stats
 from stvq.interfaces import Quantizer, QuantizerOutput
 
 
@@ -20,7 +21,7 @@ class SignQuantizer(Quantizer):
         hard = torch.where(z > 0, 1.0, -1.0).to(z.dtype)
         codes = z + (hard - z).detach()  # straight-through
         ids = ((hard > 0).long() * self.bits).sum(-1)
-        return QuantizerOutput(codes, ids, z.new_zeros(()), {})
+        return QuantizerOutput(codes, ids, z.new_zeros(()), codebook_stats(ids, self.codebook_size, z, hard))
 
     def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.where((ids.unsqueeze(-1) & self.bits) > 0, 1.0, -1.0)
@@ -34,3 +35,14 @@ def register_quantizers(register):
 @stvq.hookimpl
 def register_tokenizers(register):
     register("example-conv", "stvq_plugin_example.tokenizer:ConvTokenizer")
+
+
+@stvq.hookimpl
+def register_commands(cli):
+    import click
+
+    @cli.command("example-codewords")
+    @click.argument("dim", type=click.IntRange(1, 30))
+    def codewords(dim: int) -> None:
+        """How many codewords the sign quantizer has over DIM channels."""
+        click.echo(f"sign quantizer over {dim} channels: {2**dim:,} codewords")

@@ -9,7 +9,7 @@ from torch import nn
 
 from stvq.checkpoint import PretrainedMixin
 from stvq.config import make_config
-from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, drop_tail
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, check_ids, drop_tail
 from stvq.registry import create
 
 
@@ -82,4 +82,5 @@ class ConvTokenizer(PretrainedMixin, CodeTokenizer):
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        check_ids(ids, self.num_tokens, self.vocab_size)
         return self.decode_codes(self.quantizer.ids_to_codes(ids)).clamp(-1, 1)
