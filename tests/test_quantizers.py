@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import stvq
-from stvq.codebook import codebook_stats
+from stvq.codebook_stats import codebook_stats
 from stvq.testing import QuantizerContract
 from stvq_reference.codebook import nearest
 

@@ -7,7 +7,7 @@ import faiss
 import torch
 from einops import rearrange
 
-from stvq.codebook import codebook_stats
+from stvq.codebook_stats import codebook_stats
 from stvq.errors import StvqError
 from stvq.interfaces import Quantizer, QuantizerOutput
 

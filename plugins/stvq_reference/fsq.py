@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from stvq.codebook import codebook_stats
+from stvq.codebook_stats import codebook_stats
 from stvq.errors import ConfigError
 from stvq.interfaces import Quantizer, QuantizerOutput
 

@@ -101,6 +101,10 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
     if "finished" in summary:
         click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
         return
+    console.print(_summary_panel(summary))
+
+
+def _summary_panel(summary: dict) -> Panel:
     val = summary["val_psnr"]
     lines = [
         f"run            {summary['run']}",
@@ -110,7 +114,7 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
         f"mean image     {summary['mean_image_psnr']:.2f} dB (baseline)",
         f"grid           {summary['grid']}",
     ] + ([f"cached codes   {summary['cached_codes']:,} images (encoder skipped)"] if summary.get("cached_codes") else [])
-    console.print(Panel("\n".join(lines), title="stvq train: done", expand=False))
+    return Panel("\n".join(lines), title="stvq train: done", expand=False)
 
 
 #: Where plugins' options of ``stvq quantize`` (``register_commands``, :func:`stvq.cli.options.meta_option`)

@@ -7,7 +7,7 @@ A sign quantizer: each of ``dim`` channels becomes +1 or -1, so there are 2**dim
 import torch
 
 import stvq
-from stvq.codebook import codebook_stats
+from stvq.codebook_stats import codebook_stats
 from stvq.interfaces import Quantizer, QuantizerOutput
 
 
