@@ -126,15 +126,10 @@ def make_config(config: ModelConfig | dict | str | None = None, **overrides: Any
 
 
 @dataclass
-class TrainConfig:
-    """One training run. The defaults are stage 1's recipe for ``tiny`` on 2 CPU cores, chosen with the
-    decoder oracle and the full pipeline (README, "The background plateau")."""
+class LoopConfig:
+    """What every training loop of stvq shares (:class:`stvq.train.BaseTrainer`): optimizer, schedule,
+    precision, seed, and how often it logs, evaluates and checkpoints."""
 
-    stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
-    tokenizer: str = "styled"  # stage 1: the registered CodeTokenizer to train (stage 2 takes from_run's)
-    preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
-    data: str = "shapes"  # "shapes" (built in) or an image folder
     steps: int = 2400
     batch_size: int = 24  # per process
     lr: float = 1e-3
@@ -142,51 +137,32 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     beta2: float = 0.95  # AdamW's second-moment decay
-    # Parameter-name substring -> lr multiple. The encoder learns at a tenth of the rate, so that where the
-    # object is, which a fresh `lecun-sincos` encoder already tells, survives until the decoder uses it.
-    lr_scales: dict[str, float] = field(default_factory=lambda: {"encoder.": 0.1})
+    # Parameter-name substring -> lr multiple (the tokenizer's encoder learns at a tenth: see TrainConfig).
+    lr_scales: dict[str, float] = field(default_factory=dict)
     lr_scales_until: float = 0.5  # lr_scales hold for this fraction of the steps, then move linearly to 1 by the end
     grad_clip: float = 1.0  # max gradient norm; 0 disables
-    noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
-    # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder
-    # renders the objects; from the start it holds training on the plateau), a share ``tail_drop`` of the
-    # images is decoded from a random prefix of its codes, the rest at the batch mean (README).
-    tail_drop: float = 0.25
-    tail_drop_from: float = 2 / 3
-    l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
-    mse_weight: float = 1.0
-    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.losses.perceptual_loss); costly on CPU
     bf16: bool = False  # autocast matrix work to bfloat16
-    compile: bool = False  # torch.compile the encoder and decoder (checkpoints are unchanged)
+    compile: bool = False  # torch.compile the model's parts (checkpoints are unchanged)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 300
     checkpoint_every: int = 200
     num_workers: int = 0
-    from_run: str | None = None  # stage 2: the stage-1 run to start from
-    quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
-    cache_codes: bool = True  # stage 2: train on the images whose codes `stvq quantize` cached, encoder skipped
 
     def __post_init__(self) -> None:
-        if self.stage not in (1, 2):
-            raise StvqError(f"--stage must be 1 or 2, got {self.stage}")
-        if self.stage == 2 and not self.from_run:
-            raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (isinstance(self.lr_scales, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in self.lr_scales.items())):
             raise StvqError(f'lr_scales must map parameter-name substrings to numbers, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
-        if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
-            raise StvqError("model and quantizer must be JSON objects of options, e.g. model={\"width\": 64}")
         if self.num_workers < 0:
             raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise StvqError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("noise_sigma", "weight_decay", "grad_clip", "l1_weight", "mse_weight", "perceptual_weight"):
+        for name in ("weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise StvqError(f"{name} must be a number of 0 or more, got {getattr(self, name)}")
-        for name in ("tail_drop", "tail_drop_from", "lr_scales_until", "min_lr_ratio"):
+        for name in ("lr_scales_until", "min_lr_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise StvqError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
@@ -196,10 +172,6 @@ class TrainConfig:
         hold = self.lr_scales_until * self.steps
         return 1.0 if step <= hold else max(0.0, (self.steps - step) / max(1.0, self.steps - hold))
 
-    def tail_drop_at(self, step: int) -> float:
-        """The share of images decoded from a random prefix at ``step`` (stage 1 only)."""
-        return self.tail_drop if self.stage == 1 and step >= self.tail_drop_from * self.steps else 0.0
-
     def lr_at(self, step: int, progress: float | None = None) -> float:
         """Linear warmup, then cosine decay to lr * min_lr_ratio; ``progress`` in [0, 1] drives the cosine
         instead of the step count when a run is budgeted in time (the decoder oracle)."""
@@ -207,3 +179,49 @@ class TrainConfig:
             return self.lr * (step + 1) / self.warmup_steps
         t = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps) if progress is None else progress
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """One tokenizer training run. The defaults are stage 1's recipe for ``tiny`` on 2 CPU cores, chosen
+    with the decoder oracle and the full pipeline (README, "The background plateau")."""
+
+    stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
+    tokenizer: str = "styled"  # stage 1: the registered CodeTokenizer to train (stage 2 takes from_run's)
+    preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
+    data: str = "shapes"  # "shapes" (built in) or an image folder
+    # The encoder learns at a tenth of the rate, so that where the object is, which a fresh `lecun-sincos`
+    # encoder already tells, survives until the decoder uses it.
+    lr_scales: dict[str, float] = field(default_factory=lambda: {"encoder.": 0.1})
+    noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
+    # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder
+    # renders the objects; from the start it holds training on the plateau), a share ``tail_drop`` of the
+    # images is decoded from a random prefix of its codes, the rest at the batch mean (README).
+    tail_drop: float = 0.25
+    tail_drop_from: float = 2 / 3
+    l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
+    mse_weight: float = 1.0
+    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.losses.perceptual_loss); costly on CPU
+    from_run: str | None = None  # stage 2: the stage-1 run to start from
+    quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
+    cache_codes: bool = True  # stage 2: train on the images whose codes `stvq quantize` cached, encoder skipped
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage not in (1, 2):
+            raise StvqError(f"--stage must be 1 or 2, got {self.stage}")
+        if self.stage == 2 and not self.from_run:
+            raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
+        if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
+            raise StvqError("model and quantizer must be JSON objects of options, e.g. model={\"width\": 64}")
+        for name in ("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise StvqError(f"{name} must be a number of 0 or more, got {getattr(self, name)}")
+        for name in ("tail_drop", "tail_drop_from"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise StvqError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+
+    def tail_drop_at(self, step: int) -> float:
+        """The share of images decoded from a random prefix at ``step`` (stage 1 only)."""
+        return self.tail_drop if self.stage == 1 and step >= self.tail_drop_from * self.steps else 0.0

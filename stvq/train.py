@@ -21,10 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensors
-from stvq.config import TrainConfig, make_config
+from stvq.config import LoopConfig, TrainConfig, make_config
 from stvq.data import make_dataset, to_uint8
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
-from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput
+from stvq.interfaces import CodeTokenizer
 from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
@@ -263,46 +263,63 @@ def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -
 # ------------------------------------------------------------------------------------------ training
 
 
-class Trainer:
-    """Runs one training job into the run directory ``run``; ``resume=True`` continues it from its
-    checkpoint. :meth:`fit` reads top to bottom: build, restore, then per step :meth:`_step`,
-    :meth:`_log_step` and the checkpoint, and :meth:`_finish`."""
+class BaseTrainer:
+    """One training job in the run directory ``run`` (``resume=True`` continues it from its checkpoint):
+    the loop every stvq model shares. :meth:`fit` reads top to bottom: build, lock, restore, then per step
+    :meth:`step`, the log record (with :meth:`evaluate` every ``eval_every``) and the checkpoint, and the
+    summary. A subclass says what to build (:meth:`build`), what a step computes (:meth:`step`) and how
+    to evaluate; :class:`Trainer` trains tokenizers, :class:`stvq.prior.PriorTrainer` priors."""
 
-    def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
-        self.cfg, self.dir, self.resume, self.stage = cfg, RunDir(run), resume, STAGES[cfg.stage]
+    def __init__(self, cfg: LoopConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
+        self.cfg, self.dir, self.resume = cfg, RunDir(run), resume
         self.rank, self.world, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.progress, self.console = progress and self.is_main, console
         if not resume and self.dir.checkpoint.exists():
             raise StvqError(f"{self.dir} already holds a run; continue it with --resume {self.dir} or pass another --run")
 
+    # ----------------------------------------------------------------------- what a subclass says
+
+    def build(self) -> tuple[torch.nn.Module, Dataset, Any]:
+        """(model on self.device, training data set, validation data): bad data fails here, before the
+        run directory is written."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> tuple[Dataset, dict[str, Any]]:
+        """After restoring: modes, compilation; returns the data set to train on and summary entries."""
+        return dataset, {}
+
+    def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        """Forward and loss of one batch at ``step``: (loss to minimise, record entries, batch size)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, val: Any, step: int) -> dict[str, float]:
+        """Validation numbers at ``step``, for the log record."""
+        raise NotImplementedError
+
+    def status(self, record: dict[str, Any], last_eval: dict[str, float]) -> str:
+        """The progress bar's text."""
+        return f"loss {record['loss']:.4f}  {record['images_per_s']:.0f} items/s"
+
+    # -------------------------------------------------------------------------------- the loop
+
     def fit(self) -> dict[str, Any]:
         """Train; a resumed run that already holds ``cfg.steps`` steps is left untouched, and its summary
         comes back with ``"finished"``: the step it holds."""
-        cfg = self.cfg
         done = checkpoint_step(self.dir.checkpoint) if self.resume else None
-        if done is not None and done >= cfg.steps:
+        if done is not None and done >= self.cfg.steps:
             return {**(self.dir.read_summary() or {"run": str(self.dir)}), "finished": done}
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg).to(self.device)
-        image_size = model.config.image_size
-        dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)  # bad data fails before the run exists
-        val = make_dataset(cfg.data, image_size, "val", cfg.seed)
+        torch.manual_seed(self.cfg.seed)
+        model, dataset, val = self.build()
         with run_lock(self.dir.path) if self.is_main else nullcontext():  # one writer per run directory
             return self._train(model, dataset, val)
 
-    def _train(self, model: CodeTokenizer, dataset: Dataset, val: Dataset) -> dict[str, Any]:
+    def _train(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> dict[str, Any]:
         cfg = self.cfg
-        opt, objective = make_optimizer(model, cfg), ReconstructionLoss.from_config(cfg)
+        opt = make_optimizer(model, cfg)
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
         start, logged_seconds = self._restore(model, opt, data_generator)
-        self.stage.set_modes(model)
-        if cfg.compile:
-            model.encoder.compile()  # in place: parameter names, and so checkpoints, stay the same
-            model.decoder.compile()
-        val_images = torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
-        baseline_psnr = mean_image_psnr(dataset, val_images)
-        dataset, cached = self.stage.with_cached_codes(cfg, model, dataset)
+        dataset, extras = self.prepare(model, dataset, val)
         batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=data_generator)
         net = DistributedDataParallel(model) if self.world > 1 else model
@@ -312,22 +329,28 @@ class Trainer:
         with self._progress_bar() as bar:
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
             for step, batch in enumerate(loader, start=start):
-                images, codes = (batch[0], batch[1].to(self.device)) if cached is not None else (batch, None)
-                images = images.to(self.device, non_blocking=True)
-                loss, terms, out = self._step(net, opt, objective, images, codes, step)
+                set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss, terms, size = self.step(net, batch, step)
+                self._update(opt, loss, step)
                 done = step + 1
-                clock.count(len(images) * self.world)
+                clock.count(size * self.world)
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    evaluation = self.evaluate(model, val_images, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
+                    evaluation = self.evaluate(model, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
                     last_eval = evaluation or last_eval
-                    record = self._log_step(done, loss, terms, out, images, clock, evaluation)
-                    status = f"loss {record['loss']:.4f}  psnr {record['psnr']:.2f}  {record['images_per_s']:.0f} img/s"
-                    bar.update(task, status=status + (f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else ""))
+                    record = {"step": done, "loss": loss.item(), **terms, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
+                    if self.is_main:
+                        self.dir.log(record)
+                    bar.update(task, status=self.status(record, last_eval))
                 if self.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
                     save_checkpoint(self.dir.checkpoint, model, opt, done, data_generator)
                     model.save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
-        return self._finish(model, start, clock, last_eval, baseline_psnr, cached)
+        summary = {
+            "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(),
+            "images_per_s": clock.images / max(clock.elapsed(), 1e-9), **extras, **last_eval,
+        }
+        return self._finish(model, summary)
 
     def _restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> tuple[int, float]:
         """(first step, training seconds logged before it): a resume loads the checkpoint and cuts the
@@ -339,13 +362,8 @@ class Trainer:
         start = load_checkpoint(self.dir.checkpoint, model, opt, data_generator)
         return start, self.dir.trim_metrics(start) if self.is_main else 0.0
 
-    def _step(self, net, opt, objective, images, codes, step) -> tuple[torch.Tensor, dict[str, torch.Tensor], CodeTokenizerOutput]:
-        """One optimizer step at ``step``: forward with the stage's options, loss, backward, clip, update."""
-        cfg = self.cfg
-        set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            out = net(images, codes=codes, **self.stage.forward_options(cfg, step))
-        loss, terms = objective(out.reconstruction, images, out.quantized)
+    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> None:
+        """Backward, clip, step; a loss that is not finite stops the run with the last checkpoint kept."""
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept "
@@ -353,55 +371,20 @@ class Trainer:
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.grad_clip)
         opt.step()
-        return loss, terms, out
-
-    def _log_step(self, done, loss, terms, out, images, clock: "_Clock", evaluation: dict[str, float]) -> dict[str, Any]:
-        """One metrics.jsonl record (rank 0 writes it): loss terms, batch PSNR, throughput since the last
-        record, training seconds across resumes, quantizer statistics, validation where it ran."""
-        record = {
-            "step": done, "loss": loss.item(), **{k: v.item() for k, v in terms.items()},
-            "psnr": psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item(),
-            "lr": self.cfg.lr_at(done - 1), **clock.lap(),
-        }
-        if out.quantized is not None:
-            record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
-        record.update(evaluation)
-        if self.is_main:
-            self.dir.log(record)
-        return record
-
-    @torch.no_grad()
-    def evaluate(self, model: CodeTokenizer, images: torch.Tensor, step: int) -> dict[str, float]:
-        """Validation PSNR and MSE on ``images``, and the grid of the first eight (samples/)."""
-        model.eval()
-        options = self.stage.forward_options(self.cfg, None)
-        recon = torch.cat([model(batch, **options).reconstruction.float() for batch in images.split(32)])
-        model.train()
-        self.stage.set_modes(model)
-        if self.is_main:
-            save_grid(self.dir.sample(step), images[:8].cpu(), recon[:8].cpu())
-        return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
 
     def _progress_bar(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         return Progress(
-            TextColumn(f"stage {self.cfg.stage}"), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
+            TextColumn(self.dir.path.name), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=self.console, disable=not self.progress,
         )
 
-    def _finish(self, model, start, clock: "_Clock", last_eval, baseline_psnr, cached) -> dict[str, Any]:
-        cfg = self.cfg
-        summary = {
-            "run": str(self.dir), "stage": cfg.stage, "steps": cfg.steps, "resumed_from": start,
-            "seconds": clock.elapsed(), "images_per_s": clock.images / max(clock.elapsed(), 1e-9),
-            "val_psnr": last_eval.get("val_psnr"), "mean_image_psnr": baseline_psnr,
-            "grid": str(self.dir.sample(cfg.steps)), "cached_codes": cached,
-        }
+    def _finish(self, model: torch.nn.Module, summary: dict[str, Any]) -> dict[str, Any]:
         if self.world > 1:
             summary["ranks_agree"] = self._ranks_agree(model)
         if self.is_main:
@@ -416,6 +399,62 @@ class Trainer:
         gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
         dist.all_gather(gathered, checksum)
         return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+class Trainer(BaseTrainer):
+    """Trains a tokenizer, stage 1 or 2 (:class:`ContinuousStage`, :class:`QuantizedStage`)."""
+
+    def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
+        super().__init__(cfg, run, resume, progress, console)
+        self.stage, self.objective = STAGES[cfg.stage], ReconstructionLoss.from_config(cfg)
+
+    def build(self) -> tuple[CodeTokenizer, Dataset, torch.Tensor]:
+        cfg = self.cfg
+        model = build_model(cfg).to(self.device)
+        image_size = model.config.image_size
+        dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
+        val = make_dataset(cfg.data, image_size, "val", cfg.seed)
+        return model, dataset, torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
+
+    def prepare(self, model: CodeTokenizer, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
+        self.stage.set_modes(model)
+        if self.cfg.compile:
+            model.encoder.compile()  # in place: parameter names, and so checkpoints, stay the same
+            model.decoder.compile()
+        baseline = mean_image_psnr(dataset, val)
+        dataset, cached = self.stage.with_cached_codes(self.cfg, model, dataset)
+        self.cached = cached is not None
+        return dataset, {
+            "stage": self.cfg.stage, "val_psnr": None, "mean_image_psnr": baseline,
+            "grid": str(self.dir.sample(self.cfg.steps)), "cached_codes": cached,
+        }
+
+    def step(self, net, batch, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+        images, codes = (batch[0], batch[1].to(self.device)) if self.cached else (batch, None)
+        images = images.to(self.device, non_blocking=True)
+        out = net(images, codes=codes, **self.stage.forward_options(self.cfg, step))
+        loss, terms = self.objective(out.reconstruction, images, out.quantized)
+        record = {k: v.item() for k, v in terms.items()}
+        record["psnr"] = psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item()
+        if out.quantized is not None:
+            record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
+        return loss, record, len(images)
+
+    @torch.no_grad()
+    def evaluate(self, model: CodeTokenizer, images: torch.Tensor, step: int) -> dict[str, float]:
+        """Validation PSNR and MSE on ``images``, and the grid of the first eight (samples/)."""
+        model.eval()
+        options = self.stage.forward_options(self.cfg, None)
+        recon = torch.cat([model(batch, **options).reconstruction.float() for batch in images.split(32)])
+        model.train()
+        self.stage.set_modes(model)
+        if self.is_main:
+            save_grid(self.dir.sample(step), images[:8].cpu(), recon[:8].cpu())
+        return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
+
+    def status(self, record: dict[str, Any], last_eval: dict[str, float]) -> str:
+        text = f"loss {record['loss']:.4f}  psnr {record['psnr']:.2f}  {record['images_per_s']:.0f} img/s"
+        return text + (f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else "")
 
 
 class _Clock:
