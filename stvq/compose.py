@@ -103,11 +103,15 @@ def _shard_ok(path: Path, shape: tuple[int, int], dtype) -> bool:
     return ids.shape == shape and ids.dtype == dtype
 
 
-def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True, data_fingerprint: str = "") -> dict[str, Any]:
+def tokenize_dataset(
+    tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True,
+    data_fingerprint: str = "", tokenizer_dir: str | Path | None = None,
+) -> dict[str, Any]:
     """Write ``shard_NNNNN.npy`` files of ``shard_size`` rows of ids, and ``manifest.json``. Shards are
     written atomically and finished ones are skipped (a truncated one is written again), so an interrupted
     run resumes where it stopped; the manifest fingerprints the tokenizer's weights and the data
-    (``data_fingerprint``), and a resume with either changed is refused."""
+    (``data_fingerprint``), and a resume with either changed is refused. ``tokenizer_dir``, where the
+    tokenizer was loaded from, is recorded so that a prior's samples can be decoded (``stvq prior``)."""
     out = Path(out)
     count = len(dataset)
     shards = (count + shard_size - 1) // shard_size
@@ -117,6 +121,7 @@ def tokenize_dataset(tokenizer, dataset, out: str | Path, shard_size: int = 1024
         "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
         "layout": tokenizer.manifest(),
         "tokenizer_sha256": weights_fingerprint(tokenizer), "data_fingerprint": data_fingerprint,
+        "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
     }
     with run_lock(out):  # one writer per output directory
         manifest_path = out / "manifest.json"

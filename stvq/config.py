@@ -225,3 +225,28 @@ class TrainConfig(LoopConfig):
     def tail_drop_at(self, step: int) -> float:
         """The share of images decoded from a random prefix at ``step`` (stage 1 only)."""
         return self.tail_drop if self.stage == 1 and step >= self.tail_drop_from * self.steps else 0.0
+
+
+@dataclass
+class PriorTrainConfig(LoopConfig):
+    """One prior training run (``stvq prior train``) on the token shards that ``stvq tokenize`` wrote."""
+
+    shards: str = ""  # the directory of shard_NNNNN.npy files and manifest.json
+    prior: str = "gpt"  # the registered prior to train
+    preset: str = "tiny"  # the prior's preset
+    model: dict[str, Any] = field(default_factory=dict)  # the prior's options by name (e.g. width, layers)
+    heldout: int = 1000  # the last images of the shards, kept out of training for evaluation (at most a tenth)
+    steps: int = 2000
+    batch_size: int = 64
+    weight_decay: float = 0.1
+    eval_every: int = 500
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.shards:
+            raise StvqError("a prior trains on token shards: pass --shards DIR (written by stvq tokenize)")
+        if not isinstance(self.model, dict):
+            raise StvqError('model must be a JSON object of the prior\'s options, e.g. model={"width": 256}')
+        if self.heldout < 1:
+            raise StvqError(f"heldout must be at least 1 image, got {self.heldout}")

@@ -168,6 +168,16 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return ((image.detach().float().clamp(-1, 1) * 0.5 + 0.5).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
+def save_image_grid(path: Path, images: torch.Tensor, per_row: int = 8) -> None:
+    """(B, 3, H, W) in [-1, 1] -> one PNG, ``per_row`` images a row, written atomically."""
+    from torchvision.utils import make_grid
+
+    from stvq.checkpoint import atomic_write
+
+    grid = make_grid(images.float().clamp(-1, 1), nrow=per_row, padding=2, pad_value=-1)
+    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid)).save(tmp, format="PNG"))
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """Any mode -> RGB, shorter side resized to ``image_size`` and centre-cropped; (3, S, S) in [-1, 1]."""
     with Image.open(path) as img:

@@ -186,7 +186,7 @@ def ordering_score(scores: np.ndarray, min_score: float = 0.1, reach: float = 0.
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display here or in CI)."""
     import matplotlib
 
@@ -198,7 +198,7 @@ def _pyplot():
 
 def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline: float | None = None) -> None:
     """One line per run for 'first n known' (solid) and 'last n known' (dashed)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for i, (name, curve) in enumerate(curves.items()):
         color = f"C{i}"
@@ -220,7 +220,7 @@ def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline:
 
 def plot_probe(probe: dict[str, Any], path: Path, title: str) -> None:
     """Two heat maps: each token alone (top), and the first n tokens together (bottom)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(10, 6.6), dpi=120, sharex=True)
     panels = (
         (probe["scores"], "token position", f"{title}: linear probe per token (ordering score {probe['ordering_score']:+.2f}, over {sum(probe['encoded'])} encoded factors)"),

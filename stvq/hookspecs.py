@@ -13,7 +13,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: The plugin kinds, in the order ``stvq plugins`` lists them. Hook for kind K: ``register_{K}s``.
-KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer")
+KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer", "prior")
 
 
 @hookspec
@@ -54,6 +54,14 @@ def register_composers(register):
     """Register tokenizer composers, e.g. ``register('concat', ConcatComposer)``.
 
     A composer is a :class:`stvq.interfaces.Composer`: a list of tokenizers -> one tokenizer.
+    """
+
+
+@hookspec
+def register_priors(register):
+    """Register autoregressive priors over token ids, e.g. ``register('gpt', GPT)``.
+
+    A prior is a :class:`stvq.interfaces.Prior`: ids (B, T) -> next-id logits (B, T + 1, vocab_size).
     """
 
 

@@ -1,7 +1,7 @@
-"""The base classes of the five plugin kinds and their output types. Small and stable: plugins subclass
+"""The base classes of the plugin kinds and their output types. Small and stable: plugins subclass
 them, and the core talks to plugins only through them (checked with ``isinstance``).
 
-Two refinements say what the training and measuring commands need beyond the five kinds:
+Two refinements say what the training and measuring commands need beyond the kinds themselves:
 :class:`CodeTokenizer` (images -> continuous codes -> optional quantizer -> decoder: what ``stvq train``,
 ``stvq quantize`` and ``stvq eval`` drive) and :class:`FittableQuantizer` (a codebook fitted offline on a
 data set's codes: what ``stvq quantize`` fits)."""
@@ -159,6 +159,20 @@ class Composer(ABC):
 
     @abstractmethod
     def compose(self, tokenizers: Sequence[Tokenizer], **options) -> Tokenizer: ...
+
+
+class Prior(nn.Module, ABC):
+    """An autoregressive model over token ids (what ``stvq prior`` trains and samples): built with
+    ``vocab_size`` and ``seq_len`` (ids per image) besides its own options. ``forward(ids)`` on ids (B, T),
+    T <= seq_len, returns logits (B, T + 1, vocab_size): row t is the distribution of id t given ids 0..t-1
+    (row 0 given only the start, or the class id ``labels`` (B,) of a class-conditional prior)."""
+
+    vocab_size: int
+    seq_len: int
+    num_classes: int  # 0: unconditional
+
+    @abstractmethod
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def check_ids(ids: torch.Tensor, num_tokens: int, vocab_size: int, what: str = "ids") -> None:

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     from stvq.cli import parse_options, parse_overrides
-    from stvq.train import save_grid
+    from stvq.data import save_image_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decoder", default="styled")
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         from pathlib import Path
 
-        save_grid(Path(args.grid), result.samples[0], result.samples[1])
+        save_image_grid(Path(args.grid), torch.cat(result.samples[:2]), per_row=len(result.samples[0]))  # originals above
 
 
 if __name__ == "__main__":

@@ -66,15 +66,16 @@ class RunDir:
     def is_run(self) -> bool:
         return (self.path / self.TRAIN_CONFIG).is_file()
 
-    def write_train_config(self, cfg: TrainConfig) -> None:
+    def write_train_config(self, cfg: Any) -> None:
         write_json(self.path / self.TRAIN_CONFIG, dataclasses.asdict(cfg))
 
-    def read_train_config(self) -> TrainConfig:
+    def read_train_config(self, schema: type = TrainConfig) -> Any:
+        """The run's config as a ``schema`` (:class:`TrainConfig`; :class:`PriorTrainConfig` for a prior)."""
         path = self.path / self.TRAIN_CONFIG
         if not path.is_file():
             raise StvqError(f"{self.path} is not a training run (no {self.TRAIN_CONFIG}); pass a directory made by `stvq train`")
         try:
-            return TrainConfig(**json.loads(path.read_text()))
+            return schema(**json.loads(path.read_text()))
         except StvqError:
             raise
         except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields

@@ -1,5 +1,5 @@
 """Contract tests, written once per plugin kind: what every quantizer, encoder/decoder pair, tokenizer,
-code tokenizer and composer must do. A plugin package's tests subclass one and implement its ``make_*``
+code tokenizer, composer and prior must do. A plugin package's tests subclass one and implement its ``make_*``
 method; stvq's own suite runs each for every registered plugin of the kind (tests/test_hooks.py).
 
     class TestMyQuantizer(QuantizerContract):
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stvq.errors import StvqError
-from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, Quantizer, QuantizerOutput, Tokenizer
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, Prior, Quantizer, QuantizerOutput, Tokenizer
 
 
 class QuantizerContract:
@@ -245,3 +245,39 @@ class ComposerContract:
                 block = ids[:, first:last]
                 assert block.min() >= part["offset"] and block.max() < part["offset"] + part["vocab_size"]
             assert composed.decode(ids).shape == images.shape
+
+
+class PriorContract:
+    """A :class:`Prior`: ids (B, T) -> logits (B, T + 1, vocab_size) for any T up to ``seq_len``; row t
+    never sees id t or later; its weights round-trip through ``save_pretrained``."""
+
+    vocab_size, seq_len = 50, 12
+
+    def make_prior(self, vocab_size: int, seq_len: int) -> Prior:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def prior(self) -> Prior:
+        torch.manual_seed(0)
+        return self.make_prior(self.vocab_size, self.seq_len).eval()
+
+    def test_logits_for_every_prefix_length(self, prior):
+        assert isinstance(prior, Prior) and (prior.vocab_size, prior.seq_len) == (self.vocab_size, self.seq_len)
+        ids = torch.randint(0, self.vocab_size, (3, self.seq_len))
+        for t in (0, 1, self.seq_len):
+            assert prior(ids[:, :t]).shape == (3, t + 1, self.vocab_size)
+
+    def test_row_t_never_sees_id_t_or_later(self, prior):
+        ids = torch.randint(0, self.vocab_size, (2, self.seq_len))
+        changed = ids.clone()
+        changed[:, 5] = (changed[:, 5] + 1) % self.vocab_size
+        with torch.no_grad():
+            torch.testing.assert_close(prior(changed)[:, :6], prior(ids)[:, :6])
+
+    def test_save_and_load_round_trip(self, prior, tmp_path):
+        from stvq.checkpoint import load_pretrained
+
+        prior.save_pretrained(tmp_path / "prior")
+        ids = torch.randint(0, self.vocab_size, (2, self.seq_len))
+        with torch.no_grad():
+            assert torch.equal(load_pretrained(tmp_path / "prior")(ids), prior(ids))

@@ -20,9 +20,9 @@ from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from stvq.checkpoint import atomic_write, load_pretrained, run_lock, save_tensors
+from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig, make_config
-from stvq.data import make_dataset, to_uint8
+from stvq.data import make_dataset, save_image_grid
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer
 from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
@@ -251,15 +251,6 @@ def checkpoint_step(path: Path) -> int | None:
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({first_line(err)}); start the run again in another directory") from None
 
 
-def save_grid(path: Path, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
-    """Originals in the top row, reconstructions below; PNG, atomically."""
-    from torchvision.utils import make_grid
-    from PIL import Image
-
-    grid = make_grid(torch.cat([images, reconstructions]).float().clamp(-1, 1), nrow=len(images), padding=2, pad_value=-1)
-    atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid)).save(tmp, format="PNG"))
-
-
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -289,8 +280,9 @@ class BaseTrainer:
         """After restoring: modes, compilation; returns the data set to train on and summary entries."""
         return dataset, {}
 
-    def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
-        """Forward and loss of one batch at ``step``: (loss to minimise, record entries, batch size)."""
+    def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any], int]:
+        """Forward and loss of one batch at ``step``: (loss to minimise, record entries as detached tensors
+        or numbers, read only on logged steps so that a GPU is not synchronised every step, batch size)."""
         raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, val: Any, step: int) -> dict[str, float]:
@@ -338,7 +330,7 @@ class BaseTrainer:
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     evaluation = self.evaluate(model, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
                     last_eval = evaluation or last_eval
-                    record = {"step": done, "loss": loss.item(), **terms, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
+                    record = {"step": done, "loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
                     if self.is_main:
                         self.dir.log(record)
                     bar.update(task, status=self.status(record, last_eval))
@@ -429,13 +421,13 @@ class Trainer(BaseTrainer):
             "grid": str(self.dir.sample(self.cfg.steps)), "cached_codes": cached,
         }
 
-    def step(self, net, batch, step: int) -> tuple[torch.Tensor, dict[str, float], int]:
+    def step(self, net, batch, step: int) -> tuple[torch.Tensor, dict[str, Any], int]:
         images, codes = (batch[0], batch[1].to(self.device)) if self.cached else (batch, None)
         images = images.to(self.device, non_blocking=True)
         out = net(images, codes=codes, **self.stage.forward_options(self.cfg, step))
         loss, terms = self.objective(out.reconstruction, images, out.quantized)
-        record = {k: v.item() for k, v in terms.items()}
-        record["psnr"] = psnr(out.reconstruction.detach().clamp(-1, 1), images).mean().item()
+        record = {k: v.detach() for k, v in terms.items()}
+        record["psnr"] = psnr(out.reconstruction.detach().clamp(-1, 1), images).mean()
         if out.quantized is not None:
             record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
         return loss, record, len(images)
@@ -449,7 +441,7 @@ class Trainer(BaseTrainer):
         model.train()
         self.stage.set_modes(model)
         if self.is_main:
-            save_grid(self.dir.sample(step), images[:8].cpu(), recon[:8].cpu())
+            save_image_grid(self.dir.sample(step), torch.cat([images[:8], recon[:8]]).cpu(), per_row=len(images[:8]))  # originals above
         return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
 
     def status(self, record: dict[str, Any], last_eval: dict[str, float]) -> str:

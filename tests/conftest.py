@@ -4,6 +4,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import stvq
+from stvq.compose import tokenize_dataset
+from stvq.data import make_dataset
+
 collect_ignore = ["plugin_pkg"]  # the example package's own tests run installed, in test_plugin_packages.py
 
 
@@ -15,3 +19,16 @@ def _seed():
 @pytest.fixture
 def runner():
     return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """A tiny styled tokenizer (FSQ, 64 ids) and 240 shapes images tokenized into shards of 100."""
+    root = tmp_path_factory.mktemp("prior")
+    torch.manual_seed(0)
+    tok = stvq.create("tokenizer", "styled", preset="tiny", width=32, heads=2, quantizer={"name": "fsq", "levels": [4, 4, 4]})
+    tok.save_pretrained(root / "tok")
+    tok = stvq.load_tokenizer(root / "tok")
+    data = torch.utils.data.Subset(make_dataset("shapes", 64, "train"), range(240))
+    tokenize_dataset(tok, data, root / "shards", shard_size=100, progress=False, data_fingerprint="shapes:240", tokenizer_dir=root / "tok")
+    return root

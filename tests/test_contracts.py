@@ -7,7 +7,7 @@ import stvq
 from stvq import registry
 from stvq.config import make_config
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
-from stvq.testing import CodeTokenizerContract, ComposerContract, EncoderDecoderContract, TokenizerContract
+from stvq.testing import CodeTokenizerContract, ComposerContract, EncoderDecoderContract, PriorContract, TokenizerContract
 from stvq_reference.vqgan import VQGANTokenizer
 
 SMALL = make_config("tiny", width=32, heads=2)
@@ -29,6 +29,7 @@ TOKENIZERS = {
     "composed": lambda: stvq.create("tokenizer", "composed", parts=[styled(), vqgan()], separator=True),
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
+PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}
 
 
 def code_tokenizers() -> list[str]:
@@ -41,6 +42,7 @@ def test_every_registered_plugin_is_under_contract():
     assert set(plugins["decoder"]) <= {d for _, d in PAIRS.values()}
     assert set(plugins["tokenizer"]) <= set(TOKENIZERS)
     assert set(plugins["composer"]) <= set(COMPOSERS)
+    assert set(plugins["prior"]) <= set(PRIORS)
     assert "styled" in code_tokenizers() and "vqgan" not in code_tokenizers()
     assert issubclass(registry.get("quantizer", "kmeans").resolve(), FittableQuantizer)
     assert not issubclass(registry.get("quantizer", "fsq").resolve(), FittableQuantizer)
@@ -84,3 +86,12 @@ class TestComposers(ComposerContract):
 
     def make_parts(self):
         return [styled(), vqgan()]
+
+
+class TestPriors(PriorContract):
+    @pytest.fixture(autouse=True, params=list(PRIORS))
+    def _case(self, request):
+        self.name = request.param
+
+    def make_prior(self, vocab_size, seq_len):
+        return stvq.create("prior", self.name, vocab_size=vocab_size, seq_len=seq_len, **PRIORS[self.name])

@@ -37,6 +37,11 @@ def register_composers(register):
 
 
 @hookimpl
+def register_priors(register):
+    register("gpt", "stvq_reference.gpt:GPT")
+
+
+@hookimpl
 def register_commands(cli):
     """The reference plugins' own options: a part's source and config for ``stvq compose``, k-means's
     options for ``stvq quantize``."""

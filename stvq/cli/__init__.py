@@ -14,6 +14,7 @@ from rich.table import Table
 
 from stvq.cli.evaluate import evaluate_command
 from stvq.cli.options import console, parse_overrides, preset_option, set_option
+from stvq.cli.prior import prior
 from stvq.cli.tokens import compose, decode, encode, tokenize
 from stvq.cli.train import quantize, train
 from stvq.config import TrainConfig
@@ -104,6 +105,6 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
     console.print(shape)
 
 
-for command in (train, quantize, compose, encode, decode, tokenize, evaluate_command):
+for command in (train, quantize, compose, encode, decode, tokenize, evaluate_command, prior):
     main.add_command(command)
 add_plugin_commands(main)

@@ -115,5 +115,5 @@ def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images) ->
 
     tokenizer = load_tokenizer_dir(tokenizer_dir)
     dataset, fingerprint = tokenize_source(data, tokenizer.image_size, max_images)
-    result = tokenize_dataset(tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console, data_fingerprint=fingerprint)
+    result = tokenize_dataset(tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console, data_fingerprint=fingerprint, tokenizer_dir=tokenizer_dir)
     click.echo(f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}")

@@ -70,17 +70,10 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
       stvq train --resume runs/tiny-stage1-...
       torchrun --nproc_per_node 2 $(which stvq) train --run-dir runs/ddp
     """
-    from stvq.run import RunDir
-    from stvq.train import Trainer, checkpoint_step
+    from stvq.train import Trainer
 
     if resume_dir:
-        given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and _given(ctx, p.name)]
-        if given:
-            raise ConfigError(f"--resume continues {resume_dir} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
-        cfg = RunDir(resume_dir).read_train_config()
-        if _given(ctx, "steps"):
-            cfg.steps = flags["steps"]  # extending a finished run is the one change a resume accepts
-        run = resume_dir
+        cfg, run = resume_config(ctx, resume_dir, TrainConfig, flags["steps"]), resume_dir
     else:
         if quantizer_options and not quantizer:
             raise ConfigError("--quantizer-option needs --quantizer NAME")
@@ -88,20 +81,44 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
         options = {**flags, "model": parse_overrides(flags["model"]), "quantizer": q}
         cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
         run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run).name)
-    trainer = Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console)
+    summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)
+    if summary:
+        console.print(_summary_panel(summary))
+
+
+def resume_config(ctx: click.Context, run: str, schema: type, steps: int):
+    """The config a ``--resume RUN`` continues with: the run's own (read as ``schema``), with ``--steps``
+    the one change it accepts (to extend the run); any other option given is refused."""
+    from stvq.run import RunDir
+
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and _given(ctx, p.name)]
+    if given:
+        raise ConfigError(f"--resume continues {run} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
+    cfg = RunDir(run).read_train_config(schema)
+    if _given(ctx, "steps"):
+        cfg.steps = steps
+    return cfg
+
+
+def fit(trainer, run: str, command: str = "stvq train") -> dict | None:
+    """Run ``trainer.fit()``; the summary on rank 0 of a run that trained, None otherwise. Ctrl-C names the
+    last checkpoint and the --resume command (exit status 130); a finished run says how to extend it."""
+    from stvq.run import RunDir
+    from stvq.train import checkpoint_step
+
     try:
         summary = trainer.fit()
     except KeyboardInterrupt:
         step = checkpoint_step(RunDir(run).checkpoint)
-        where = f"the last checkpoint (step {step}) is in {run}: continue with stvq train --resume {run}" if step else "no checkpoint was written yet: start the run again"
+        where = f"the last checkpoint (step {step}) is in {run}: continue with {command} --resume {run}" if step else "no checkpoint was written yet: start the run again"
         click.echo(f"Interrupted; {where}", err=True)
         sys.exit(130)
     if not trainer.is_main:
-        return
+        return None
     if "finished" in summary:
         click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
-        return
-    console.print(_summary_panel(summary))
+        return None
+    return summary
 
 
 def _summary_panel(summary: dict) -> Panel:

@@ -1,0 +1,335 @@
+"""Generation on the tokens: a prior (a registered :class:`stvq.interfaces.Prior`, ``gpt`` by default)
+trained on the shards that ``stvq tokenize`` wrote, sampled (temperature, top-k, top-p; optionally
+continuing the first N ids of real images) and measured by its held-out negative log-likelihood per
+token position (``stvq prior train|sample|eval``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from stvq.checkpoint import load_pretrained, load_tokenizer, weights_fingerprint, write_json
+from stvq.config import PriorTrainConfig
+from stvq.data import make_dataset, save_image_grid
+from stvq.errors import StvqError
+from stvq.interfaces import Prior, Tokenizer
+from stvq.registry import create, require_subclass
+from stvq.run import RunDir
+from stvq.train import BaseTrainer
+
+# ------------------------------------------------------------------------------------------- shards
+
+
+class TokenShards(Dataset):
+    """The ids of a ``stvq tokenize`` directory, one row (num_tokens,) int64 per image, read from the
+    shards through memory maps (a data set larger than memory works). ``manifest`` is its manifest.json."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        path = self.dir / "manifest.json"
+        if not path.is_file():
+            raise StvqError(f"{self.dir} holds no manifest.json: pass a directory written by `stvq tokenize`")
+        try:
+            m = self.manifest = json.loads(path.read_text())
+            self.num_images, self.shard_size = int(m["num_images"]), int(m["shard_size"])
+            self.num_tokens, self.vocab_size = int(m["num_tokens"]), int(m["vocab_size"])
+            count = int(m["num_shards"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise StvqError(f"{path} is not a manifest that stvq tokenize wrote ({type(err).__name__}: {err})") from None
+        self.shards = []
+        for i in range(count):
+            shard, rows = self.dir / f"shard_{i:05d}.npy", min(self.shard_size, self.num_images - i * self.shard_size)
+            try:
+                ids = np.load(shard, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                raise StvqError(f"{shard} is missing or unreadable: run the same stvq tokenize again to finish the shards") from None
+            if ids.shape != (rows, self.num_tokens):
+                raise StvqError(f"{shard} holds {ids.shape}, not ({rows}, {self.num_tokens}): run the same stvq tokenize again")
+            self.shards.append(ids)
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        shard, row = divmod(index, self.shard_size)
+        return torch.from_numpy(self.shards[shard][row].astype(np.int64))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Ids of images start..stop-1, (stop - start, num_tokens) int64."""
+        return torch.stack([self[i] for i in range(start, stop)])
+
+    def split(self, heldout: int) -> tuple[int, int]:
+        """(training images, held-out images): the last ``heldout`` images, at most a tenth, are held out."""
+        held = max(1, min(heldout, self.num_images // 10))
+        if self.num_images - held < 1:
+            raise StvqError(f"{self.dir} holds {self.num_images} image(s): too few to train a prior and hold some out")
+        return self.num_images - held, held
+
+    def allowed(self) -> torch.Tensor | None:
+        """(num_tokens, vocab_size) bool: the ids each position may hold under the manifest's layout (a
+        composed tokenizer's part owns its positions and id range; begin and separator ids their places);
+        None where every id may go anywhere."""
+        return layout_mask(self.manifest.get("layout"), self.num_tokens, self.vocab_size)
+
+    def tokenizer(self, override: str | Path | None = None) -> Tokenizer:
+        """The tokenizer that wrote these ids (or ``override``), checked against the manifest's sha256."""
+        source = override or self.manifest.get("tokenizer")
+        if not source:
+            raise StvqError(f"{self.dir}/manifest.json does not say which tokenizer wrote it; pass --tokenizer DIR")
+        if not Path(source).is_dir():
+            raise StvqError(f"the tokenizer {source} that wrote {self.dir} is gone; pass --tokenizer DIR")
+        tokenizer = load_tokenizer(source)
+        if weights_fingerprint(tokenizer) != self.manifest.get("tokenizer_sha256"):
+            raise StvqError(f"the tokenizer in {source} is not the one that wrote {self.dir} (its weights differ); pass the right --tokenizer DIR")
+        return tokenizer
+
+
+def layout_mask(layout: dict[str, Any] | None, num_tokens: int, vocab_size: int) -> torch.Tensor | None:
+    """The ids each position may hold, from a :meth:`Tokenizer.manifest` layout; None for one part that
+    covers every position with the whole vocabulary."""
+    parts = (layout or {}).get("parts") or []
+    if len(parts) <= 1 and not (layout or {}).get("begin_id") and not (layout or {}).get("separator_id"):
+        return None
+    mask = torch.zeros(num_tokens, vocab_size, dtype=torch.bool)
+    covered = torch.zeros(num_tokens, dtype=torch.bool)
+    for part in parts:
+        first, last = part["positions"]
+        mask[first:last, part["offset"] : part["offset"] + part["vocab_size"]] = True
+        covered[first:last] = True
+    for position in (~covered).nonzero().flatten().tolist():  # the special ids' places
+        special = layout.get("begin_id") if position == 0 and layout.get("begin_id") is not None else layout.get("separator_id")
+        mask[position, special] = True
+    return mask
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def next_id_loss(prior: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats per position (B, N) of ``ids`` under ``prior``."""
+    logits = prior(ids)[:, :-1].float()  # row t predicts id t
+    return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+
+
+class PriorTrainer(BaseTrainer):
+    """Trains a prior on token shards; evaluates its held-out negative log-likelihood."""
+
+    cfg: PriorTrainConfig
+
+    def build(self) -> tuple[Prior, Dataset, torch.Tensor]:
+        cfg = self.cfg
+        self.shards = TokenShards(cfg.shards)
+        train_count, held = self.shards.split(cfg.heldout)
+        require_subclass("prior", cfg.prior, Prior, "stvq prior trains autoregressive priors over ids")
+        prior = create("prior", cfg.prior, vocab_size=self.shards.vocab_size, seq_len=self.shards.num_tokens, preset=cfg.preset, **cfg.model)
+        heldout = self.shards.rows(train_count, train_count + held).to(self.device)
+        return prior.to(self.device), Subset(self.shards, range(train_count)), heldout
+
+    def prepare(self, prior: Prior, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
+        if self.cfg.compile:
+            prior.compile()
+        return dataset, {
+            "shards": str(self.shards.dir), "vocab_size": self.shards.vocab_size, "num_tokens": self.shards.num_tokens,
+            "train_images": len(dataset), "heldout_images": len(val), "parameters": sum(p.numel() for p in prior.parameters()),
+        }
+
+    def step(self, net, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any], int]:
+        loss = next_id_loss(net, batch.to(self.device)).mean()
+        return loss, {"bits_per_token": loss.detach() / math.log(2)}, len(batch)
+
+    def evaluate(self, prior: Prior, val: torch.Tensor, step: int) -> dict[str, float]:
+        nll = heldout_nll(prior, val)
+        return {"val_nll": float(np.mean(nll)), "val_bits_per_image": float(np.sum(nll) / math.log(2))}
+
+    def status(self, record: dict[str, Any], last_eval: dict[str, float]) -> str:
+        text = f"loss {record['loss']:.3f} nats  {record['images_per_s']:.0f} seq/s"
+        return text + (f"  held-out {last_eval['val_bits_per_image']:.1f} bits/image" if last_eval else "")
+
+
+@torch.no_grad()
+def heldout_nll(prior: Prior, ids: torch.Tensor, batch_size: int = 256) -> list[float]:
+    """Mean negative log-likelihood in nats at each token position over ``ids`` (M, N)."""
+    was_training = prior.training
+    prior.eval()
+    total = torch.zeros(ids.shape[1], dtype=torch.float64)
+    for batch in ids.split(batch_size):
+        total += next_id_loss(prior, batch).double().sum(0).cpu()
+    prior.train(was_training)
+    return (total / len(ids)).tolist()
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def pick(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One id per row of ``logits`` (B, K): greedy at temperature 0 or top-k 1; otherwise a draw from the
+    softmax at ``temperature``, kept to the ``top_k`` likeliest ids (0: all) and to the smallest set whose
+    probability reaches ``top_p`` (nucleus sampling, Holtzman et al., 2020). ``allowed`` (K,) bool: the
+    only ids that may be picked (a composed layout)."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)  # mass of the likelier ids
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the likeliest id always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def sample(
+    prior: Prior, n: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+    prefix: torch.Tensor | None = None, batch_size: int = 64, allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``n`` sequences of ``prior.seq_len`` ids (n, seq_len); ``prefix`` (n, k) fixes the first k ids of
+    each; ``allowed`` (seq_len, K) bool keeps each position to its ids (:func:`layout_mask`). The same seed
+    gives the same ids."""
+    if n < 1:
+        raise StvqError(f"-n must be at least 1, got {n}")
+    prior.eval()
+    device = next(prior.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n, batch_size):
+        count = min(batch_size, n - start)
+        ids = prefix[start : start + count].to(device) if prefix is not None else torch.zeros(count, 0, dtype=torch.long, device=device)
+        while ids.shape[1] < prior.seq_len:
+            mask = None if allowed is None else allowed[ids.shape[1]]
+            ids = torch.cat([ids, pick(prior(ids)[:, -1], temperature, top_k, top_p, generator, mask)[:, None]], 1)
+        out.append(ids.cpu())
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------- a prior's run
+
+
+def load_prior(run: str | Path) -> tuple[Prior, PriorTrainConfig]:
+    """The prior of a ``stvq prior train`` run, and its config."""
+    run_dir = RunDir(run)
+    if not (run_dir.path / "config.json").is_file():
+        raise StvqError(f"{run} holds no prior (no config.json): pass a directory written by `stvq prior train`")
+    prior = load_pretrained(run_dir.path)
+    if not isinstance(prior, Prior):
+        raise StvqError(f"{run} holds a {type(prior).__name__}, not a prior: pass a directory written by `stvq prior train`")
+    return prior, run_dir.read_train_config(PriorTrainConfig)
+
+
+def evaluate_prior(run: str | Path, shards: str | Path | None = None, samples: int = 0, keeps: tuple[int, ...] = (), seed: int = 0) -> dict[str, Any]:
+    """Held-out NLL per position (nats and bits) and bits per image of the prior in ``run``, on its own
+    held-out images (or every image of ``shards``). With ``samples`` on shapes shards: that many samples
+    judged by the factor recogniser (:mod:`stvq.judge`), and for each N in ``keeps`` the factors that
+    survive when the first N ids of real images are kept. Writes prior_eval.json, prior_nll.png and
+    samples.png (and keep_N.png) into the run."""
+    prior, cfg = load_prior(run)
+    data = TokenShards(shards or cfg.shards)
+    if (data.num_tokens, data.vocab_size) != (prior.seq_len, prior.vocab_size):
+        raise StvqError(f"{data.dir} holds {data.num_tokens} ids per image over {data.vocab_size:,}; the prior models {prior.seq_len} over {prior.vocab_size:,}")
+    ids = data.rows(data.split(cfg.heldout)[0] if shards is None else 0, data.num_images)
+    bits = [v / math.log(2) for v in heldout_nll(prior, ids)]
+    result: dict[str, Any] = {
+        "prior": str(run), "shards": str(data.dir), "images": len(ids), "bits_per_position": bits,
+        "bits_per_token": float(np.mean(bits)), "bits_per_image": float(np.sum(bits)), "uniform_bits_per_image": prior.seq_len * math.log2(prior.vocab_size),
+    }
+    if samples or keeps:
+        result.update(judge_samples(prior, data, Path(run), samples, keeps, seed))
+    write_json(Path(run) / "prior_eval.json", result)
+    plot_bits({Path(run).name: bits}, Path(run) / "prior_nll.png")
+    return result
+
+
+def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keeps: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
+    """Samples of ``prior`` decoded and read by the factor recogniser; variations keeping the first N ids
+    of real validation images, for each N in ``keeps``."""
+    from stvq import judge
+
+    if not str(data.manifest.get("data_fingerprint", "")).startswith("shapes:"):
+        raise StvqError(f"judging samples reads shapes images; {data.dir} holds ids of {data.manifest.get('data_fingerprint') or 'another data set'}")
+    tokenizer = data.tokenizer()
+    model, accuracy = judge.recogniser(tokenizer.image_size)
+    val = make_dataset("shapes", tokenizer.image_size, "val")
+    count = max(samples, 1)
+    real = torch.stack([val[i] for i in range(min(count, len(val)))])
+    decode = lambda ids: torch.cat([tokenizer.decode(b) for b in ids.split(64)])  # noqa: E731
+    result: dict[str, Any] = {"recogniser": accuracy}
+    if samples:
+        images = decode(sample(prior, samples, seed=seed, allowed=data.allowed()))
+        save_image_grid(out / "samples.png", images[:64])
+        result["judge"] = judge.judge(model, images, real)
+    sources = model.read(real)
+    real_ids = torch.cat([tokenizer.encode(b) for b in real.split(64)])
+    result["keep"] = {}
+    for keep in keeps:
+        variations = decode(sample(prior, len(real), seed=seed, prefix=real_ids[:, :keep], allowed=data.allowed()))
+        save_image_grid(out / f"keep_{keep}.png", torch.cat([real[:8], variations[:8]]), per_row=8)  # sources above
+        read = model.read(variations)
+        result["keep"][str(keep)] = {"survival": judge.survival(read, sources), "clean_share": judge.clean_share(read)}
+    return result
+
+
+def plot_bits(curves: dict[str, list[float]], path: Path) -> None:
+    """Bits per token position, one line per prior."""
+    from stvq.evaluate import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, bits in curves.items():
+        ax.plot(range(len(bits)), bits, marker=".", label=f"{name} ({sum(bits):.0f} bits/image)")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("held-out NLL (bits)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sample_run(
+    run: str | Path, out: str | Path, n: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+    keep: int = 0, source: str | None = None, tokenizer_dir: str | None = None,
+) -> dict[str, Any]:
+    """Sample the prior in ``run`` and decode through the tokenizer that wrote its shards: ``out`` gets
+    ids.npy, samples.png and sample.json. ``keep`` N with ``source`` (a folder, 'shapes' or 'photos'):
+    the first N ids of ``n`` real images are kept and the rest sampled (sources.png shows the images)."""
+    prior, cfg = load_prior(run)
+    shards = TokenShards(cfg.shards)
+    tokenizer = shards.tokenizer(tokenizer_dir)
+    if not 0 <= keep <= prior.seq_len:
+        raise StvqError(f"--keep must lie in [0, {prior.seq_len}], got {keep}")
+    if keep and not source:
+        raise StvqError("--keep N continues real images: give them with --from (a folder, shapes or photos)")
+    prefix, sources = None, None
+    if source:
+        data = make_dataset(source, tokenizer.image_size, "val")
+        if len(data) < n:
+            raise StvqError(f"--from {source} holds {len(data)} image(s); -n {n} needs as many")
+        sources = torch.stack([data[i] for i in range(n)])
+        prefix = torch.cat([tokenizer.encode(batch) for batch in sources.split(64)])[:, :keep]
+    ids = sample(prior, n, temperature, top_k, top_p, seed, prefix, allowed=shards.allowed())
+    images = torch.cat([tokenizer.decode(batch) for batch in ids.split(64)])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "ids.npy", ids.numpy())
+    save_image_grid(out / "samples.png", images)
+    if sources is not None:
+        save_image_grid(out / "sources.png", sources)
+    result = {"prior": str(run), "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "keep": keep, "from": source}
+    write_json(out / "sample.json", result)
+    return {**result, "images": images, "ids": ids, "sources": sources}
+
