@@ -236,7 +236,7 @@ class PriorTrainConfig(LoopConfig):
     preset: str = "tiny"  # the prior's preset
     model: dict[str, Any] = field(default_factory=dict)  # the prior's options by name (e.g. width, layers)
     heldout: int = 1000  # the last images of the shards, kept out of training for evaluation (at most a tenth)
-    steps: int = 2000
+    steps: int = 1800  # 574 s on 2 cores for 20,000 images; 2000 steps: 0.3 bits per image better, 10.6 min (README)
     batch_size: int = 64
     weight_decay: float = 0.1
     eval_every: int = 500
