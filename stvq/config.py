@@ -125,6 +125,17 @@ def make_config(config: ModelConfig | dict | str | None = None, **overrides: Any
     return replace(base, **overrides)
 
 
+def check_ranges(cfg: Any, nonnegative: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
+    """Raise a :class:`StvqError` naming the first field of ``cfg`` in ``nonnegative`` that is not a finite
+    number of 0 or more, or in ``fractions`` that is not between 0 and 1."""
+    for name in nonnegative:
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise StvqError(f"{name} must be a number of 0 or more, got {getattr(cfg, name)}")
+    for name in fractions:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise StvqError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
+
+
 @dataclass
 class LoopConfig:
     """What every training loop of stvq shares (:class:`stvq.train.BaseTrainer`): optimizer, schedule,
@@ -159,12 +170,7 @@ class LoopConfig:
             raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise StvqError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("weight_decay", "grad_clip"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise StvqError(f"{name} must be a number of 0 or more, got {getattr(self, name)}")
-        for name in ("lr_scales_until", "min_lr_ratio"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise StvqError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        check_ranges(self, nonnegative=("weight_decay", "grad_clip"), fractions=("lr_scales_until", "min_lr_ratio"))
 
     def scales_weight_at(self, step: int) -> float:
         """How much of ``lr_scales`` applies at ``step``: 1 until ``lr_scales_until`` of the run, then
@@ -215,12 +221,7 @@ class TrainConfig(LoopConfig):
             raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
         if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
             raise StvqError("model and quantizer must be JSON objects of options, e.g. model={\"width\": 64}")
-        for name in ("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise StvqError(f"{name} must be a number of 0 or more, got {getattr(self, name)}")
-        for name in ("tail_drop", "tail_drop_from"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise StvqError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        check_ranges(self, nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight"), fractions=("tail_drop", "tail_drop_from"))
 
     def tail_drop_at(self, step: int) -> float:
         """The share of images decoded from a random prefix at ``step`` (stage 1 only)."""

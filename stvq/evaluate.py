@@ -70,25 +70,21 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
 
 
 @torch.no_grad()
-def decode_batched(model, codes: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([model.decode_codes(c) for c in codes.split(batch_size)])
-
-
-@torch.no_grad()
-def encode_batched(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """images (B, 3, H, W) -> continuous codes (B, N, D), in batches."""
-    return torch.cat([model.encode_codes(b) for b in images.split(batch_size)])
+def in_batches(fn, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """``fn`` over ``x`` in batches of ``batch_size`` along the first axis, concatenated: e.g.
+    ``in_batches(model.encode_codes, images)`` or ``in_batches(tokenizer.decode, ids)``."""
+    return torch.cat([fn(batch) for batch in x.split(batch_size)])
 
 
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict | None, torch.Tensor]:
     """(continuous codes, the codes the decoder gets, codebook stats or None, reconstructions) of ``images``,
     through the model's quantizer where it has one."""
-    codes = encode_batched(model, images)  # (B, N, D) continuous
+    codes = in_batches(model.encode_codes, images)  # (B, N, D) continuous
     if model.quantizer is None:
-        return codes, codes, None, decode_batched(model, codes)
+        return codes, codes, None, in_batches(model.decode_codes, codes)
     q = model.quantizer(codes)
-    return codes, q.codes, q.stats, decode_batched(model, q.codes)
+    return codes, q.codes, q.stats, in_batches(model.decode_codes, q.codes)
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.T
     known = torch.arange(n + 1).view(-1, 1) > torch.arange(n).view(1, -1)  # (N+1, N): row k keeps the first k
     masks = torch.cat([known, known.flip(-1)])  # prefix rows, then suffix rows
     variants = torch.where(masks[:, None, :, None], codes[None], fill[None, None])  # (2(N+1), B, N, D)
-    recon = decode_batched(model, variants.flatten(0, 1), batch_size).clamp(-1, 1)
+    recon = in_batches(model.decode_codes, variants.flatten(0, 1), batch_size).clamp(-1, 1)
     scores = psnr(recon, images.repeat(2 * (n + 1), 1, 1, 1)).view(2 * (n + 1), b).mean(1)
     return {"n": list(range(n + 1)), "prefix_psnr": scores[: n + 1].tolist(), "suffix_psnr": scores[n + 1 :].tolist()}
 
@@ -274,7 +270,7 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
     if data == "shapes":
         train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
         train_imgs = torch.stack([train_ds[i] for i in range(probe_images)])
-        train_codes = encode_batched(model, train_imgs).numpy()
+        train_codes = in_batches(model.encode_codes, train_imgs).numpy()
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
         result["probe"] = probe
         plot_probe(probe, out / "factor_probe.png", name)

@@ -19,6 +19,7 @@ from stvq.checkpoint import load_pretrained, load_tokenizer, weights_fingerprint
 from stvq.config import PriorTrainConfig
 from stvq.data import make_dataset, save_image_grid
 from stvq.errors import StvqError
+from stvq.evaluate import in_batches, pyplot
 from stvq.interfaces import Prior, Tokenizer
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir
@@ -266,17 +267,17 @@ def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keep
     val = make_dataset("shapes", tokenizer.image_size, "val")
     count = max(samples, 1)
     real = torch.stack([val[i] for i in range(min(count, len(val)))])
-    decode = lambda ids: torch.cat([tokenizer.decode(b) for b in ids.split(64)])  # noqa: E731
+    allowed = data.allowed()
     result: dict[str, Any] = {"recogniser": accuracy}
     if samples:
-        images = decode(sample(prior, samples, seed=seed, allowed=data.allowed()))
+        images = in_batches(tokenizer.decode, sample(prior, samples, seed=seed, allowed=allowed))
         save_image_grid(out / "samples.png", images[:64])
         result["judge"] = judge.judge(model, images, real)
     sources = model.read(real)
-    real_ids = torch.cat([tokenizer.encode(b) for b in real.split(64)])
+    real_ids = in_batches(tokenizer.encode, real)
     result["keep"] = {}
     for keep in keeps:
-        variations = decode(sample(prior, len(real), seed=seed, prefix=real_ids[:, :keep], allowed=data.allowed()))
+        variations = in_batches(tokenizer.decode, sample(prior, len(real), seed=seed, prefix=real_ids[:, :keep], allowed=allowed))
         save_image_grid(out / f"keep_{keep}.png", torch.cat([real[:8], variations[:8]]), per_row=8)  # sources above
         read = model.read(variations)
         result["keep"][str(keep)] = {"survival": judge.survival(read, sources), "clean_share": judge.clean_share(read)}
@@ -285,8 +286,6 @@ def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keep
 
 def plot_bits(curves: dict[str, list[float]], path: Path) -> None:
     """Bits per token position, one line per prior."""
-    from stvq.evaluate import pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, bits in curves.items():
@@ -320,9 +319,9 @@ def sample_run(
         if len(data) < n:
             raise StvqError(f"--from {source} holds {len(data)} image(s); -n {n} needs as many")
         sources = torch.stack([data[i] for i in range(n)])
-        prefix = torch.cat([tokenizer.encode(batch) for batch in sources.split(64)])[:, :keep]
+        prefix = in_batches(tokenizer.encode, sources)[:, :keep]
     ids = sample(prior, n, temperature, top_k, top_p, seed, prefix, allowed=shards.allowed())
-    images = torch.cat([tokenizer.decode(batch) for batch in ids.split(64)])
+    images = in_batches(tokenizer.decode, ids)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "ids.npy", ids.numpy())

@@ -64,6 +64,20 @@ preset_option = click.option("--preset", default="tiny", show_default=True, help
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a model config field; repeatable.")
 
 
+#: The flags of every training command, for the fields of :class:`stvq.config.LoopConfig` (each command
+#: adds its own before these).
+LOOP_FLAGS = {
+    "steps": {},
+    "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
+    "bf16": {"help": "Autocast to bfloat16."},
+    "seed": {},
+    "eval_every": {},
+    "checkpoint_every": {},
+    "log_every": {},
+    "num_workers": {"help": "DataLoader worker processes."},
+}
+
+
 def config_options(schema: type, flags: dict[str, dict[str, Any]]) -> Callable:
     """Click options for the fields of the dataclass ``schema`` named in ``flags`` (in that order), each
     with the field's type and default: the dataclass is the one source of defaults. ``flags[name]`` holds

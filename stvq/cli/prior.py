@@ -8,7 +8,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import config_options, console, parse_pairs
+from stvq.cli.options import LOOP_FLAGS, config_options, console, parse_pairs
 from stvq.cli.train import fit, resume_config
 from stvq.config import PriorTrainConfig
 
@@ -18,17 +18,10 @@ PRIOR_FLAGS = {
     "prior": {"help": "The registered prior to train."},
     "preset": {"help": "The prior's preset (gpt: tiny, small, base)."},
     "model": {"flag": "--set", "multiple": True, "metavar": "KEY=VALUE", "help": "A prior option, e.g. width=256; repeatable."},
-    "steps": {},
-    "batch_size": {"help": "Sequences per process."},
-    "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
     "heldout": {"help": "Images at the end of the shards kept out of training for evaluation (at most a tenth)."},
-    "seed": {},
-    "eval_every": {},
-    "checkpoint_every": {},
-    "log_every": {},
-    "bf16": {"help": "Autocast to bfloat16."},
+    "batch_size": {"help": "Sequences per process."},
     "compile": {"help": "torch.compile the prior."},
-    "num_workers": {"help": "DataLoader worker processes."},
+    **LOOP_FLAGS,
 }
 
 

@@ -10,7 +10,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import config_options, console, given_meta, parse_options, parse_overrides, parse_pairs
+from stvq.cli.options import LOOP_FLAGS, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs
 from stvq.config import TrainConfig
 from stvq.errors import ConfigError
 
@@ -24,18 +24,11 @@ TRAIN_FLAGS = {
     "from_run": {"flag": "--from", "type": click.Path(file_okay=False), "help": "Stage 2: the stage-1 run to start from."},
     "tokenizer": {"help": "Stage 1: the registered tokenizer to train (a CodeTokenizer)."},
     "cache_codes": {"help": "Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached."},
-    "steps": {},
-    "batch_size": {"help": "Per process."},
-    "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
     "noise_sigma": {"help": "Stage 1: std of the noise added to the codes."},
     "perceptual_weight": {"help": "Weight of the EfficientNet-Lite0 feature loss (slow on CPU)."},
-    "bf16": {"help": "Autocast to bfloat16."},
+    "batch_size": {"help": "Per process."},
     "compile": {"help": "torch.compile the encoder and decoder."},
-    "seed": {},
-    "eval_every": {},
-    "checkpoint_every": {},
-    "log_every": {},
-    "num_workers": {"help": "DataLoader worker processes."},
+    **LOOP_FLAGS,
 }
 
 
