@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from rich.progress import Progress
 
 from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
+from stvq.data import is_stream
+from stvq.distributed import all_gather_objects, barrier, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
@@ -93,60 +96,112 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _shard_ok(path: Path, shape: tuple[int, int], dtype) -> bool:
-    """A finished shard: it loads (no pickles) with the rows, tokens and dtype it must have. A truncated or
-    foreign file is not, and is written again."""
+def _shard_rows(out: Path, shard: int, num_tokens: int, dtype, rows: int | None) -> int | None:
+    """The rows of a finished shard: its ids load (no pickles) with ``num_tokens`` columns, the dtype, and
+    ``rows`` rows (for a stream: as many as its keys file names). None for a missing, truncated or
+    foreign file, which is written again."""
     try:
-        ids = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return False
-    return ids.shape == shape and ids.dtype == dtype
+        ids = np.load(out / f"shard_{shard:05d}.npy", mmap_mode="r", allow_pickle=False)
+        if rows is None:
+            rows = len(json.loads((out / f"shard_{shard:05d}.keys.json").read_text())["keys"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rows if ids.shape == (rows, num_tokens) and ids.dtype == dtype else None
+
+
+def _batches(dataset, pending: list[int], shard_size: int, batch_size: int, num_workers: int) -> Iterator[dict[str, Any]]:
+    """The images of the ``pending`` shards, batch by batch, as :class:`stvq.streams.PieceBatches` items:
+    shard ``i`` of an indexed data set is its rows ``i * shard_size ...``; of a stream, its piece ``i``."""
+    from stvq.streams import PieceBatches, index_batches, loader
+
+    if is_stream(dataset):
+        yield from loader(PieceBatches(dataset, pending, batch_size), num_workers, batch_size=None)
+        return
+    plan = []
+    for shard in pending:
+        stop = min(len(dataset), (shard + 1) * shard_size)
+        plan += [(shard, range(start, min(stop, start + batch_size))) for start in range(shard * shard_size, stop, batch_size)]
+    for (shard, rows), images in zip(plan, index_batches(dataset, [list(r) for _, r in plan], num_workers)):
+        yield {"piece": shard, "images": images, "keys": None, "last": rows.stop == min(len(dataset), (shard + 1) * shard_size), "unreadable": 0}
 
 
 def tokenize_dataset(
     tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True,
-    data_fingerprint: str = "", tokenizer_dir: str | Path | None = None,
+    data_fingerprint: str = "", tokenizer_dir: str | Path | None = None, num_workers: int = 0,
 ) -> dict[str, Any]:
-    """Write ``shard_NNNNN.npy`` files of ``shard_size`` rows of ids, and ``manifest.json``. Shards are
-    written atomically and finished ones are skipped (a truncated one is written again), so an interrupted
-    run resumes where it stopped; the manifest fingerprints the tokenizer's weights and the data
-    (``data_fingerprint``), and a resume with either changed is refused. ``tokenizer_dir``, where the
-    tokenizer was loaded from, is recorded so that a prior's samples can be decoded (``stvq prior``)."""
+    """Write ``shard_NNNNN.npy`` files of ids and ``manifest.json``. An indexed data set gives shards of
+    ``shard_size`` rows; a stream (:class:`stvq.interfaces.ImageStream`) one shard per piece, with
+    ``shard_NNNNN.keys.json`` naming each row's sample and the members that could not be decoded. Shards
+    are written atomically and finished ones are skipped (a truncated one is written again), so an
+    interrupted run resumes where it stopped; the manifest fingerprints the tokenizer's weights and the
+    data (``data_fingerprint``), and a resume with either changed is refused. ``tokenizer_dir``, where the
+    tokenizer was loaded from, is recorded so that a prior's samples can be decoded (``stvq prior``).
+
+    Under torchrun each rank encodes shards ``rank, rank + world, ...`` and rank 0 writes the manifest:
+    the ids are the same for any number of processes. ``num_workers`` DataLoader workers read the images."""
     out = Path(out)
-    count = len(dataset)
-    shards = (count + shard_size - 1) // shard_size
+    rank, world = rank_world()
+    stream = is_stream(dataset)
+    shards = len(dataset.pieces()) if stream else -(-len(dataset) // shard_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     manifest = {
-        "num_images": count, "num_shards": shards, "shard_size": shard_size, "num_tokens": tokenizer.num_tokens,
-        "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
+        "num_images": None if stream else len(dataset), "num_shards": shards, "shard_size": None if stream else shard_size,
+        "num_tokens": tokenizer.num_tokens, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
         "layout": tokenizer.manifest(),
         "tokenizer_sha256": weights_fingerprint(tokenizer), "data_fingerprint": data_fingerprint,
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
     }
-    with run_lock(out):  # one writer per output directory
-        manifest_path = out / "manifest.json"
-        if manifest_path.is_file():
-            old = json.loads(manifest_path.read_text())
-            keys = ("tokenizer_sha256", "data_fingerprint", "num_images", "shard_size", "num_tokens", "vocab_size")
-            changed = [k for k in keys if old.get(k) != manifest[k]]
-            if changed:
-                raise StvqError(f"{out} holds shards of another tokenizer or data set ({', '.join(changed)} differ); pick a new -o directory")
-        write_json(manifest_path, manifest)
-        skipped = 0
-        with Progress(console=console, disable=not progress) as bar:
-            task = bar.add_task("tokenizing", total=count)
-            for shard in range(shards):
-                path = out / f"shard_{shard:05d}.npy"
-                first, last = shard * shard_size, min(count, (shard + 1) * shard_size)
-                if _shard_ok(path, (last - first, tokenizer.num_tokens), dtype):
-                    skipped += 1
-                    bar.update(task, advance=last - first)
-                    continue
-                rows = []
-                for start in range(first, last, batch_size):
-                    images = torch.stack([dataset[i] for i in range(start, min(last, start + batch_size))])
-                    rows.append(tokenizer.encode(images).cpu().numpy().astype(dtype))
-                    bar.update(task, advance=len(images))
-                ids = np.concatenate(rows)
-                atomic_write(path, lambda tmp, ids=ids: _save_npy(tmp, ids))
-        return {**manifest, "skipped_shards": skipped}
+    with ExitStack() as stack:
+        problem = None
+        if rank == 0:  # one writer per output directory: rank 0 holds the lock, the ranks write apart shards
+            try:
+                stack.enter_context(run_lock(out))
+                _check_manifest(out, manifest)
+                write_json(out / "manifest.json", manifest)
+            except StvqError as err:
+                problem = str(err)
+        problem = all_gather_objects(problem)[0]
+        if problem:
+            raise StvqError(problem)
+        rows_of = (lambda i: None) if stream else (lambda i: min(len(dataset), (i + 1) * shard_size) - i * shard_size)
+        mine = range(rank, shards, world)
+        pending = [i for i in mine if _shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) is None]
+        device = next(tokenizer.parameters(), torch.empty(0)).device
+        ids: dict[int, list[np.ndarray]] = {}
+        keys: dict[int, list[str]] = {}
+        unreadable: dict[int, int] = {}
+        with Progress(console=console, disable=not (progress and rank == 0)) as bar:
+            task = bar.add_task("tokenizing", total=None if stream else sum(rows_of(i) for i in pending))
+            for batch in _batches(dataset, pending, shard_size, batch_size, num_workers):
+                shard, images = batch["piece"], batch["images"]
+                if len(images):
+                    ids.setdefault(shard, []).append(tokenizer.encode(images.to(device, non_blocking=True)).cpu().numpy().astype(dtype))
+                keys.setdefault(shard, []).extend(batch["keys"] or [])
+                unreadable[shard] = unreadable.get(shard, 0) + batch["unreadable"]
+                bar.update(task, advance=len(images))
+                if batch["last"]:
+                    rows = np.concatenate(ids.pop(shard, [np.zeros((0, tokenizer.num_tokens), dtype)]))
+                    if stream:
+                        write_json(out / f"shard_{shard:05d}.keys.json", {"keys": keys.pop(shard), "unreadable": unreadable.pop(shard)})
+                    atomic_write(out / f"shard_{shard:05d}.npy", lambda tmp, rows=rows: _save_npy(tmp, rows))
+        skipped = sum(all_gather_objects(len(mine) - len(pending)))  # also waits for every rank's shards
+        if rank == 0:
+            manifest["shard_rows"] = [_shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) for i in range(shards)]
+            manifest["num_images"] = sum(manifest["shard_rows"])
+            if stream:
+                manifest["unreadable"] = sum(json.loads((out / f"shard_{i:05d}.keys.json").read_text())["unreadable"] for i in range(shards))
+            write_json(out / "manifest.json", manifest)
+        barrier()
+        return {**all_gather_objects(manifest)[0], "skipped_shards": skipped}
+
+
+def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to resume into ``out`` when it holds shards of another tokenizer or data set."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    keys = ("tokenizer_sha256", "data_fingerprint", "num_images", "shard_size", "num_tokens", "vocab_size", "num_shards")
+    changed = [k for k in keys if manifest[k] is not None and old.get(k) != manifest[k]]
+    if changed:
+        raise StvqError(f"{out} holds shards of another tokenizer or data set ({', '.join(changed)} differ); pick a new -o directory")

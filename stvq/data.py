@@ -1,5 +1,6 @@
 """Data: the built-in ``shapes`` data set (procedural, with known factors), real ``photos`` shipped by
-scikit-image, image folders, and the ``data`` spec strings the CLI accepts."""
+scikit-image, image folders (the ``dataset`` plugins the reference package registers for them), and the
+``--data`` strings the CLI accepts (:func:`make_dataset`)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ FACTORS = {
     "rotation": 0,
     "texture": len(TEXTURES),
 }
-SPLITS = {"train": 0, "val": 1}
+SPLITS = {"train": 0, "val": 1, "all": 0}  # "all": the endless training stream (tokenize reads its start)
 VAL_SIZE = 512
 
 
@@ -59,14 +60,19 @@ class ShapesDataset(Dataset):
     set of :data:`VAL_SIZE` images drawn from a separate stream.
     """
 
+    endless = True  # a pass over it names a count (--max-images)
+
     def __init__(self, image_size: int = 64, split: str = "train", seed: int = 0, length: int = 1_000_000, noise: float = 0.02) -> None:
         if split not in SPLITS:
-            raise StvqError(f"unknown split {split!r}; use 'train' or 'val'")
-        self.image_size, self.split, self.seed, self.noise = image_size, split, seed, noise
+            raise StvqError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+        self.image_size, self.split, self.seed, self.noise = image_size, "train" if split == "all" else split, seed, noise
         self.length = VAL_SIZE if split == "val" else length
 
     def __len__(self) -> int:
         return self.length
+
+    def fingerprint(self) -> str:
+        return f"shapes:{self.split}:seed{self.seed}"
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS[self.split], index])
@@ -178,8 +184,9 @@ def save_image_grid(path: Path, images: torch.Tensor, per_row: int = 8) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid)).save(tmp, format="PNG"))
 
 
-def load_image(path: Path, image_size: int) -> torch.Tensor:
-    """Any mode -> RGB, shorter side resized to ``image_size`` and centre-cropped; (3, S, S) in [-1, 1]."""
+def load_image(path, image_size: int) -> torch.Tensor:
+    """A file (path or binary file object) of any mode -> RGB, shorter side resized to ``image_size`` and
+    centre-cropped; (3, S, S) in [-1, 1]."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grey: convert("RGB") would clip it at 255, all white
@@ -196,8 +203,8 @@ class ImageFolderDataset(Dataset):
     skipped and counted with one warning; every 20th file (sorted) forms the validation split, and
     ``split="all"`` keeps every file."""
 
-    def __init__(self, root: str | Path, image_size: int, split: str = "train") -> None:
-        root = Path(root)
+    def __init__(self, location: str | Path, image_size: int, split: str = "train", seed: int = 0) -> None:
+        root = Path(location)
         if not root.is_dir():
             raise StvqError(f"data folder {root} does not exist; pass --data shapes or an existing folder of images")
         candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -271,8 +278,12 @@ class PhotosDataset(Dataset):
     """Crops of the photos scikit-image ships: for training, crops deterministic from (seed, index) at a
     random scale (30-100% of the shorter side), position and flip; for validation, each photo's centre."""
 
+    endless = True
+
     def __init__(self, image_size: int, split: str = "train", seed: int = 0, length: int = 100_000) -> None:
-        self.image_size, self.split, self.seed = image_size, split, seed
+        if split not in SPLITS:
+            raise StvqError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+        self.image_size, self.split, self.seed = image_size, "train" if split == "all" else split, seed
         self.photos = []
         for path in photo_paths():
             with Image.open(path) as img:
@@ -281,6 +292,9 @@ class PhotosDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
+
+    def fingerprint(self) -> str:
+        return f"photos:{self.split}:seed{self.seed}"
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if self.split == "val":
@@ -296,27 +310,59 @@ class PhotosDataset(Dataset):
         return from_pil(img)
 
 
-def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0) -> Dataset:
-    """``"shapes"`` (built in), ``"photos"`` (scikit-image's photos) or a folder path."""
-    if spec == "shapes":
-        return ShapesDataset(image_size, split=split, seed=seed)
-    if spec == "photos":
-        return PhotosDataset(image_size, split=split, seed=seed)
-    return ImageFolderDataset(spec, image_size, split=split)
+def parse_data(spec: str) -> tuple[str, str | None]:
+    """``--data`` -> (dataset plugin, location): ``NAME``, ``NAME:LOCATION`` for a registered ``NAME``
+    (``wds:train-{000..099}.tar``, ``hf:DIR:split``), or a folder path (the ``folder`` source)."""
+    from stvq.plugins import plugin_table
+
+    known = plugin_table()["dataset"]
+    name, sep, location = spec.partition(":")
+    if sep and name in known:
+        return name, location
+    if spec in known:
+        return spec, None
+    return "folder", spec
 
 
-def tokenize_source(spec: str, image_size: int, max_images: int | None = None) -> tuple[Dataset, str]:
-    """The images ``stvq tokenize`` reads, and their fingerprint for the shards' manifest: a folder (every
-    image, sorted), or the first ``max_images`` of a built-in source (endless, so the count is required)."""
+def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0):
+    """The images ``--data spec`` names (:func:`parse_data`), ``split`` being ``train``, ``val`` or
+    ``all``: a map-style data set, or a :class:`stvq.interfaces.ImageStream` for a source read in order."""
+    from stvq.registry import create
+
+    name, location = parse_data(spec)
+    options = {"image_size": image_size, "split": split, "seed": seed}
+    if location is not None:
+        options["location"] = location
+    return create("dataset", name, **options)
+
+
+def is_stream(dataset) -> bool:
+    from stvq.interfaces import ImageStream
+
+    return isinstance(dataset, ImageStream)
+
+
+def first_images(dataset, count: int) -> torch.Tensor:
+    """The first ``count`` images of a data set or stream (fewer where it holds fewer), (B, 3, S, S)."""
+    from itertools import islice
+
+    if is_stream(dataset):
+        return torch.stack(list(islice(iter(dataset), count)))
+    return torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+
+
+def tokenize_source(spec: str, image_size: int, max_images: int | None = None):
+    """The images ``stvq tokenize`` reads (split ``all``), and their fingerprint for the shards' manifest:
+    a folder (every image, sorted), a stream (every readable member of every shard), or the first
+    ``max_images`` of a built-in source (endless, so the count is required)."""
     from torch.utils.data import Subset
 
-    if spec in ("shapes", "photos"):
-        if max_images is None:
-            raise StvqError(f"--data {spec} is endless; give --max-images N")
-        dataset, fingerprint = make_dataset(spec, image_size, "train"), f"{spec}:train:seed0"
-    else:
-        dataset = ImageFolderDataset(spec, image_size, split="all")
-        fingerprint = dataset.fingerprint()
+    dataset = make_dataset(spec, image_size, "all")
+    if getattr(dataset, "endless", False) and max_images is None:
+        raise StvqError(f"--data {spec} is endless; give --max-images N")
+    fingerprint = dataset.fingerprint() if hasattr(dataset, "fingerprint") else spec
     if max_images is not None:
+        if is_stream(dataset):
+            raise StvqError(f"--max-images applies to sources read by index; --data {spec} is a stream and is tokenized whole (name fewer shards in the pattern)")
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     return dataset, fingerprint

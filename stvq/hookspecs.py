@@ -13,7 +13,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: The plugin kinds, in the order ``stvq plugins`` lists them. Hook for kind K: ``register_{K}s``.
-KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer", "prior")
+KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer", "prior", "dataset")
 
 
 @hookspec
@@ -62,6 +62,18 @@ def register_priors(register):
     """Register autoregressive priors over token ids, e.g. ``register('gpt', GPT)``.
 
     A prior is a :class:`stvq.interfaces.Prior`: ids (B, T) -> next-id logits (B, T + 1, vocab_size).
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register image sources that ``--data`` names, e.g. ``register('wds', WebDatasetSource)``.
+
+    ``--data NAME`` or ``--data NAME:LOCATION`` builds ``factory(image_size=, split=, seed=[, location=])``
+    with ``split`` one of ``train``, ``val``, ``all``; any other ``--data`` is a folder (the ``folder``
+    source). The result is a map-style ``torch.utils.data.Dataset`` of images (3, S, S) in [-1, 1], or,
+    for a source that cannot be indexed, a :class:`stvq.interfaces.ImageStream` (``val`` stays
+    map-style).
     """
 
 

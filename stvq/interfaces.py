@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from stvq.errors import StvqError
 
@@ -173,6 +174,35 @@ class Prior(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class ImageStream(IterableDataset, ABC):
+    """Images read in order, piece by piece (the tar shards of a webdataset), not by index: what a
+    ``dataset`` plugin returns for a source that cannot be indexed. :mod:`stvq.streams` splits the pieces
+    over ranks and DataLoader workers and records where each reader stands, so that training over a
+    stream resumes exactly; iterating the stream itself yields its readable images in order."""
+
+    image_size: int
+
+    @abstractmethod
+    def pieces(self) -> list[str]:
+        """The pieces in their order (shard paths or URLs)."""
+
+    @abstractmethod
+    def read(self, piece: str, skip: int = 0) -> Iterator[tuple[int, str, torch.Tensor | None]]:
+        """(member index, key, image (3, S, S) in [-1, 1]) for each sample of ``piece`` from member ``skip``
+        on, without decoding the members before it. The image is None for a member that cannot be
+        decoded: the stream warns, the caller counts and skips it."""
+
+    def fingerprint(self) -> str:
+        """A string that changes when the pieces do (their names, here)."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.pieces()).encode()).hexdigest()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for piece in self.pieces():
+            yield from (image for _, _, image in self.read(piece) if image is not None)
 
 
 def check_ids(ids: torch.Tensor, num_tokens: int, vocab_size: int, what: str = "ids") -> None:

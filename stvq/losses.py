@@ -31,7 +31,9 @@ def masked_psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.T
 def mean_image_psnr(train, images: torch.Tensor, count: int = 512) -> float:
     """PSNR of ``images`` against the mean of the first ``count`` items of the data set ``train``: the
     baseline a reconstruction has to beat."""
-    mean = torch.stack([train[i] for i in range(min(count, len(train)))]).mean(0, keepdim=True).to(images.device)
+    from stvq.data import first_images
+
+    mean = first_images(train, count).mean(0, keepdim=True).to(images.device)
     return psnr(mean.expand_as(images), images).mean().item()
 
 

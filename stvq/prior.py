@@ -39,27 +39,30 @@ class TokenShards(Dataset):
             raise StvqError(f"{self.dir} holds no manifest.json: pass a directory written by `stvq tokenize`")
         try:
             m = self.manifest = json.loads(path.read_text())
-            self.num_images, self.shard_size = int(m["num_images"]), int(m["shard_size"])
-            self.num_tokens, self.vocab_size = int(m["num_tokens"]), int(m["vocab_size"])
+            self.num_images, self.num_tokens, self.vocab_size = int(m["num_images"]), int(m["num_tokens"]), int(m["vocab_size"])
             count = int(m["num_shards"])
+            # Shards of a stream hold one piece each; older manifests name only the fixed shard_size.
+            rows = m.get("shard_rows") or [min(int(m["shard_size"]), self.num_images - i * int(m["shard_size"])) for i in range(count)]
         except (ValueError, KeyError, TypeError) as err:
             raise StvqError(f"{path} is not a manifest that stvq tokenize wrote ({type(err).__name__}: {err})") from None
+        self.starts = np.concatenate([[0], np.cumsum(rows)])
         self.shards = []
         for i in range(count):
-            shard, rows = self.dir / f"shard_{i:05d}.npy", min(self.shard_size, self.num_images - i * self.shard_size)
+            shard = self.dir / f"shard_{i:05d}.npy"
             try:
                 ids = np.load(shard, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError):
                 raise StvqError(f"{shard} is missing or unreadable: run the same stvq tokenize again to finish the shards") from None
-            if ids.shape != (rows, self.num_tokens):
-                raise StvqError(f"{shard} holds {ids.shape}, not ({rows}, {self.num_tokens}): run the same stvq tokenize again")
+            if ids.shape != (rows[i], self.num_tokens):
+                raise StvqError(f"{shard} holds {ids.shape}, not ({rows[i]}, {self.num_tokens}): run the same stvq tokenize again")
             self.shards.append(ids)
 
     def __len__(self) -> int:
         return self.num_images
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        shard, row = divmod(index, self.shard_size)
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        row = index - int(self.starts[shard])
         return torch.from_numpy(self.shards[shard][row].astype(np.int64))
 
     def rows(self, start: int, stop: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig, make_config
 from stvq.data import make_dataset, save_image_grid
+from stvq.distributed import init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer
 from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
@@ -75,22 +76,6 @@ class StepBatches:
 
     def __len__(self) -> int:
         return self.stop - self.start
-
-
-# ------------------------------------------------------------------------------------- distributed
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------ stages

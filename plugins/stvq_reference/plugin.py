@@ -42,6 +42,15 @@ def register_priors(register):
 
 
 @hookimpl
+def register_datasets(register):
+    register("shapes", "stvq.data:ShapesDataset")
+    register("photos", "stvq.data:PhotosDataset")
+    register("folder", "stvq.data:ImageFolderDataset")
+    register("wds", "stvq_reference.sources:webdataset")
+    register("hf", "stvq_reference.sources:HFImageDataset")
+
+
+@hookimpl
 def register_commands(cli):
     """The reference plugins' own options: a part's source and config for ``stvq compose``, k-means's
     options for ``stvq quantize``."""

@@ -101,6 +101,26 @@ def config_options(schema: type, flags: dict[str, dict[str, Any]]) -> Callable:
     return decorate
 
 
+def _workers(ctx: click.Context, param: click.Parameter, value: int | None) -> int:
+    from stvq.streams import default_workers
+
+    return default_workers() if value is None else value
+
+
+workers_option = click.option(
+    "--num-workers", type=click.IntRange(min=0), callback=_workers,
+    help="DataLoader worker processes that decode and resize images (default: one per core, at most 8; 0: in the main process).",
+)
+
+
+def distributed_tokenizer(path: str):
+    """The tokenizer in ``path`` on this process's device, the process group started under torchrun."""
+    from stvq.distributed import init_distributed
+
+    _, _, device = init_distributed()
+    return load_tokenizer_dir(path).to(device)
+
+
 def meta_option(flag: str, key: str, name: str, help: str, **click_args: Any) -> click.Option:
     """An option a plugin adds to a command (``register_commands``): a value the user gives is stored as
     ``ctx.meta[key][name]``, which the command reads with :func:`given_meta`. E.g. the reference plugin's

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from stvq.cli.options import console, given_meta, load_tokenizer_dir, parse_pairs
+from stvq.cli.options import console, distributed_tokenizer, given_meta, load_tokenizer_dir, parse_pairs, workers_option
 from stvq.errors import ConfigError
 
 #: Where plugins' options of ``stvq compose`` (``register_commands``, :func:`stvq.cli.options.meta_option`)
@@ -97,23 +97,34 @@ def decode(tokenizer_dir, ids_file, output) -> None:
 
 @click.command()
 @tokenizer_option
-@click.option("--data", required=True, help="A folder of images ('shapes' or 'photos' with --max-images).")
+@click.option("--data", required=True, help="A folder of images, wds:SHARDS, hf:DIR[:split], or 'shapes' / 'photos' with --max-images.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for shards and manifest.json.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Images per .npy shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-images", type=click.IntRange(min=1), help="Tokenize only the first N images.")
-def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images) -> None:
+@workers_option
+def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images, num_workers) -> None:
     """A whole data set -> sharded token files (shard_NNNNN.npy + manifest.json with the vocabulary and
     layout), for an autoregressive model's data loader. Re-running resumes: finished shards are kept.
 
     \b
     Example:
       stvq tokenize --tokenizer tok/ --data images/ -o shards/
+      torchrun --nproc_per_node 8 $(which stvq) tokenize --tokenizer tok/ --data 'wds:train-{000000..001023}.tar' -o shards/
+
+    Under torchrun each process encodes its own shards; the ids are the same for any number of processes.
+    A wds: source gives one shard per tar file, with its samples' keys beside it (shard_NNNNN.keys.json).
     """
     from stvq.compose import tokenize_dataset
     from stvq.data import tokenize_source
+    from stvq.distributed import is_main
 
-    tokenizer = load_tokenizer_dir(tokenizer_dir)
+    tokenizer = distributed_tokenizer(tokenizer_dir)
     dataset, fingerprint = tokenize_source(data, tokenizer.image_size, max_images)
-    result = tokenize_dataset(tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console, data_fingerprint=fingerprint, tokenizer_dir=tokenizer_dir)
-    click.echo(f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}")
+    result = tokenize_dataset(
+        tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console,
+        data_fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, num_workers=num_workers,
+    )
+    if is_main():
+        unreadable = f", {result['unreadable']} unreadable member(s) skipped" if result.get("unreadable") else ""
+        click.echo(f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}{unreadable}")

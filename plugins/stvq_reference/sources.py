@@ -1,0 +1,191 @@
+"""Data sources for data sets at scale: webdataset tar shards (``--data wds:PATTERN``, streamed) and
+Hugging Face datasets on disk (``--data hf:PATH[:split]``, indexed). Both read images the way an image
+folder does (:func:`stvq.data.load_image`: EXIF orientation, RGB, shorter side resized, centre crop)."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from stvq.data import IMAGE_SUFFIXES, from_pil, load_image
+from stvq.errors import StvqError
+from stvq.interfaces import ImageStream
+
+#: Images of a ``wds:`` source's validation split: the first members of its last shard.
+VAL_IMAGES = 512
+IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in sorted(IMAGE_SUFFIXES))
+
+
+def _webdataset():
+    try:
+        import webdataset
+    except ImportError:
+        raise StvqError("--data wds:... reads tar shards with the webdataset package: pip install 'stvq[data]'") from None
+    return webdataset
+
+
+class WebDatasetSource(ImageStream):
+    """Tar shards in the webdataset layout (members ``KEY.jpg``, ``KEY.png``, ... grouped by key), named
+    by a brace pattern such as ``train-{000000..000099}.tar``, read in order without an index. Splits:
+    ``all`` every shard; ``train`` every shard but the last (all of them if there is one); ``val`` the
+    first :data:`VAL_IMAGES` images of the last shard, as a small indexed data set. A member that cannot
+    be decoded is skipped with a warning and counted by the reader, like a corrupt file in a folder."""
+
+    def __init__(self, location: str, image_size: int, split: str = "train", seed: int = 0) -> None:
+        wds = _webdataset()
+        urls = list(wds.shardlists.expand_urls(location))
+        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not Path(u).is_file()]
+        if not urls or missing:
+            raise StvqError(f"wds:{location}: no shard file {missing[0] if missing else location}; give a brace pattern of existing tar files, e.g. wds:data/train-{{000000..000009}}.tar")
+        if split not in ("train", "val", "all"):
+            raise StvqError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+        self.urls, self.image_size, self.split, self.location = urls, image_size, split, location
+        self._pieces = urls[:-1] if split == "train" and len(urls) > 1 else urls
+
+    def pieces(self) -> list[str]:
+        return list(self._pieces)
+
+    def fingerprint(self) -> str:
+        """The shard names with their sizes (local files): another pattern or a rewritten shard changes it."""
+        import hashlib
+
+        listing = [f"{u}\t{os.path.getsize(u) if os.path.isfile(u) else ''}" for u in self._pieces]
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+    def samples(self, piece: str) -> Iterator[dict]:
+        """The raw samples of one shard ({"__key__": ..., "jpg": bytes, ...}); a damaged tar is warned
+        about and read as far as it goes."""
+        wds = _webdataset()
+        return wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": piece}])
+
+    def read(self, piece: str, skip: int = 0) -> Iterator[tuple[int, str, torch.Tensor | None]]:
+        for index, sample in enumerate(self.samples(piece)):
+            if index < skip:
+                continue
+            yield index, sample["__key__"], self._decode(piece, sample)
+
+    def _decode(self, piece: str, sample: dict) -> torch.Tensor | None:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        try:
+            if ext is None:
+                raise ValueError(f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
+            return load_image(io.BytesIO(sample[ext]), self.image_size)
+        except Exception as err:  # PIL and the codecs raise many types
+            warnings.warn(f"skipped unreadable member {sample['__key__']} of {piece} ({err})", stacklevel=2)
+            return None
+
+    def validation(self) -> "ImageList":
+        """The first :data:`VAL_IMAGES` readable images of the last shard."""
+        images = []
+        for _, _, image in self.read(self.urls[-1]):
+            if image is not None:
+                images.append(image)
+            if len(images) == VAL_IMAGES:
+                break
+        return ImageList(images)
+
+
+def webdataset(location: str, image_size: int, split: str = "train", seed: int = 0):
+    """The ``wds`` factory: a :class:`WebDatasetSource` stream, or for ``split="val"`` its small indexed
+    validation images."""
+    if split == "val":
+        return WebDatasetSource(location, image_size, "all", seed).validation()
+    return WebDatasetSource(location, image_size, split, seed)
+
+
+class ImageList(Dataset):
+    """Images already decoded, as a data set."""
+
+    def __init__(self, images: list[torch.Tensor]) -> None:
+        if not images:
+            raise StvqError("no readable image for the validation split")
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def _split_location(location: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH:split`` (a split name holds no path separator)."""
+    path, sep, split = location.rpartition(":")
+    if sep and path and "/" not in split and not Path(location).exists():
+        return Path(path), split
+    return Path(location), None
+
+
+class HFImageDataset(Dataset):
+    """A Hugging Face dataset on disk: a directory written by ``save_to_disk`` (a Dataset or a DatasetDict),
+    a directory of parquet files, or an ``imagefolder`` directory; offline (no hub access is attempted).
+    The images are the first column of the ``Image`` feature type. ``hf:PATH:split`` picks the split of a
+    DatasetDict (default ``train``); ``val`` is its ``validation`` (or ``val``, ``test``) split where there is
+    one, else every 20th row, which ``train`` then leaves out (as for a folder); ``all`` is every row."""
+
+    VAL_NAMES = ("validation", "val", "test")
+
+    def __init__(self, location: str, image_size: int, split: str = "train", seed: int = 0) -> None:
+        path, named = _split_location(location)
+        if not path.exists():
+            raise StvqError(f"hf:{location}: {path} does not exist; give a directory written by Dataset.save_to_disk, or of parquet files or images")
+        splits = _load_hf(path)
+        if named is not None and named not in splits:
+            raise StvqError(f"hf:{location}: no split {named!r}; it has {', '.join(splits)}")
+        main = named or ("train" if "train" in splits else next(iter(splits)))
+        table = splits[main]
+        val_name = next((n for n in self.VAL_NAMES if n in splits and n != main), None) if named is None else None
+        rows = range(len(table))
+        if split == "val":
+            table, rows = (splits[val_name], range(len(splits[val_name]))) if val_name else (table, rows[::20])
+        elif split == "train" and val_name is None and len(table) > 1:
+            rows = [i for i in rows if i % 20]
+        elif split not in ("train", "all"):
+            raise StvqError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
+        column = next((name for name, feature in table.features.items() if type(feature).__name__ == "Image"), None)
+        if column is None:
+            raise StvqError(f"hf:{location}: no column of the Image feature type (columns: {', '.join(table.features)})")
+        self.table, self.rows, self.column, self.image_size = table, list(rows), column, image_size
+        self.location = f"{location}:{split}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def fingerprint(self) -> str:
+        return f"hf:{self.table._fingerprint}:{len(self.rows)}"
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image, ImageOps
+
+        image = self.table[self.rows[index]][self.column]
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        return from_pil(ImageOps.fit(image, (self.image_size, self.image_size), Image.Resampling.BICUBIC))
+
+
+def _load_hf(path: Path) -> dict:
+    """{split name: datasets.Dataset} of a directory, with the hub switched off for the call."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import datasets
+    except ImportError:
+        raise StvqError("--data hf:... reads Hugging Face datasets with the datasets package: pip install 'stvq[data]'") from None
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.disable_progress_bars()
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(path))
+        elif any(path.rglob("*.parquet")):
+            loaded = datasets.load_dataset("parquet", data_dir=str(path))
+        else:
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+    except Exception as err:  # datasets raises its own types for foreign or damaged directories
+        raise StvqError(f"hf:{path}: cannot load it as a Hugging Face dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}

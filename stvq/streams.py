@@ -1,0 +1,122 @@
+"""Loading for every pass over a data set: DataLoader workers decode and resize off the main process, each
+rank of a ``torchrun`` job reads its own part, and a stream (:class:`stvq.interfaces.ImageStream`) is
+read piece by piece with each reader's position known, so that training over it resumes exactly."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from stvq.errors import StvqError
+from stvq.interfaces import ImageStream
+
+#: (epoch, piece index in the reader's list, member index) of the last sample a reader handed out; a new
+#: reader starts after START.
+START = (0, 0, -1)
+
+
+def default_workers() -> int:
+    """DataLoader workers when ``--num-workers`` is not given: one per core this process may use, at most
+    8 (README, "Data at scale", has the measurement)."""
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def loader(dataset: Dataset, num_workers: int, **options: Any) -> DataLoader:
+    """A DataLoader with ``num_workers`` processes, pinned memory when a GPU takes the batches."""
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **options)
+
+
+def index_batches(dataset: Dataset, batches: list[list[int]], num_workers: int) -> Iterator[torch.Tensor]:
+    """The items of each list of indices in ``batches``, stacked, in order."""
+    return iter(loader(dataset, num_workers, batch_sampler=batches))
+
+
+class StreamBatches(IterableDataset):
+    """Training batches from a stream, endless and deterministic. Epoch e reads the pieces in the order of
+    a permutation seeded by (seed, e); rank r takes every world-th piece of it, and reader k of the rank's
+    ``readers`` (one per DataLoader worker) every readers-th of those, members in shard order. The
+    DataLoader hands out worker batches in turn, so step s comes from reader s mod readers; worker w of a
+    loader started at ``first_step`` plays reader (w + first_step) mod readers. Each batch carries
+    (reader, epoch, piece, member) of its last image: the trainer keeps the latest per reader
+    (:class:`StreamState`) and a resume continues each reader right after it."""
+
+    def __init__(self, stream: ImageStream, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray) -> None:
+        count = len(stream.pieces())
+        if count < world * readers:
+            raise StvqError(
+                f"the stream has {count} shard(s), too few for {world} process(es) x {readers} reader(s); "
+                f"lower --num-workers (readers = max(1, workers)) or write more, smaller shards"
+            )
+        self.stream, self.batch_size, self.seed, self.rank, self.world = stream, batch_size, seed, rank, world
+        self.readers, self.first_step, self.positions = readers, first_step, positions
+
+    def _pieces(self, epoch: int, reader: int) -> list[str]:
+        pieces = self.stream.pieces()
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(pieces))
+        return [pieces[i] for i in order[self.rank :: self.world][reader :: self.readers]]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        reader = ((info.id if info else 0) + self.first_step) % self.readers
+        epoch, first_piece, last_member = (int(v) for v in self.positions[reader])
+        images: list[torch.Tensor] = []
+        while True:
+            pieces = self._pieces(epoch, reader)
+            for index in range(first_piece, len(pieces)):
+                skip = last_member + 1 if index == first_piece else 0
+                for member, _, image in self.stream.read(pieces[index], skip):
+                    if image is None:
+                        continue
+                    images.append(image)
+                    if len(images) == self.batch_size:
+                        yield torch.stack(images), torch.tensor([reader, epoch, index, member])
+                        images = []
+            epoch, first_piece, last_member = epoch + 1, 0, -1
+
+
+class StreamState:
+    """Where each reader of this rank stands: (readers, 3) positions, updated as batches are consumed."""
+
+    def __init__(self, readers: int, positions: np.ndarray | None = None) -> None:
+        self.positions = np.array([START] * readers, dtype=np.int64) if positions is None else positions.copy()
+
+    def take(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, where = batch
+        self.positions[int(where[0])] = where[1:].numpy()
+        return images
+
+
+class PieceBatches(IterableDataset):
+    """Whole pieces for a pass that writes per piece (``stvq tokenize``) or samples a stream (``stvq
+    quantize``): DataLoader worker w reads ``pieces[w::workers]``; each item is one batch of a piece,
+    ``{"piece": i, "images", "keys", "last": the piece ends here, "unreadable": members skipped}``. A piece
+    with no readable member gives one empty, last batch."""
+
+    def __init__(self, stream: ImageStream, pieces: list[int], batch_size: int) -> None:
+        self.stream, self.pieces, self.batch_size = stream, pieces, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        names = self.stream.pieces()
+        mine = self.pieces[info.id :: info.num_workers] if info else self.pieces
+        for piece in mine:
+            images, keys, unreadable = [], [], 0
+            for _, key, image in self.stream.read(names[piece]):
+                if image is None:
+                    unreadable += 1
+                    continue
+                images.append(image)
+                keys.append(key)
+                if len(images) == self.batch_size:
+                    yield self._batch(piece, images, keys, unreadable, last=False)
+                    images, keys, unreadable = [], [], 0
+            yield self._batch(piece, images, keys, unreadable, last=True)
+
+    def _batch(self, piece: int, images: list[torch.Tensor], keys: list[str], unreadable: int, last: bool) -> dict[str, Any]:
+        size = self.stream.image_size
+        stacked = torch.stack(images) if images else torch.empty(0, 3, size, size)
+        return {"piece": piece, "images": stacked, "keys": keys, "last": last, "unreadable": unreadable}
