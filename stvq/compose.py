@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
 from stvq.data import is_stream
-from stvq.distributed import all_gather_objects, barrier, rank_world
+from stvq.distributed import all_gather_objects, barrier, raise_on_any, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
@@ -160,9 +160,7 @@ def tokenize_dataset(
                 write_json(out / "manifest.json", manifest)
             except StvqError as err:
                 problem = str(err)
-        problem = all_gather_objects(problem)[0]
-        if problem:
-            raise StvqError(problem)
+        raise_on_any(problem)
         rows_of = (lambda i: None) if stream else (lambda i: min(len(dataset), (i + 1) * shard_size) - i * shard_size)
         mine = range(rank, shards, world)
         pending = [i for i in mine if _shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) is None]

@@ -51,18 +51,29 @@ def slice_of(count: int) -> range:
     return _slices(count, world)[rank]
 
 
-def gather_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """Every rank's :func:`slice_of` rows, concatenated in rank order on every rank: (count, ...). The
-    slices are padded to one length for the collective and cut back."""
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` (any number each, the same trailing shape), concatenated in rank order on
+    every rank; with :func:`slice_of` slices, that is the whole in order. The parts are padded to one
+    length for the collective and cut back."""
     _, world = rank_world()
     if world == 1:
         return rows
-    per = -(-count // world)
-    padded = torch.zeros((per, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    counts = all_gather_objects(len(rows))
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
     padded[: len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: len(part_range)] for part, part_range in zip(parts, _slices(count, world))])
+    return torch.cat([part[:count] for part, count in zip(parts, counts)])
+
+
+def raise_on_any(problem: str | None) -> None:
+    """Every rank raises :class:`StvqError` with the first rank's problem where any rank has one (a check
+    that only rank 0 makes, such as taking the run's lock, must not leave the others in a collective)."""
+    from stvq.errors import StvqError
+
+    found = next((p for p in all_gather_objects(problem) if p), None)
+    if found:
+        raise StvqError(found)
 
 
 def all_gather_objects(value):

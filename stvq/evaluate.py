@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from stvq.checkpoint import write_json
 from stvq.data import FACTORS, DrawnScenes, ShapesDataset, make_dataset
+from stvq.distributed import gather_rows, is_main, slice_of
 from stvq.errors import StvqError
 from stvq.losses import features, masked_psnr, mean_image_psnr, psnr
 
@@ -72,8 +73,12 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
 @torch.no_grad()
 def in_batches(fn, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """``fn`` over ``x`` in batches of ``batch_size`` along the first axis, concatenated: e.g.
-    ``in_batches(model.encode_codes, images)`` or ``in_batches(tokenizer.decode, ids)``."""
-    return torch.cat([fn(batch) for batch in x.split(batch_size)])
+    ``in_batches(model.encode_codes, images)`` or ``in_batches(tokenizer.decode, ids)``. Under torchrun
+    each rank computes a contiguous slice and every rank gets the whole (:func:`stvq.distributed.gather_rows`)."""
+    rows = slice_of(len(x))
+    mine = x[rows.start : rows.stop]
+    parts = [fn(batch) for batch in mine.split(batch_size)] or [fn(x[:1])[:0]]
+    return gather_rows(torch.cat(parts))
 
 
 @torch.no_grad()
@@ -266,14 +271,16 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
     k = min(prefix_images, count)
     result["prefix"] = prefix_curve(model, originals[:k], codes_used[:k], fill)
     result["prefix"]["fill"] = "per-position mean code over the evaluated images"
-    plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
+    if is_main():  # under torchrun the ranks share the encoding and decoding; rank 0 writes
+        plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
     if data == "shapes":
         train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
         train_imgs = torch.stack([train_ds[i] for i in range(probe_images)])
         train_codes = in_batches(model.encode_codes, train_imgs).numpy()
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
         result["probe"] = probe
-        plot_probe(probe, out / "factor_probe.png", name)
+        if is_main():
+            plot_probe(probe, out / "factor_probe.png", name)
         scenes = [DrawnScenes(size, seed)[i] for i in range(count)]
         drawn, masks = torch.stack([image for image, _ in scenes]), torch.stack([mask for _, mask in scenes])
         drawn_recon = reconstruct(model, drawn)[3].clamp(-1, 1)
@@ -281,7 +288,8 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
             "generator": "DrawnScenes: one object drawn by PIL's ImageDraw", "images": count,
             "psnr": psnr(drawn_recon, drawn).mean().item(), "object_psnr": masked_psnr(drawn_recon, drawn, masks).mean().item(),
         }
-    write_json(out / "eval.json", result)
+    if is_main():
+        write_json(out / "eval.json", result)
     return result
 
 

@@ -6,7 +6,6 @@ owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on 
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path

@@ -68,4 +68,8 @@ def register_commands(cli):
     cli.commands["quantize"].params += [
         meta_option("--niter", QUANTIZER_OPTIONS, "niter", "k-means iterations (default 20).", type=click.IntRange(min=1)),
         meta_option("--spherical", QUANTIZER_OPTIONS, "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True),
+        meta_option(
+            "--max-points-per-centroid", QUANTIZER_OPTIONS, "max_points_per_centroid",
+            "k-means trains on at most K x this many code vectors, sampled by faiss (default 256).", type=click.IntRange(min=1),
+        ),
     ]

@@ -29,9 +29,12 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     Example:
       stvq eval --run runs/NAME
       stvq eval --compare runs/styled runs/unordered -o compare/
+      torchrun --nproc_per_node 2 $(which stvq) eval runs/NAME
     """
+    from stvq.distributed import init_distributed, is_main
     from stvq.evaluate import evaluate_path, summary_rows, write_comparison
 
+    init_distributed()  # under torchrun the ranks share each pass over the images (on the CPU); rank 0 writes
     targets = [*runs, *run_options, *tokenizer_options]
     if not targets:
         raise ConfigError("name a run to evaluate: stvq eval --run runs/NAME")
@@ -39,8 +42,11 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         raise ConfigError("--compare needs at least two runs")
     results = []
     for target in targets:
-        console.print(f"evaluating {target} ...")
+        if is_main():
+            console.print(f"evaluating {target} ...")
         results.append(evaluate_path(target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual))
+    if not is_main():
+        return
     table = Table(title="stvq eval" + (" (compare)" if len(results) > 1 else ""))
     table.add_column("metric")
     rows = [summary_rows(r) for r in results]

@@ -10,7 +10,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs
+from stvq.cli.options import LOOP_FLAGS, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs, workers_option
 from stvq.config import TrainConfig
 from stvq.errors import ConfigError
 
@@ -133,7 +133,7 @@ QUANTIZER_OPTIONS = "stvq.quantize.options"
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A stage-1 run.")
+@click.option("--run-dir", "--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A stage-1 run (under torchrun write --run-dir).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=8192, show_default=True, help="Codebook size.")
 @click.option("--data", help="Data to encode (default: the run's).")
 @click.option("--max-images", type=click.IntRange(min=1), default=20000, show_default=True)
@@ -142,7 +142,8 @@ QUANTIZER_OPTIONS = "stvq.quantize.options"
 @click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
 @click.option("--quantizer", default="kmeans", show_default=True, help="The registered quantizer to fit (a FittableQuantizer).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="An option of the quantizer, JSON value; repeatable.")
-def quantize(run_dir, k, data, max_images, per_position, batch_size, seed, quantizer, quantizer_options) -> None:
+@workers_option
+def quantize(run_dir, k, data, max_images, per_position, batch_size, seed, quantizer, quantizer_options, num_workers) -> None:
     """Give a stage-1 run a codebook: encode the data with the frozen encoder, fit the quantizer on the
     codes (k-means with faiss by default), and write it into the run (then `stvq train --stage 2 --from RUN`).
 
@@ -150,12 +151,20 @@ def quantize(run_dir, k, data, max_images, per_position, batch_size, seed, quant
     Example:
       stvq quantize --run runs/tiny-stage1-... --k 8192
       stvq quantize --run runs/tiny-stage1-... --k 256 --per-position
+      torchrun --nproc_per_node 8 $(which stvq) quantize --run RUN --data 'wds:train-{000000..001023}.tar' --max-images 1281167
+
+    Under torchrun each process encodes a slice of the images and rank 0 fits and writes.
     """
     from stvq.quantize import fit_codebook
 
     options = {**given_meta(QUANTIZER_OPTIONS), **parse_options(quantizer_options, "--quantizer-option")}
     started = time.perf_counter()
-    result = fit_codebook(run_dir, k=k, data=data, max_images=max_images, per_position=per_position, batch_size=batch_size, seed=seed, console=console, quantizer=quantizer, options=options)
+    result = fit_codebook(
+        run_dir, k=k, data=data, max_images=max_images, per_position=per_position, batch_size=batch_size, seed=seed,
+        console=console, quantizer=quantizer, options=options, num_workers=num_workers,
+    )
+    if result is None:  # a rank other than 0 under torchrun
+        return
     table = Table(title=f"{quantizer} codebook written to {run_dir}")
     for column in ("K", "vectors", "time", "quantization MSE", "usage", "perplexity", "dead codes"):
         table.add_column(column, justify="right")
