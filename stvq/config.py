@@ -159,6 +159,7 @@ class LoopConfig:
     eval_every: int = 300
     checkpoint_every: int = 200
     num_workers: int = 0
+    tensorboard: bool = False  # also write the log records and sample grids to RUN/tensorboard/
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):

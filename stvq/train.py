@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,12 +18,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig, make_config
-from stvq.data import make_dataset, save_image_grid
-from stvq.distributed import init_distributed
+from stvq.data import is_stream, make_dataset, save_image_grid
+from stvq.distributed import all_gather_objects, init_distributed
+from stvq.streams import StreamBatches, StreamState, loader
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer
 from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
@@ -142,7 +144,7 @@ class QuantizedStage(Stage):
         return {"quantize": True}
 
     def with_cached_codes(self, cfg: TrainConfig, model: CodeTokenizer, dataset: Dataset) -> tuple[Dataset, int | None]:
-        if not cfg.cache_codes:
+        if not cfg.cache_codes or is_stream(dataset):  # a stream's images have no index to look codes up by
             return dataset, None
         cached = RunDir(cfg.from_run).load_codes(cache_key(model.encoder, cfg.data, model.config.image_size, cfg.seed))
         return (dataset, None) if cached is None else (WithCodes(dataset, cached), len(cached))
@@ -185,9 +187,13 @@ def set_lr(opt: torch.optim.Optimizer, lr: float, scales_weight: float = 1.0) ->
 # ---------------------------------------------------------------------------------------- checkpoint
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, data_generator: torch.Generator) -> None:
-    """Model, optimizer and RNG state in one safetensors file: one atomic rename, never a torn mix."""
+def save_checkpoint(
+    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, data_generator: torch.Generator, extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Model, optimizer and RNG state (and ``extra`` tensors, such as a stream's reader positions) in one
+    safetensors file: one atomic rename, never a torn mix."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(extra or {})
     state = opt.state_dict()
     for index, entries in state["state"].items():
         for key, value in entries.items():
@@ -296,15 +302,16 @@ class BaseTrainer:
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
         start, logged_seconds = self._restore(model, opt, data_generator)
         dataset, extras = self.prepare(model, dataset, val)
-        batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, generator=data_generator)
+        batches, stream = self._batches(dataset, start, data_generator)
         net = DistributedDataParallel(model) if self.world > 1 else model
 
         clock = _Clock(logged_seconds)
         last_eval: dict[str, float] = {}
-        with self._progress_bar() as bar:
+        board = self._tensorboard(start)
+        with self._progress_bar() as bar, board or nullcontext():
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
-            for step, batch in enumerate(loader, start=start):
+            for step, batch in enumerate(batches, start=start):
+                batch = stream.take(batch) if stream else batch
                 set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     loss, terms, size = self.step(net, batch, step)
@@ -317,16 +324,67 @@ class BaseTrainer:
                     record = {"step": done, "loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
                     if self.is_main:
                         self.dir.log(record)
+                        if board:
+                            self._to_tensorboard(board, record, done)
                     bar.update(task, status=self.status(record, last_eval))
-                if self.is_main and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                    save_checkpoint(self.dir.checkpoint, model, opt, done, data_generator)
-                    model.save_pretrained(self.dir.path)
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    readers = {"data.positions": torch.from_numpy(np.stack(all_gather_objects(stream.positions)))} if stream else {}
+                    if self.is_main:
+                        save_checkpoint(self.dir.checkpoint, model, opt, done, data_generator, readers)
+                        model.save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
         summary = {
             "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(),
             "images_per_s": clock.images / max(clock.elapsed(), 1e-9), **extras, **last_eval,
         }
         return self._finish(model, summary)
+
+    def _batches(self, dataset: Dataset, start: int, data_generator: torch.Generator) -> tuple[Any, StreamState | None]:
+        """The batches from ``start`` on: by index (:class:`StepBatches`), or from a stream, whose readers'
+        positions (a :class:`StreamState`, saved in each checkpoint) a resume continues from."""
+        cfg = self.cfg
+        if not is_stream(dataset):
+            batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
+            return loader(dataset, cfg.num_workers, batch_sampler=batches, generator=data_generator), None
+        readers = max(1, cfg.num_workers)
+        state = StreamState(readers, self._stream_positions(readers) if start else None)
+        reader = StreamBatches(dataset, cfg.batch_size, cfg.seed, self.rank, self.world, readers, start, state.positions)
+        return islice(loader(reader, cfg.num_workers, batch_size=None), cfg.steps - start), state
+
+    def _stream_positions(self, readers: int) -> np.ndarray:
+        """This rank's readers' positions in the checkpoint; a resume with other ranks or readers is refused."""
+        with safe_open(str(self.dir.checkpoint), "pt") as f:
+            positions = f.get_tensor("data.positions").numpy() if "data.positions" in f.keys() else None
+        if positions is None or positions.shape[:2] != (self.world, readers):
+            was = f"{positions.shape[0]} process(es) x {positions.shape[1]} reader(s)" if positions is not None else "no stream"
+            raise StvqError(
+                f"{self.dir} read its stream with {was}; resume it with the same torchrun --nproc_per_node and "
+                f"--num-workers (readers = max(1, workers)), or the data order would change"
+            )
+        return positions[self.rank]
+
+    def _tensorboard(self, start: int):
+        """A SummaryWriter on RUN/tensorboard/ (rank 0, ``cfg.tensorboard``); a resume purges the events
+        logged after its checkpoint, as it trims metrics.jsonl."""
+        if not (self.cfg.tensorboard and self.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise StvqError("--tensorboard needs the tensorboard package: pip install 'stvq[tensorboard]'") from None
+        return SummaryWriter(str(self.dir.path / "tensorboard"), purge_step=start or None)
+
+    def _to_tensorboard(self, board, record: dict[str, Any], step: int) -> None:
+        """The record's numbers as scalars, and the step's sample grid where one was written."""
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                board.add_scalar(key, value, step)
+        grid = self.dir.sample(step)
+        if grid.is_file():
+            from PIL import Image
+
+            board.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
+        board.flush()
 
     def _restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> tuple[int, float]:
         """(first step, training seconds logged before it): a resume loads the checkpoint and cuts the

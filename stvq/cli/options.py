@@ -74,7 +74,8 @@ LOOP_FLAGS = {
     "eval_every": {},
     "checkpoint_every": {},
     "log_every": {},
-    "num_workers": {"help": "DataLoader worker processes."},
+    "num_workers": {"help": "DataLoader worker processes (a wds: stream: one reader each)."},
+    "tensorboard": {"help": "Also log to RUN/tensorboard/ (pip install 'stvq[tensorboard]')."},
 }
 
 
