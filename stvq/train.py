@@ -349,7 +349,7 @@ class BaseTrainer:
         readers = max(1, cfg.num_workers)
         state = StreamState(readers, self._stream_positions(readers) if start else None)
         reader = StreamBatches(dataset, cfg.batch_size, cfg.seed, self.rank, self.world, readers, start, state.positions)
-        return islice(loader(reader, cfg.num_workers, batch_size=None), cfg.steps - start), state
+        return islice(loader(reader, cfg.num_workers, batch_size=None, generator=data_generator), cfg.steps - start), state
 
     def _stream_positions(self, readers: int) -> np.ndarray:
         """This rank's readers' positions in the checkpoint; a resume with other ranks or readers is refused."""
