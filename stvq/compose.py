@@ -14,6 +14,7 @@ from rich.progress import Progress
 from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
 from stvq.data import is_stream
 from stvq.distributed import all_gather_objects, barrier, raise_on_any, rank_world
+from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 
@@ -112,8 +113,6 @@ def _shard_rows(out: Path, shard: int, num_tokens: int, dtype, rows: int | None)
 def _batches(dataset, pending: list[int], shard_size: int, batch_size: int, num_workers: int) -> Iterator[dict[str, Any]]:
     """The images of the ``pending`` shards, batch by batch, as :class:`stvq.streams.PieceBatches` items:
     shard ``i`` of an indexed data set is its rows ``i * shard_size ...``; of a stream, its piece ``i``."""
-    from stvq.streams import PieceBatches, index_batches, loader
-
     if is_stream(dataset):
         yield from loader(PieceBatches(dataset, pending, batch_size), num_workers, batch_size=None)
         return
@@ -168,7 +167,7 @@ def tokenize_dataset(
         ids: dict[int, list[np.ndarray]] = {}
         keys: dict[int, list[str]] = {}
         unreadable: dict[int, int] = {}
-        with Progress(console=console, disable=not (progress and rank == 0)) as bar:
+        with Progress(console=console, disable=not (progress and rank == 0)) as bar, sharing_cores(num_workers, device):
             task = bar.add_task("tokenizing", total=None if stream else sum(rows_of(i) for i in pending))
             for batch in _batches(dataset, pending, shard_size, batch_size, num_workers):
                 shard, images = batch["piece"], batch["images"]

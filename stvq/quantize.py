@@ -12,7 +12,7 @@ from rich.progress import Progress
 from stvq.checkpoint import load_pretrained, run_lock
 from stvq.data import is_stream, make_dataset
 from stvq.distributed import barrier, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
-from stvq.streams import PieceBatches, index_batches, loader
+from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.registry import require_subclass
@@ -36,7 +36,7 @@ def encode_dataset(model, dataset, max_images: int, batch_size: int, console=Non
         batches = index_batches(dataset, [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)], num_workers)
         count = len(rows)
     chunks, done = [], 0
-    with Progress(console=console, disable=not (progress and rank == 0)) as bar:
+    with Progress(console=console, disable=not (progress and rank == 0)) as bar, sharing_cores(num_workers, device):
         task = bar.add_task("encoding", total=count)
         for images in batches:
             images = images[: count - done]
@@ -97,7 +97,7 @@ def fit_codebook(
             barrier()
             raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
         model.set_quantizer({"name": quantizer, **(options or {}), "codebook_size": k, "positions": model.num_tokens if per_position else 0, "seed": seed})
-        model.quantizer.fit(codes)
+        model.quantizer.to(device).fit(codes)
         stats = model.quantizer.eval()(codes.to(device)).stats
         model.save_pretrained(run)
         result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": from_cache, **stats}

@@ -5,6 +5,7 @@ read piece by piece with each reader's position known, so that training over it 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,7 +23,24 @@ START = (0, 0, -1)
 def default_workers() -> int:
     """DataLoader workers when ``--num-workers`` is not given: one per core this process may use, at most
     8 (README, "Data at scale", has the measurement)."""
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return min(8, cores())
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def sharing_cores(num_workers: int, device: torch.device):
+    """While workers decode on the CPU, the main process computes on the cores they leave (at least one):
+    its OpenMP threads would otherwise spin against them (README, "Data at scale": 1.7x -> 1.85x)."""
+    before = torch.get_num_threads()
+    if num_workers and device.type == "cpu":
+        torch.set_num_threads(max(1, min(before, cores() - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def loader(dataset: Dataset, num_workers: int, **options: Any) -> DataLoader:

@@ -281,3 +281,44 @@ class PriorContract:
         ids = torch.randint(0, self.vocab_size, (2, self.seq_len))
         with torch.no_grad():
             assert torch.equal(load_pretrained(tmp_path / "prior")(ids), prior(ids))
+
+
+class DatasetContract:
+    """A ``dataset`` plugin: every split gives RGB images (3, S, S) in [-1, 1] at the asked size; ``val`` is
+    indexed; the training split is indexed or an :class:`ImageStream` whose ``read(piece, skip)`` gives the
+    members a full read gives from ``skip`` on (what an exact resume relies on)."""
+
+    image_size = 32
+
+    def make_dataset(self, split: str, image_size: int):
+        raise NotImplementedError
+
+    @staticmethod
+    def check(image: torch.Tensor, size: int) -> None:
+        assert image.shape == (3, size, size) and image.dtype == torch.float32
+        assert -1 <= image.min() and image.max() <= 1
+
+    def test_validation_is_indexed_images(self):
+        val = self.make_dataset("val", self.image_size)
+        assert len(val) > 0
+        self.check(val[0], self.image_size)
+        assert torch.equal(val[len(val) - 1], val[len(val) - 1])  # deterministic
+
+    def test_training_images_in_order_and_a_stream_skips_exactly(self):
+        from itertools import islice
+
+        from stvq.interfaces import ImageStream
+
+        train = self.make_dataset("train", self.image_size)
+        if not isinstance(train, ImageStream):
+            self.check(train[0], self.image_size)
+            assert torch.equal(train[1], self.make_dataset("train", self.image_size)[1])
+            return
+        piece = train.pieces()[0]
+        whole = list(islice(train.read(piece), 4))
+        for _, _, image in whole:
+            if image is not None:
+                self.check(image, self.image_size)
+        tail = list(islice(train.read(piece, skip=2), 2))
+        assert [(m, k) for m, k, _ in tail] == [(m, k) for m, k, _ in whole[2:]]
+        assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(tail, whole[2:]))

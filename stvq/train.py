@@ -372,7 +372,7 @@ class BaseTrainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise StvqError("--tensorboard needs the tensorboard package: pip install 'stvq[tensorboard]'") from None
-        return SummaryWriter(str(self.dir.path / "tensorboard"), purge_step=start or None)
+        return SummaryWriter(str(self.dir.path / "tensorboard"), purge_step=start + 1 if start else None)  # steps up to the checkpoint stay
 
     def _to_tensorboard(self, board, record: dict[str, Any], step: int) -> None:
         """The record's numbers as scalars, and the step's sample grid where one was written."""

@@ -7,7 +7,7 @@ import stvq
 from stvq import registry
 from stvq.config import make_config
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
-from stvq.testing import CodeTokenizerContract, ComposerContract, EncoderDecoderContract, PriorContract, TokenizerContract
+from stvq.testing import CodeTokenizerContract, ComposerContract, DatasetContract, EncoderDecoderContract, PriorContract, TokenizerContract
 from stvq_reference.vqgan import VQGANTokenizer
 
 SMALL = make_config("tiny", width=32, heads=2)
@@ -30,6 +30,7 @@ TOKENIZERS = {
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}
+DATASETS = ("shapes", "photos", "folder", "wds", "hf")  # the located ones are written by the fixture below
 
 
 def code_tokenizers() -> list[str]:
@@ -43,6 +44,7 @@ def test_every_registered_plugin_is_under_contract():
     assert set(plugins["tokenizer"]) <= set(TOKENIZERS)
     assert set(plugins["composer"]) <= set(COMPOSERS)
     assert set(plugins["prior"]) <= set(PRIORS)
+    assert set(plugins["dataset"]) <= set(DATASETS)
     assert "styled" in code_tokenizers() and "vqgan" not in code_tokenizers()
     assert issubclass(registry.get("quantizer", "kmeans").resolve(), FittableQuantizer)
     assert not issubclass(registry.get("quantizer", "fsq").resolve(), FittableQuantizer)
@@ -95,3 +97,28 @@ class TestPriors(PriorContract):
 
     def make_prior(self, vocab_size, seq_len):
         return stvq.create("prior", self.name, vocab_size=vocab_size, seq_len=seq_len, **PRIORS[self.name])
+
+
+class TestDatasets(DatasetContract):
+    @pytest.fixture(autouse=True, params=list(DATASETS))
+    def _case(self, request, tmp_path_factory):
+        from test_sources import write_hf, write_shards
+
+        self.name, root = request.param, tmp_path_factory.mktemp("data")
+        self.spec = {"folder": lambda: str(write_folder(root)), "wds": lambda: write_shards(root / "w", shards=2, per_shard=4), "hf": lambda: write_hf(root / "h", 20)}.get(self.name, lambda: self.name)()
+
+    def make_dataset(self, split, image_size):
+        from stvq.data import make_dataset
+
+        return make_dataset(self.spec, image_size, split)
+
+
+def write_folder(root):
+    from PIL import Image
+
+    from stvq.data import make_dataset, to_uint8
+
+    images = make_dataset("shapes", 64, "train")
+    for i in range(21):
+        Image.fromarray(to_uint8(images[i])).save(root / f"{i:02d}.png")
+    return root

@@ -375,14 +375,24 @@ def test_one_writer_per_run_directory_and_orphaned_temp_files_are_removed(runner
     assert not orphan.exists() and [m["step"] for m in metrics(run)][-1] == 31
 
 
-def test_tensorboard_gets_the_records_and_grids_and_a_resume_purges_what_followed_its_checkpoint(tmp_path):
+def test_tensorboard_gets_the_records_and_grids_and_a_resume_purges_what_followed_its_checkpoint(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = tmp_path / "tb"
-    Trainer(small_config(steps=6, eval_every=3, checkpoint_every=3, tensorboard=True), run, progress=False).fit()
-    Trainer(small_config(steps=8, eval_every=3, checkpoint_every=3, tensorboard=True), run, resume=True, progress=False).fit()
+    run, cfg = tmp_path / "tb", small_config(steps=8, eval_every=3, checkpoint_every=3, tensorboard=True)
+    real_step = Trainer.step
+
+    def interrupted(self, net, batch, step):
+        if step == 7:  # steps 1-7 logged, the checkpoint holds step 6
+            raise KeyboardInterrupt
+        return real_step(self, net, batch, step)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run, progress=False).fit()
+    monkeypatch.setattr(Trainer, "step", real_step)
+    Trainer(cfg, run, resume=True, progress=False).fit()
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert {"loss", "psnr", "lr", "val_psnr"} <= set(events.Tags()["scalars"]) and events.Tags()["images"] == ["samples"]
-    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))  # once each across the resume
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))  # step 7 once: the first run's was purged
     assert [e.step for e in events.Images("samples")] == [3, 6, 8]

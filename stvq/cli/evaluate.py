@@ -14,7 +14,7 @@ from stvq.errors import ConfigError
 @click.option("--run", "run_options", multiple=True, type=click.Path(), help="A run to evaluate; repeatable.")
 @click.option("--tokenizer", "tokenizer_options", multiple=True, type=click.Path(), help="A Styled VQ directory; repeatable.")
 @click.option("--compare", is_flag=True, help="Compare the runs: one table, one plot with every curve.")
-@click.option("--data", help="'shapes', 'photos' or a folder (default: the run's training data).")
+@click.option("--data", help="'shapes', 'photos', a folder, wds:SHARDS or hf:DIR[:split] (default: the run's training data).")
 @click.option("--images", type=click.IntRange(min=1), default=256, show_default=True, help="Validation images for the metrics.")
 @click.option("--prefix-images", type=click.IntRange(min=1), default=64, show_default=True, help="Images for the prefix curves (37 x 2 decodes each).")
 @click.option("--probe-images", type=click.IntRange(min=1), default=2000, show_default=True, help="shapes images to fit the factor probes on.")

@@ -20,7 +20,7 @@ TRAIN_FLAGS = {
     "stage": {"type": click.IntRange(1, 2), "help": "1: continuous codes; 2: quantized codes, frozen encoder."},
     "preset": {"help": "Model preset: tiny, small or reference."},
     "model": {"flag": "--set", "multiple": True, "metavar": "KEY=VALUE", "help": "Override a model config field; repeatable."},
-    "data": {"help": "'shapes' (built in), 'photos' (scikit-image's) or a folder of images."},
+    "data": {"help": "'shapes' (built in), 'photos' (scikit-image's), a folder of images, wds:SHARDS or hf:DIR[:split]."},
     "from_run": {"flag": "--from", "type": click.Path(file_okay=False), "help": "Stage 2: the stage-1 run to start from."},
     "tokenizer": {"help": "Stage 1: the registered tokenizer to train (a CodeTokenizer)."},
     "cache_codes": {"help": "Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached."},

@@ -1,0 +1,114 @@
+"""Data at scale on this machine (README, "Data at scale"): tokenize throughput with DataLoader workers
+against the single-process loop, two torchrun processes against one (ids and wall time), and training
+images/s on a wds: stream against the same images in a folder.
+
+    python benchmarks/data_at_scale.py [--images 2000] [--out /tmp/stvq-data-bench]
+
+The images are 512 x 512 JPEGs (quality 90) cut from the photos scikit-image ships (random crops and
+flips, :class:`stvq.data.PhotosDataset`), written once as a folder and as webdataset shards of 100.
+Run it alone: two torch jobs on 2 cores slow each other many times over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import stvq
+from stvq.compose import tokenize_dataset
+from stvq.data import PhotosDataset, make_dataset, to_uint8
+from stvq.prior import TokenShards
+
+
+def write_images(root: Path, count: int, per_shard: int = 100) -> tuple[Path, str]:
+    import webdataset as wds
+
+    folder, shards = root / "jpegs", root / "shards"
+    if not (folder / f"{count - 1:06d}.jpg").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shards.mkdir(parents=True, exist_ok=True)
+        photos = PhotosDataset(512, "train", seed=3)
+        writer = None
+        for i in range(count):
+            buf = io.BytesIO()
+            Image.fromarray(to_uint8(photos[i])).save(buf, format="JPEG", quality=90)
+            (folder / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+            if i % per_shard == 0:
+                writer and writer.close()
+                writer = wds.TarWriter(str(shards / f"train-{i // per_shard:06d}.tar"))
+            writer.write({"__key__": f"{i:06d}", "jpg": buf.getvalue()})
+        writer.close()
+    last = (count + per_shard - 1) // per_shard - 1
+    return folder, f"wds:{shards}/train-{{000000..{last:06d}}}.tar"
+
+
+def tokenize_rate(tokenizer, data: str, out: Path, workers: int) -> float:
+    dataset = make_dataset(data, 64, "all")
+    started = time.perf_counter()
+    result = tokenize_dataset(tokenizer, dataset, out, shard_size=500, batch_size=64, progress=False, num_workers=workers)
+    return result["num_images"] / (time.perf_counter() - started)
+
+
+def cli(*args: str, procs: int = 1, env: dict | None = None) -> float:
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29561"] if procs > 1 else [sys.executable]
+    started = time.perf_counter()
+    subprocess.run([*prefix, "-m", "stvq.cli", *args], check=True, capture_output=True, env={**os.environ, **(env or {})})
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--out", default="/tmp/stvq-data-bench")
+    parser.add_argument("--train-steps", type=int, default=60)
+    args = parser.parse_args()
+    root = Path(args.out)
+    folder, shards = write_images(root, args.images)
+    torch.manual_seed(0)
+    tok = stvq.create("tokenizer", "styled", preset="tiny", quantizer={"name": "fsq", "levels": [8, 5, 5, 5]}).eval()
+    tok.save_pretrained(root / "tok")
+    report: dict = {"images": args.images, "cpus": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
+
+    # 1. tokenize throughput: workers against the single-process loop (num_workers=0 reads in the main process)
+    for workers in (0, 1, 2, 3):
+        out = root / f"ids-w{workers}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        report[f"tokenize_images_per_s_workers{workers}"] = tokenize_rate(tok, str(folder), out, workers)
+    same = all(torch.equal(TokenShards(root / "ids-w0").rows(0, 100), TokenShards(root / f"ids-w{w}").rows(0, 100)) for w in (1, 2, 3))
+    report["tokenize_ids_identical_across_workers"] = same
+    report["tokenize_speedup_best_workers"] = max(report[f"tokenize_images_per_s_workers{w}"] for w in (1, 2, 3)) / report["tokenize_images_per_s_workers0"]
+
+    # 2. two processes under torchrun against one, each reading with one worker
+    for procs in (1, 2):
+        out = root / f"ids-p{procs}"
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        threads = {"OMP_NUM_THREADS": "1"} if procs > 1 else {}
+        report[f"torchrun_{procs}_seconds"] = cli("tokenize", "--tokenizer", str(root / "tok"), "--data", shards, "-o", str(out), "--num-workers", "1", procs=procs, env=threads)
+    one, two = TokenShards(root / "ids-p1"), TokenShards(root / "ids-p2")
+    report["torchrun_ids_identical"] = len(one) == len(two) and torch.equal(one.rows(0, len(one)), two.rows(0, len(two)))
+
+    # 3. training images/s on the stream against the folder (the same images; 2 workers each)
+    for name, data in (("folder", str(folder)), ("wds", shards)):
+        run = root / f"train-{name}"
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+        cli("train", "--data", data, "--run-dir", str(run), "--steps", str(args.train_steps), "--num-workers", "2",
+            "--eval-every", str(args.train_steps), "--no-progress")
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        window = [r["images_per_s"] for r in records[1:]]  # the first window holds the workers' start
+        report[f"train_{name}_images_per_s"] = sum(window) / len(window)
+    report["train_wds_over_folder"] = report["train_wds_images_per_s"] / report["train_folder_images_per_s"]
+    print(json.dumps(report, indent=2))
+    (root / "report.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
