@@ -342,13 +342,17 @@ def is_stream(dataset) -> bool:
     return isinstance(dataset, ImageStream)
 
 
-def first_images(dataset, count: int) -> torch.Tensor:
-    """The first ``count`` images of a data set or stream (fewer where it holds fewer), (B, 3, S, S)."""
+def first_images(dataset, count: int, num_workers: int = 0) -> torch.Tensor:
+    """The first ``count`` images of a data set or stream (fewer where it holds fewer), (B, 3, S, S); an
+    indexed data set is read by ``num_workers`` DataLoader workers."""
     from itertools import islice
+
+    from stvq.streams import index_batches
 
     if is_stream(dataset):
         return torch.stack(list(islice(iter(dataset), count)))
-    return torch.stack([dataset[i] for i in range(min(count, len(dataset)))])
+    rows = range(min(count, len(dataset)))
+    return torch.cat(list(index_batches(dataset, [list(rows[i : i + 64]) for i in range(0, len(rows), 64)], num_workers)))
 
 
 def tokenize_source(spec: str, image_size: int, max_images: int | None = None):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stvq.checkpoint import write_json
-from stvq.data import FACTORS, DrawnScenes, ShapesDataset, make_dataset
+from stvq.data import FACTORS, DrawnScenes, ShapesDataset, first_images, make_dataset
 from stvq.distributed import gather_rows, is_main, slice_of
 from stvq.errors import StvqError
 from stvq.losses import features, masked_psnr, mean_image_psnr, psnr
@@ -248,15 +248,18 @@ def plot_probe(probe: dict[str, Any], path: Path, title: str) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_images: int = 64, probe_images: int = 2000, perceptual: bool = True, seed: int = 0, name: str = "model") -> dict[str, Any]:
+def evaluate(
+    model, out: Path, data: str = "shapes", images: int = 256, prefix_images: int = 64, probe_images: int = 2000, perceptual: bool = True,
+    seed: int = 0, name: str = "model", num_workers: int = 0,
+) -> dict[str, Any]:
     """Everything SPEC section 6 asks for, written to ``out`` (eval.json, prefix_curve.png and, on
-    shapes, factor_probe.png); returns the results."""
+    shapes, factor_probe.png); returns the results. ``num_workers`` DataLoader workers read the images."""
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
     val = make_dataset(data, size, "val", seed)
     count = min(images, len(val))
-    originals = torch.stack([val[i] for i in range(count)])
+    originals = first_images(val, count, num_workers)
     codes, codes_used, stats, recon = reconstruct(model, originals)
     quantized = model.quantizer is not None
     result: dict[str, Any] = {
@@ -275,7 +278,7 @@ def evaluate(model, out: Path, data: str = "shapes", images: int = 256, prefix_i
         plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
     if data == "shapes":
         train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
-        train_imgs = torch.stack([train_ds[i] for i in range(probe_images)])
+        train_imgs = first_images(train_ds, probe_images, num_workers)
         train_codes = in_batches(model.encode_codes, train_imgs).numpy()
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
         result["probe"] = probe

@@ -44,7 +44,10 @@ def sharing_cores(num_workers: int, device: torch.device):
 
 
 def loader(dataset: Dataset, num_workers: int, **options: Any) -> DataLoader:
-    """A DataLoader with ``num_workers`` processes, pinned memory when a GPU takes the batches."""
+    """A DataLoader with ``num_workers`` processes, pinned memory when a GPU takes the batches, and its own
+    generator unless given one: a loader seeds its workers from its generator, and drawing from the
+    global RNG would shift a resumed run's noise away from the uninterrupted run's."""
+    options.setdefault("generator", torch.Generator().manual_seed(0))
     return DataLoader(dataset, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **options)
 
 

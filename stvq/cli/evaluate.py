@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from stvq.cli.options import console
+from stvq.cli.options import console, workers_option
 from stvq.errors import ConfigError
 
 
@@ -20,7 +20,8 @@ from stvq.errors import ConfigError
 @click.option("--probe-images", type=click.IntRange(min=1), default=2000, show_default=True, help="shapes images to fit the factor probes on.")
 @click.option("--no-perceptual", is_flag=True, help="Skip the EfficientNet-Lite0 feature distances.")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Where --compare writes (default eval-compare/).")
-def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, output) -> None:
+@workers_option
+def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, output, num_workers) -> None:
     """Measure a Styled VQ: PSNR, SSIM, MAE, EfficientNet-Lite0 feature distances, codebook health, the
     prefix-decoding curve (first / last n of 36 tokens known) and, on shapes, which token carries which
     factor. Writes eval.json, prefix_curve.png and factor_probe.png into the run.
@@ -44,7 +45,9 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     for target in targets:
         if is_main():
             console.print(f"evaluating {target} ...")
-        results.append(evaluate_path(target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual))
+        results.append(evaluate_path(
+            target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual, num_workers=num_workers,
+        ))
     if not is_main():
         return
     table = Table(title="stvq eval" + (" (compare)" if len(results) > 1 else ""))
