@@ -61,11 +61,15 @@ class StreamBatches(IterableDataset):
     a permutation seeded by (seed, e); rank r takes every world-th piece of it, and reader k of the rank's
     ``readers`` (one per DataLoader worker) every readers-th of those, members in shard order. The
     DataLoader hands out worker batches in turn, so step s comes from reader s mod readers; worker w of a
-    loader started at ``first_step`` plays reader (w + first_step) mod readers. Each batch carries
+    loader started at ``first_step`` plays reader (w + first_step) mod readers, and stops after its last
+    step before ``stop_step`` (None: never), so that no worker decodes past the run. Each batch carries
     (reader, epoch, piece, member) of its last image: the trainer keeps the latest per reader
     (:class:`StreamState`) and a resume continues each reader right after it."""
 
-    def __init__(self, stream: ImageStream, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray) -> None:
+    def __init__(
+        self, stream: ImageStream, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray,
+        stop_step: int | None = None,
+    ) -> None:
         count = len(stream.pieces())
         if count < world * readers:
             raise StvqError(
@@ -73,7 +77,7 @@ class StreamBatches(IterableDataset):
                 f"lower --num-workers (readers = max(1, workers)) or write more, smaller shards"
             )
         self.stream, self.batch_size, self.seed, self.rank, self.world = stream, batch_size, seed, rank, world
-        self.readers, self.first_step, self.positions = readers, first_step, positions
+        self.readers, self.first_step, self.positions, self.stop_step = readers, first_step, positions, stop_step
 
     def _pieces(self, epoch: int, reader: int) -> list[str]:
         pieces = self.stream.pieces()
@@ -82,10 +86,12 @@ class StreamBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
-        reader = ((info.id if info else 0) + self.first_step) % self.readers
+        worker = info.id if info else 0
+        reader = (worker + self.first_step) % self.readers
+        batches = None if self.stop_step is None else len(range(worker, self.stop_step - self.first_step, self.readers))
         epoch, first_piece, last_member = (int(v) for v in self.positions[reader])
         images: list[torch.Tensor] = []
-        while True:
+        while batches != 0:
             pieces = self._pieces(epoch, reader)
             for index in range(first_piece, len(pieces)):
                 skip = last_member + 1 if index == first_piece else 0
@@ -95,7 +101,9 @@ class StreamBatches(IterableDataset):
                     images.append(image)
                     if len(images) == self.batch_size:
                         yield torch.stack(images), torch.tensor([reader, epoch, index, member])
-                        images = []
+                        images, batches = [], None if batches is None else batches - 1
+                        if batches == 0:
+                            return
             epoch, first_piece, last_member = epoch + 1, 0, -1
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -348,8 +347,8 @@ class BaseTrainer:
             return loader(dataset, cfg.num_workers, batch_sampler=batches, generator=data_generator), None
         readers = max(1, cfg.num_workers)
         state = StreamState(readers, self._stream_positions(readers) if start else None)
-        reader = StreamBatches(dataset, cfg.batch_size, cfg.seed, self.rank, self.world, readers, start, state.positions)
-        return islice(loader(reader, cfg.num_workers, batch_size=None, generator=data_generator), cfg.steps - start), state
+        reader = StreamBatches(dataset, cfg.batch_size, cfg.seed, self.rank, self.world, readers, start, state.positions, cfg.steps)
+        return loader(reader, cfg.num_workers, batch_size=None, generator=data_generator), state
 
     def _stream_positions(self, readers: int) -> np.ndarray:
         """This rank's readers' positions in the checkpoint; a resume with other ranks or readers is refused."""

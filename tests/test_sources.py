@@ -135,9 +135,9 @@ def test_stream_batches_resumed_at_any_step_continue_the_uninterrupted_sequence(
     stream = make_dataset(spec, 64, "all")
 
     def run(first_step: int, state: StreamState) -> tuple[list[torch.Tensor], np.ndarray]:
-        reader = StreamBatches(stream, 3, seed=1, rank=0, world=1, readers=2, first_step=first_step, positions=state.positions)
+        reader = StreamBatches(stream, 3, seed=1, rank=0, world=1, readers=2, first_step=first_step, positions=state.positions, stop_step=16)
         out, saved = [], None
-        for step, batch in zip(range(first_step, 16), loader(reader, 2, batch_size=None)):
+        for step, batch in enumerate(loader(reader, 2, batch_size=None), start=first_step):  # each worker stops at step 16
             out.append(state.take(batch))
             if step == 8:  # batch 8 consumed: what a checkpoint at step 9 records
                 saved = state.positions.copy()
@@ -145,7 +145,8 @@ def test_stream_batches_resumed_at_any_step_continue_the_uninterrupted_sequence(
 
     whole, saved = run(0, StreamState(2))  # 16 batches of 3 from 35 images: into epoch 2
     resumed, _ = run(9, StreamState(2, saved))  # an odd step: the workers swap readers
-    assert all(torch.equal(a, b) for a, b in zip(whole[9:], resumed)) and len(resumed) == 7
+    assert len(whole) == 16 and len(resumed) == 7
+    assert all(torch.equal(a, b) for a, b in zip(whole[9:], resumed))
     assert not torch.equal(whole[0], whole[1])
 
 
