@@ -188,10 +188,11 @@ def load_image(path, image_size: int) -> torch.Tensor:
     """A file (path or binary file object) of any mode -> RGB, shorter side resized to ``image_size`` and
     centre-cropped; (3, S, S) in [-1, 1]."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the full-size image (8 % of the time)
         if img.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grey: convert("RGB") would clip it at 255, all white
             img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-        img = img.convert("RGB")
+        if img.mode != "RGB":
+            img = img.convert("RGB")
         return from_pil(ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC))
 
 

@@ -67,3 +67,27 @@ def test_make_dataset_errors():
         make_dataset("/nope", 64)
     with pytest.raises(StvqError, match="unknown split"):
         ShapesDataset(64, split="test")
+
+
+def test_load_image_applies_the_exif_orientation_and_reads_every_mode(tmp_path):
+    from PIL import Image
+
+    from stvq.data import load_image, to_uint8
+
+    upright = to_uint8(make_dataset("shapes", 32, "train")[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the file holds the image turned the other way
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    loaded = load_image(tmp_path / "turned.jpg", 32)
+    assert (loaded - load_image_of(upright)).abs().mean() < 0.02  # shown upright
+    Image.fromarray(upright).convert("L").save(tmp_path / "grey.png")
+    Image.fromarray(upright).convert("P").save(tmp_path / "palette.png")
+    for name in ("grey.png", "palette.png"):
+        assert load_image(tmp_path / name, 32).shape == (3, 32, 32)
+
+
+def load_image_of(array):
+    from stvq.data import from_pil
+    from PIL import Image
+
+    return from_pil(Image.fromarray(array))
