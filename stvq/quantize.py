@@ -12,11 +12,11 @@ from rich.progress import Progress
 from stvq.checkpoint import load_pretrained, run_lock
 from stvq.data import is_stream, make_dataset
 from stvq.distributed import barrier, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
-from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.registry import require_subclass
 from stvq.run import RunDir, cache_key
+from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 
 
 @torch.no_grad()

@@ -23,12 +23,12 @@ from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig, make_config
 from stvq.data import is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
-from stvq.streams import StreamBatches, StreamState, loader
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer
 from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
+from stvq.streams import StreamBatches, StreamState, loader
 
 
 
