@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from stvq.checkpoint import load_pretrained, run_lock
 from stvq.data import is_stream, make_dataset
-from stvq.distributed import barrier, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
+from stvq.distributed import all_gather_objects, barrier, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.registry import require_subclass
@@ -21,33 +21,54 @@ from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 
 @torch.no_grad()
 def encode_dataset(model, dataset, max_images: int, batch_size: int, console=None, progress: bool = True, num_workers: int = 0) -> torch.Tensor:
-    """Codes (M, N, code_dim) of the first ``max_images`` images of ``dataset``, on every rank. Under
-    torchrun each rank encodes a contiguous slice (:func:`stvq.distributed.slice_of`), so the codes are
-    the same for any number of processes. A stream gives the first readable images of each rank's pieces
-    (``max_images`` split evenly over the ranks): which images, for a stream, depends on the ranks and
-    workers."""
+    """Codes (M, N, code_dim) of the first ``max_images`` images of ``dataset`` (a stream: its first
+    readable images, pieces in order), on every rank, the same for any number of processes and workers.
+    Under torchrun each rank encodes a contiguous slice (:func:`stvq.distributed.slice_of`), or of a
+    stream every world-th piece."""
     device = next(model.parameters()).device
-    rank, world = rank_world()
-    if is_stream(dataset):
-        batches = (b["images"] for b in loader(PieceBatches(dataset, list(range(rank, len(dataset.pieces()), world)), batch_size), num_workers, batch_size=None))
-        count = -(-max_images // world)
-    else:
+    encode = lambda images: model.encode_codes(images.to(device, non_blocking=True)).float()  # noqa: E731
+    with Progress(console=console, disable=not (progress and rank_world()[0] == 0)) as bar, sharing_cores(num_workers, device):
+        task = bar.add_task("encoding", total=max_images if is_stream(dataset) else min(max_images, len(dataset)))
+        if is_stream(dataset):
+            return _encode_stream(encode, dataset, max_images, batch_size, num_workers, lambda n: bar.update(task, advance=n))
         rows = slice_of(min(max_images, len(dataset)))
-        batches = index_batches(dataset, [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)], num_workers)
-        count = len(rows)
-    chunks, done = [], 0
-    with Progress(console=console, disable=not (progress and rank == 0)) as bar, sharing_cores(num_workers, device):
-        task = bar.add_task("encoding", total=count)
-        for images in batches:
-            images = images[: count - done]
-            if len(images):
-                chunks.append(model.encode_codes(images.to(device, non_blocking=True)).float())
-                done += len(images)
-                bar.update(task, advance=len(images))
-            if done == count:
-                break
-    codes = torch.cat(chunks) if chunks else torch.empty(0, model.num_tokens, model.config.code_dim, device=device)
+        chunks = []
+        for images in index_batches(dataset, [list(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)], num_workers):
+            chunks.append(encode(images))
+            bar.update(task, advance=len(images) * rank_world()[1])
+        codes = torch.cat(chunks) if chunks else _no_codes(encode, model.image_size)
     return gather_rows(codes).cpu()
+
+
+def _no_codes(encode, image_size: int) -> torch.Tensor:
+    """(0, N, D): what a rank with no images contributes to the gather."""
+    return encode(torch.zeros(1, 3, image_size, image_size))[:0]
+
+
+def _encode_stream(encode, stream, max_images: int, batch_size: int, num_workers: int, advance) -> torch.Tensor:
+    """The codes of a stream's first ``max_images`` readable images. Rounds of world x workers pieces:
+    rank r encodes the round's pieces p with p mod world = r (its workers one piece each), then the ranks
+    share how many images each piece held, and stop once the pieces so far hold enough; the codes come
+    back in piece order and are cut at ``max_images``."""
+    rank, world = rank_world()
+    pieces, per_round = len(stream.pieces()), world * max(1, num_workers)
+    mine: dict[int, list[torch.Tensor]] = {}
+    held: dict[int, int] = {}
+    for first in range(0, pieces, per_round):
+        round_pieces = [p for p in range(first, min(pieces, first + per_round)) if p % world == rank]
+        for batch in loader(PieceBatches(stream, round_pieces, batch_size), num_workers, batch_size=None):
+            if len(batch["images"]):
+                mine.setdefault(batch["piece"], []).append(encode(batch["images"]))
+                advance(len(batch["images"]))
+        for counts in all_gather_objects({p: sum(len(c) for c in mine.get(p, [])) for p in round_pieces}):
+            held.update(counts)
+        if sum(held.values()) >= max_images:
+            break
+    local = [torch.cat(mine[p]) for p in sorted(mine)]
+    gathered = gather_rows(torch.cat(local) if local else _no_codes(encode, stream.image_size)).cpu()
+    by_rank = gathered.split([sum(held[p] for p in held if p % world == r) for r in range(world)])
+    parts = {r: iter(part.split([held[p] for p in sorted(held) if p % world == r])) for r, part in enumerate(by_rank)}
+    return torch.cat([next(parts[p % world]) for p in sorted(held)])[:max_images]
 
 
 def fit_codebook(
@@ -81,7 +102,7 @@ def fit_codebook(
         dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
         key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
         count = max_images if is_stream(dataset) else min(max_images, len(dataset))
-        cached = None if is_stream(dataset) else run_dir.load_codes(key)  # a stream's codes are not by index
+        cached = run_dir.load_codes(key)  # a stream's first images are as fixed as an indexed set's
         from_cache = cached is not None and len(cached) >= count
         if from_cache:
             codes = cached[:count]  # the frozen encoder's codes for these images are already known
@@ -90,7 +111,7 @@ def fit_codebook(
         if rank != 0:
             barrier()  # rank 0 fits and writes
             return None
-        if not from_cache and not is_stream(dataset):
+        if not from_cache:
             run_dir.save_codes(key, codes)
         per_codebook = len(codes) if per_position else codes.shape[0] * codes.shape[1]
         if k > per_codebook:

@@ -161,6 +161,21 @@ def test_training_on_wds_shards_resumes_exactly_with_workers(tmp_path, monkeypat
         Trainer(other, tmp_path / "killed", resume=True, progress=False).fit()
 
 
+def test_quantize_samples_a_streams_first_images_whatever_the_workers(tmp_path):
+    from stvq.quantize import encode_dataset
+
+    spec = write_shards(tmp_path / "w", shards=5, per_shard=6, corrupt=(1, 2))
+    stream = make_dataset(spec, 64, "all")
+    model = stvq.create("tokenizer", "styled", config=make_config("tiny", **SMALL)).eval()
+    first = torch.stack([image for image, _ in zip(stream, range(17))])  # 17 readable images: into the third shard
+    with torch.no_grad():
+        expected = model.encode_codes(first)
+    for workers in (0, 2, 3):
+        codes = encode_dataset(model, stream, 17, batch_size=4, progress=False, num_workers=workers)
+        torch.testing.assert_close(codes, expected, rtol=1e-5, atol=1e-5)
+    assert len(encode_dataset(model, stream, 1000, batch_size=4, progress=False)) == 29  # the whole stream, one member unreadable
+
+
 def test_bad_stream_input_is_one_line(tmp_path, runner):
     spec = write_shards(tmp_path / "w", shards=2, per_shard=4)
     cases = [
@@ -192,6 +207,22 @@ def test_hf_dataset_on_disk_trains_resumes_and_tokenizes(tmp_path, runner, monke
     assert torch.equal(TokenShards(tmp_path / "ids")[5], tok.encode(every[5][None])[0])
 
 
+def test_hf_reads_parquet_and_imagefolder_directories_offline(tmp_path):
+    import datasets
+
+    write_hf(tmp_path / "saved", 30)
+    (tmp_path / "parquet").mkdir()
+    datasets.load_from_disk(str(tmp_path / "saved")).to_parquet(str(tmp_path / "parquet" / "train-00000.parquet"))
+    (tmp_path / "folder" / "train").mkdir(parents=True)
+    shapes = make_dataset("shapes", 64, "train")
+    for i in range(25):
+        Image.fromarray(to_uint8(shapes[i])).save(tmp_path / "folder" / "train" / f"{i:03d}.png")
+    parquet, folder = make_dataset(f"hf:{tmp_path / 'parquet'}", 64, "all"), make_dataset(f"hf:{tmp_path / 'folder'}", 64, "all")
+    assert (len(parquet), len(folder)) == (30, 25)
+    assert torch.allclose(parquet[7], shapes[7], atol=1 / 127) and torch.allclose(folder[7], shapes[7], atol=1 / 127)
+    assert datasets.config.HF_HUB_OFFLINE  # the hub is never asked
+
+
 # ---------------------------------------------------------------------------------------- torchrun
 
 
@@ -220,6 +251,11 @@ def test_torchrun_tokenize_and_quantize_give_the_ids_of_one_process(tmp_path, ru
     torchrun("quantize", "--run-dir", str(tmp_path / "s1-two"), *args, port=29531)
     one, two = stvq.load_tokenizer(run), stvq.load_tokenizer(tmp_path / "s1-two")
     assert torch.equal(one.quantizer.codebook, two.quantizer.codebook)
+
+    torchrun("quantize", "--run-dir", str(tmp_path / "s1-two"), "--data", spec, *args[:2], "--max-images", "25", "--num-workers", "1", port=29533)
+    assert runner.invoke(main, ["quantize", "--run", str(run), "--data", spec, *args[:2], "--max-images", "25", "--num-workers", "2"]).exit_code == 0
+    one, two = stvq.load_tokenizer(run), stvq.load_tokenizer(tmp_path / "s1-two")
+    assert torch.equal(one.quantizer.codebook, two.quantizer.codebook)  # a stream's first 25 images, any processes or workers
 
     for name, data in (("folder", str(folder)), ("wds", spec)):
         tokenize = ["tokenize", "--tokenizer", str(run), "--data", data, "--shard-size", "16", "--num-workers", "1"]
