@@ -71,25 +71,33 @@ def reconstruction_metrics(originals: torch.Tensor, reconstructions: torch.Tenso
 
 
 @torch.no_grad()
-def in_batches(fn, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def in_batches(fn, x: torch.Tensor, batch_size: int = 64, device: torch.device | None = None) -> torch.Tensor:
     """``fn`` over ``x`` in batches of ``batch_size`` along the first axis, concatenated: e.g.
-    ``in_batches(model.encode_codes, images)`` or ``in_batches(tokenizer.decode, ids)``. Under torchrun
-    each rank computes a contiguous slice and every rank gets the whole (:func:`stvq.distributed.gather_rows`)."""
+    ``in_batches(model.encode_codes, images)`` or ``in_batches(tokenizer.decode, ids)``. Each batch goes to
+    ``device`` (default: x's) and the whole comes back to x's. Under torchrun each rank computes a
+    contiguous slice and every rank gets the whole (:func:`stvq.distributed.gather_rows`)."""
+    device = device or x.device
     rows = slice_of(len(x))
     mine = x[rows.start : rows.stop]
-    parts = [fn(batch) for batch in mine.split(batch_size)] or [fn(x[:1])[:0]]
-    return gather_rows(torch.cat(parts))
+    parts = [fn(batch.to(device)) for batch in mine.split(batch_size)] or [fn(x[:1].to(device))[:0]]
+    return gather_rows(torch.cat(parts)).to(x.device)
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict | None, torch.Tensor]:
     """(continuous codes, the codes the decoder gets, codebook stats or None, reconstructions) of ``images``,
     through the model's quantizer where it has one."""
-    codes = in_batches(model.encode_codes, images)  # (B, N, D) continuous
+    device = device_of(model)
+    codes = in_batches(model.encode_codes, images, device=device)  # (B, N, D) continuous
     if model.quantizer is None:
-        return codes, codes, None, in_batches(model.decode_codes, codes)
-    q = model.quantizer(codes)
-    return codes, q.codes, q.stats, in_batches(model.decode_codes, q.codes)
+        return codes, codes, None, in_batches(model.decode_codes, codes, device=device)
+    q = model.quantizer(codes.to(device))
+    quantized = q.codes.to(images.device)
+    return codes, quantized, q.stats, in_batches(model.decode_codes, quantized, device=device)
 
 
 @torch.no_grad()
@@ -100,7 +108,7 @@ def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.T
     known = torch.arange(n + 1).view(-1, 1) > torch.arange(n).view(1, -1)  # (N+1, N): row k keeps the first k
     masks = torch.cat([known, known.flip(-1)])  # prefix rows, then suffix rows
     variants = torch.where(masks[:, None, :, None], codes[None], fill[None, None])  # (2(N+1), B, N, D)
-    recon = in_batches(model.decode_codes, variants.flatten(0, 1), batch_size).clamp(-1, 1)
+    recon = in_batches(model.decode_codes, variants.flatten(0, 1), batch_size, device_of(model)).clamp(-1, 1)
     scores = psnr(recon, images.repeat(2 * (n + 1), 1, 1, 1)).view(2 * (n + 1), b).mean(1)
     return {"n": list(range(n + 1)), "prefix_psnr": scores[: n + 1].tolist(), "suffix_psnr": scores[n + 1 :].tolist()}
 
@@ -279,7 +287,7 @@ def evaluate(
     if data == "shapes":
         train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
         train_imgs = first_images(train_ds, probe_images, num_workers)
-        train_codes = in_batches(model.encode_codes, train_imgs).numpy()
+        train_codes = in_batches(model.encode_codes, train_imgs, device=device_of(model)).numpy()
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
         result["probe"] = probe
         if is_main():
@@ -296,9 +304,9 @@ def evaluate(
     return result
 
 
-def evaluate_path(target: str | Path, data: str | None = None, **options: Any) -> dict[str, Any]:
+def evaluate_path(target: str | Path, data: str | None = None, device: torch.device | str = "cpu", **options: Any) -> dict[str, Any]:
     """:func:`evaluate` on the tokenizer in the directory ``target`` (a run, or one written by ``stvq
-    compose``), on ``data`` or the run's own training data; writes into ``target``."""
+    compose``) computing on ``device``, on ``data`` or the run's own training data; writes into ``target``."""
     from stvq.checkpoint import load_tokenizer
     from stvq.interfaces import CodeTokenizer
     from stvq.run import RunDir
@@ -306,7 +314,7 @@ def evaluate_path(target: str | Path, data: str | None = None, **options: Any) -
     path = Path(target)
     if not path.is_dir():
         raise StvqError(f"{target} is not a directory; pass a run or a Styled VQ directory")
-    model = load_tokenizer(path)
+    model = load_tokenizer(path).to(device)
     if not isinstance(model, CodeTokenizer):
         raise StvqError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
     run = RunDir(path)

@@ -35,7 +35,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     from stvq.distributed import init_distributed, is_main
     from stvq.evaluate import evaluate_path, summary_rows, write_comparison
 
-    init_distributed()  # under torchrun the ranks share each pass over the images (on the CPU); rank 0 writes
+    _, _, device = init_distributed()  # under torchrun the ranks share each pass over the images; rank 0 writes
     targets = [*runs, *run_options, *tokenizer_options]
     if not targets:
         raise ConfigError("name a run to evaluate: stvq eval --run runs/NAME")
@@ -46,7 +46,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         if is_main():
             console.print(f"evaluating {target} ...")
         results.append(evaluate_path(
-            target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual, num_workers=num_workers,
+            target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual, num_workers=num_workers, device=device,
         ))
     if not is_main():
         return
