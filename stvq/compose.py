@@ -13,10 +13,10 @@ from rich.progress import Progress
 
 from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
 from stvq.data import is_stream
-from stvq.distributed import all_gather_objects, barrier, raise_on_any, rank_world
-from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
+from stvq.distributed import all_gather_objects, raise_on_any, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
+from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 
 
 def load_part(name: str, source: str | None, **options: Any) -> Any:
@@ -163,24 +163,9 @@ def tokenize_dataset(
         rows_of = (lambda i: None) if stream else (lambda i: min(len(dataset), (i + 1) * shard_size) - i * shard_size)
         mine = range(rank, shards, world)
         pending = [i for i in mine if _shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) is None]
-        device = next(tokenizer.parameters(), torch.empty(0)).device
-        ids: dict[int, list[np.ndarray]] = {}
-        keys: dict[int, list[str]] = {}
-        unreadable: dict[int, int] = {}
-        with Progress(console=console, disable=not (progress and rank == 0)) as bar, sharing_cores(num_workers, device):
+        with Progress(console=console, disable=not (progress and rank == 0)) as bar:
             task = bar.add_task("tokenizing", total=None if stream else sum(rows_of(i) for i in pending))
-            for batch in _batches(dataset, pending, shard_size, batch_size, num_workers):
-                shard, images = batch["piece"], batch["images"]
-                if len(images):
-                    ids.setdefault(shard, []).append(tokenizer.encode(images.to(device, non_blocking=True)).cpu().numpy().astype(dtype))
-                keys.setdefault(shard, []).extend(batch["keys"] or [])
-                unreadable[shard] = unreadable.get(shard, 0) + batch["unreadable"]
-                bar.update(task, advance=len(images))
-                if batch["last"]:
-                    rows = np.concatenate(ids.pop(shard, [np.zeros((0, tokenizer.num_tokens), dtype)]))
-                    if stream:
-                        write_json(out / f"shard_{shard:05d}.keys.json", {"keys": keys.pop(shard), "unreadable": unreadable.pop(shard)})
-                    atomic_write(out / f"shard_{shard:05d}.npy", lambda tmp, rows=rows: _save_npy(tmp, rows))
+            _write_shards(tokenizer, _batches(dataset, pending, shard_size, batch_size, num_workers), out, dtype, num_workers, lambda n: bar.update(task, advance=n))
         skipped = sum(all_gather_objects(len(mine) - len(pending)))  # also waits for every rank's shards
         if rank == 0:
             manifest["shard_rows"] = [_shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) for i in range(shards)]
@@ -188,8 +173,30 @@ def tokenize_dataset(
             if stream:
                 manifest["unreadable"] = sum(json.loads((out / f"shard_{i:05d}.keys.json").read_text())["unreadable"] for i in range(shards))
             write_json(out / "manifest.json", manifest)
-        barrier()
         return {**all_gather_objects(manifest)[0], "skipped_shards": skipped}
+
+
+def _write_shards(tokenizer, batches: Iterator[dict[str, Any]], out: Path, dtype, num_workers: int, advance) -> None:
+    """Encode the batches (:func:`_batches`) and write each shard when its last batch is in: the ids, and
+    for a stream the keys file first (the ids file is what marks a shard finished)."""
+    device = next(tokenizer.parameters(), torch.empty(0)).device
+    ids: dict[int, list[np.ndarray]] = {}
+    keys: dict[int, list[str]] = {}
+    unreadable: dict[int, int] = {}
+    with sharing_cores(num_workers, device):
+        for batch in batches:
+            shard, images = batch["piece"], batch["images"]
+            if len(images):
+                ids.setdefault(shard, []).append(tokenizer.encode(images.to(device, non_blocking=True)).cpu().numpy().astype(dtype))
+            keys.setdefault(shard, []).extend(batch["keys"] or [])
+            unreadable[shard] = unreadable.get(shard, 0) + batch["unreadable"]
+            advance(len(images))
+            if batch["last"]:
+                rows = np.concatenate(ids.pop(shard, [np.zeros((0, tokenizer.num_tokens), dtype)]))
+                shard_keys = {"keys": keys.pop(shard), "unreadable": unreadable.pop(shard)}
+                if batch["keys"] is not None:
+                    write_json(out / f"shard_{shard:05d}.keys.json", shard_keys)
+                atomic_write(out / f"shard_{shard:05d}.npy", lambda tmp, rows=rows: _save_npy(tmp, rows))
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
