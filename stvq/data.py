@@ -185,15 +185,20 @@ def save_image_grid(path: Path, images: torch.Tensor, per_row: int = 8) -> None:
 
 
 def load_image(path, image_size: int) -> torch.Tensor:
-    """A file (path or binary file object) of any mode -> RGB, shorter side resized to ``image_size`` and
-    centre-cropped; (3, S, S) in [-1, 1]."""
+    """A file (path or binary file object) of any mode -> (3, S, S) in [-1, 1] (:func:`fit_image`)."""
     with Image.open(path) as img:
-        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the full-size image (8 % of the time)
-        if img.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grey: convert("RGB") would clip it at 255, all white
-            img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        return from_pil(ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC))
+        return fit_image(img, image_size)
+
+
+def fit_image(img: Image.Image, image_size: int) -> torch.Tensor:
+    """A PIL image of any mode -> upright (EXIF orientation, applied to ``img`` in place) RGB, shorter side
+    resized to ``image_size`` and centre-cropped; (3, S, S) in [-1, 1]."""
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the full-size image (8 % of the time)
+    if img.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grey: convert("RGB") would clip it at 255, all white
+        img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return from_pil(ImageOps.fit(img, (image_size, image_size), Image.Resampling.BICUBIC))
 
 
 _WARNED: set[tuple[Path, tuple[Path, ...]]] = set()  # folders whose unreadable files were already reported

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from stvq.data import IMAGE_SUFFIXES, from_pil, load_image
+from stvq.data import IMAGE_SUFFIXES, fit_image, load_image
 from stvq.errors import StvqError
 from stvq.interfaces import ImageStream
 
@@ -149,11 +149,12 @@ class HFImageDataset(Dataset):
             rows = [i for i in rows if i % 20]
         elif split not in ("train", "all"):
             raise StvqError(f"unknown split {split!r}; use 'train', 'val' or 'all'")
-        column = next((name for name, feature in table.features.items() if type(feature).__name__ == "Image"), None)
+        from datasets import Image as ImageFeature
+
+        column = next((name for name, feature in table.features.items() if isinstance(feature, ImageFeature)), None)
         if column is None:
             raise StvqError(f"hf:{location}: no column of the Image feature type (columns: {', '.join(table.features)})")
         self.table, self.rows, self.column, self.image_size = table, list(rows), column, image_size
-        self.location = f"{location}:{split}"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -162,11 +163,7 @@ class HFImageDataset(Dataset):
         return f"hf:{self.table._fingerprint}:{len(self.rows)}"
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image, ImageOps
-
-        image = self.table[self.rows[index]][self.column]
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        return from_pil(ImageOps.fit(image, (self.image_size, self.image_size), Image.Resampling.BICUBIC))
+        return fit_image(self.table[self.rows[index]][self.column], self.image_size)
 
 
 def _load_hf(path: Path) -> dict:
