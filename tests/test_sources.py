@@ -156,6 +156,10 @@ def test_training_on_wds_shards_resumes_exactly_with_workers(tmp_path, monkeypat
     cfg = small_config(spec, num_workers=2)
     assert_resume_is_exact(cfg, tmp_path, monkeypatch, stop=7, checkpoint=5)  # resumed at an odd step: readers swap
 
+    stage2 = small_config(spec, stage=2, from_run=str(tmp_path / "killed"), quantizer={"name": "fsq", "levels": [4, 4, 4]}, steps=2, num_workers=2)
+    summary = Trainer(stage2, tmp_path / "stage2", progress=False).fit()
+    assert summary["cached_codes"] is None and np.isfinite(summary["val_psnr"])  # a stream has no cached codes by index
+
     other = small_config(spec, num_workers=1, steps=14)
     with pytest.raises(stvq.StvqError, match=r"read its stream with 1 process\(es\) x 2 reader\(s\); resume it with the same"):
         Trainer(other, tmp_path / "killed", resume=True, progress=False).fit()
