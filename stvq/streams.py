@@ -21,13 +21,15 @@ START = (0, 0, -1)
 
 
 def default_workers() -> int:
-    """DataLoader workers when ``--num-workers`` is not given: one per core this process may use, at most
-    8 (README, "Data at scale", has the measurement)."""
+    """DataLoader workers when ``--num-workers`` is not given: one per core of this process's share, at
+    most 8 (README, "Data at scale", has the measurement)."""
     return min(8, cores())
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """This process's share of the cores it may run on: under torchrun, split between the node's processes."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, available // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @contextmanager

@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from click.testing import CliRunner
+
 import stvq
 from stvq.cli import main
 from stvq.config import make_config
@@ -155,6 +157,10 @@ def test_training_on_wds_shards_resumes_exactly_with_workers(tmp_path, monkeypat
     spec = write_shards(tmp_path / "w", shards=5, per_shard=8)
     cfg = small_config(spec, num_workers=2)
     assert_resume_is_exact(cfg, tmp_path, monkeypatch, stop=7, checkpoint=5)  # resumed at an odd step: readers swap
+
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "killed"), "--images", "8", "--prefix-images", "4", "--no-perceptual"])
+    assert result.exit_code == 0, result.output  # the validation images of the last shard, the mean of the stream's first
+    assert json.loads((tmp_path / "killed" / "eval.json").read_text())["images"] == 8
 
     stage2 = small_config(spec, stage=2, from_run=str(tmp_path / "killed"), quantizer={"name": "fsq", "levels": [4, 4, 4]}, steps=2, num_workers=2)
     summary = Trainer(stage2, tmp_path / "stage2", progress=False).fit()
