@@ -217,7 +217,9 @@ def test_hf_dataset_on_disk_trains_resumes_and_tokenizes(tmp_path, runner, monke
     assert torch.equal(TokenShards(tmp_path / "ids")[5], tok.encode(every[5][None])[0])
 
 
-def test_hf_reads_parquet_and_imagefolder_directories_offline(tmp_path):
+def test_hf_reads_parquet_and_imagefolder_directories_offline(tmp_path, monkeypatch):
+    import socket
+
     import datasets
 
     write_hf(tmp_path / "saved", 30)
@@ -227,10 +229,16 @@ def test_hf_reads_parquet_and_imagefolder_directories_offline(tmp_path):
     shapes = make_dataset("shapes", 64, "train")
     for i in range(25):
         Image.fromarray(to_uint8(shapes[i])).save(tmp_path / "folder" / "train" / f"{i:03d}.png")
+    def no_network(*args, **kwargs):
+        raise AssertionError("hf: tried to reach the network")
+
+    before = (datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE"))
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     parquet, folder = make_dataset(f"hf:{tmp_path / 'parquet'}", 64, "all"), make_dataset(f"hf:{tmp_path / 'folder'}", 64, "all")
     assert (len(parquet), len(folder)) == (30, 25)
     assert torch.allclose(parquet[7], shapes[7], atol=1 / 127) and torch.allclose(folder[7], shapes[7], atol=1 / 127)
-    assert datasets.config.HF_HUB_OFFLINE  # the hub is never asked
+    assert (datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")) == before  # offline for the call only
 
 
 # ---------------------------------------------------------------------------------------- torchrun

@@ -167,14 +167,15 @@ class HFImageDataset(Dataset):
 
 
 def _load_hf(path: Path) -> dict:
-    """{split name: datasets.Dataset} of a directory, with the hub switched off for the call."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    """{split name: datasets.Dataset} of a directory, with the hub switched off for the call (the
+    environment variables the hub libraries read at import, and datasets' own switch after it)."""
+    saved = {key: os.environ.get(key) for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(dict.fromkeys(saved, "1"))
     try:
         import datasets
     except ImportError:
         raise StvqError("--data hf:... reads Hugging Face datasets with the datasets package: pip install 'stvq[data]'") from None
-    datasets.config.HF_HUB_OFFLINE = True
+    online, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     datasets.disable_progress_bars()
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -185,4 +186,11 @@ def _load_hf(path: Path) -> dict:
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
     except Exception as err:  # datasets raises its own types for foreign or damaged directories
         raise StvqError(f"hf:{path}: cannot load it as a Hugging Face dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = online
+        for key, value in saved.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
