@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
 from stvq.errors import StvqError
+from stvq.interfaces import ImageDataset, ImageStream
 
 # Eight well-separated colours shared by the background and the object.
 PALETTE = np.array(
@@ -52,7 +53,7 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     return (v <= r / 2) & (math.sqrt(3) * u - v <= r) & (-math.sqrt(3) * u - v <= r)  # image v points down
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(ImageDataset):
     """Procedural RGB images of one object on a plain background, deterministic from (seed, split, index).
 
     Factors (see :data:`FACTORS`): background colour, object shape, object colour, size, position (x, y),
@@ -204,7 +205,7 @@ def fit_image(img: Image.Image, image_size: int) -> torch.Tensor:
 _WARNED: set[tuple[Path, tuple[Path, ...]]] = set()  # folders whose unreadable files were already reported
 
 
-class ImageFolderDataset(Dataset):
+class ImageFolderDataset(ImageDataset):
     """Every readable image under ``root`` (recursive; jpg, png, webp, bmp). Unreadable files are
     skipped and counted with one warning; every 20th file (sorted) forms the validation split, and
     ``split="all"`` keeps every file."""
@@ -280,7 +281,7 @@ def photo_paths() -> list[Path]:
     return paths
 
 
-class PhotosDataset(Dataset):
+class PhotosDataset(ImageDataset):
     """Crops of the photos scikit-image ships: for training, crops deterministic from (seed, index) at a
     random scale (30-100% of the shorter side), position and flip; for validation, each photo's centre."""
 
@@ -339,12 +340,13 @@ def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0
     options = {"image_size": image_size, "split": split, "seed": seed}
     if location is not None:
         options["location"] = location
-    return create("dataset", name, **options)
+    dataset = create("dataset", name, **options)
+    if not isinstance(dataset, (ImageDataset, ImageStream)) or (split == "val" and not isinstance(dataset, ImageDataset)):
+        raise StvqError(f"dataset plugin {name!r} returned a {type(dataset).__name__}, not an stvq.interfaces.ImageDataset{'' if split == 'val' else ' or ImageStream'}; fix the plugin")
+    return dataset
 
 
 def is_stream(dataset) -> bool:
-    from stvq.interfaces import ImageStream
-
     return isinstance(dataset, ImageStream)
 
 
@@ -368,9 +370,9 @@ def tokenize_source(spec: str, image_size: int, max_images: int | None = None):
     from torch.utils.data import Subset
 
     dataset = make_dataset(spec, image_size, "all")
-    if getattr(dataset, "endless", False) and max_images is None:
+    if isinstance(dataset, ImageDataset) and dataset.endless and max_images is None:
         raise StvqError(f"--data {spec} is endless; give --max-images N")
-    fingerprint = dataset.fingerprint() if hasattr(dataset, "fingerprint") else spec
+    fingerprint = dataset.fingerprint()
     if max_images is not None:
         if is_stream(dataset):
             raise StvqError(f"--max-images applies to sources read by index; --data {spec} is a stream and is tokenized whole (name fewer shards in the pattern)")

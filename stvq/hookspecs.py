@@ -71,9 +71,9 @@ def register_datasets(register):
 
     ``--data NAME`` or ``--data NAME:LOCATION`` builds ``factory(image_size=, split=, seed=[, location=])``
     with ``split`` one of ``train``, ``val``, ``all``; any other ``--data`` is a folder (the ``folder``
-    source). The result is a map-style ``torch.utils.data.Dataset`` of images (3, S, S) in [-1, 1], or,
-    for a source that cannot be indexed, a :class:`stvq.interfaces.ImageStream` (``val`` stays
-    map-style).
+    source). The result is a :class:`stvq.interfaces.ImageDataset` (images (3, S, S) in [-1, 1] by index,
+    with a fingerprint), or, for a source that cannot be indexed, a :class:`stvq.interfaces.ImageStream`
+    (``val`` stays an ImageDataset).
     """
 
 

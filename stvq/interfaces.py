@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import IterableDataset
+from torch.utils.data import Dataset, IterableDataset
 
 from stvq.errors import StvqError
 
@@ -174,6 +174,25 @@ class Prior(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class ImageDataset(Dataset, ABC):
+    """Images (3, S, S) in [-1, 1] by index: what a ``dataset`` plugin returns for a source that can be
+    indexed (and every source's ``val`` split)."""
+
+    #: A generator with no natural end (the built-in ``shapes``): a pass over all of it names a count.
+    endless: bool = False
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A string that changes when the images do (file names and sizes, a seed): ``stvq tokenize`` refuses
+        to resume into shards of other images."""
 
 
 class ImageStream(IterableDataset, ABC):

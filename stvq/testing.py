@@ -299,8 +299,10 @@ class DatasetContract:
         assert -1 <= image.min() and image.max() <= 1
 
     def test_validation_is_indexed_images(self):
+        from stvq.interfaces import ImageDataset
+
         val = self.make_dataset("val", self.image_size)
-        assert len(val) > 0
+        assert isinstance(val, ImageDataset) and len(val) > 0 and isinstance(val.fingerprint(), str)
         self.check(val[0], self.image_size)
         assert torch.equal(val[len(val) - 1], val[len(val) - 1])  # deterministic
 
@@ -309,7 +311,10 @@ class DatasetContract:
 
         from stvq.interfaces import ImageStream
 
+        from stvq.interfaces import ImageDataset
+
         train = self.make_dataset("train", self.image_size)
+        assert isinstance(train, (ImageDataset, ImageStream))
         if not isinstance(train, ImageStream):
             self.check(train[0], self.image_size)
             assert torch.equal(train[1], self.make_dataset("train", self.image_size)[1])

@@ -97,6 +97,17 @@ def test_data_sources_are_plugins_and_data_strings_keep_their_spellings(tmp_path
     assert parse_data("odd:name") == ("folder", "odd:name")  # no plugin 'odd': a folder path
 
 
+def test_a_source_that_is_neither_indexed_images_nor_a_stream_is_refused(monkeypatch):
+    from stvq.plugins import PluginInfo, plugin_table
+
+    def plain(image_size, split, seed):
+        return torch.utils.data.TensorDataset(torch.zeros(4, 3, image_size, image_size))
+
+    monkeypatch.setitem(plugin_table()["dataset"], "plain", PluginInfo("dataset", "plain", plain, "test", "0", "test"))
+    with pytest.raises(stvq.StvqError, match="returned a TensorDataset, not an stvq.interfaces.ImageDataset or ImageStream; fix the plugin"):
+        make_dataset("plain", 64)
+
+
 # --------------------------------------------------------------------------------------- webdataset
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from torch.utils.data import Dataset
 
 from stvq.data import IMAGE_SUFFIXES, fit_image, load_image
 from stvq.errors import StvqError
-from stvq.interfaces import ImageStream
+from stvq.interfaces import ImageDataset, ImageStream
 
 #: Images of a ``wds:`` source's validation split: the first members of its last shard.
 VAL_IMAGES = 512
@@ -89,7 +88,7 @@ class WebDatasetSource(ImageStream):
                 images.append(image)
             if len(images) == VAL_IMAGES:
                 break
-        return ImageList(images)
+        return ImageList(images, f"the first {len(images)} images of {self.urls[-1]}")
 
 
 def webdataset(location: str, image_size: int, split: str = "train", seed: int = 0):
@@ -100,13 +99,16 @@ def webdataset(location: str, image_size: int, split: str = "train", seed: int =
     return WebDatasetSource(location, image_size, split, seed)
 
 
-class ImageList(Dataset):
-    """Images already decoded, as a data set."""
+class ImageList(ImageDataset):
+    """Images already decoded, as a data set; ``source`` names where they came from."""
 
-    def __init__(self, images: list[torch.Tensor]) -> None:
+    def __init__(self, images: list[torch.Tensor], source: str) -> None:
         if not images:
-            raise StvqError("no readable image for the validation split")
-        self.images = images
+            raise StvqError(f"no readable image for the validation split in {source}")
+        self.images, self.source = images, source
+
+    def fingerprint(self) -> str:
+        return self.source
 
     def __len__(self) -> int:
         return len(self.images)
@@ -123,7 +125,7 @@ def _split_location(location: str) -> tuple[Path, str | None]:
     return Path(location), None
 
 
-class HFImageDataset(Dataset):
+class HFImageDataset(ImageDataset):
     """A Hugging Face dataset on disk: a directory written by ``save_to_disk`` (a Dataset or a DatasetDict),
     a directory of parquet files, or an ``imagefolder`` directory; offline (no hub access is attempted).
     The images are the first column of the ``Image`` feature type. ``hf:PATH:split`` picks the split of a
