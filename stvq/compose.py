@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
 from stvq.data import is_stream
-from stvq.distributed import all_gather_objects, raise_on_any, rank_world
+from stvq.distributed import all_gather_objects, device_of, raise_on_any, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
@@ -179,7 +179,7 @@ def tokenize_dataset(
 def _write_shards(tokenizer, batches: Iterator[dict[str, Any]], out: Path, dtype, num_workers: int, advance) -> None:
     """Encode the batches (:func:`_batches`) and write each shard when its last batch is in: the ids, and
     for a stream the keys file first (the ids file is what marks a shard finished)."""
-    device = next(tokenizer.parameters(), torch.empty(0)).device
+    device = device_of(tokenizer)
     ids: dict[int, list[np.ndarray]] = {}
     keys: dict[int, list[str]] = {}
     unreadable: dict[int, int] = {}

@@ -333,7 +333,8 @@ def parse_data(spec: str) -> tuple[str, str | None]:
 
 def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0):
     """The images ``--data spec`` names (:func:`parse_data`), ``split`` being ``train``, ``val`` or
-    ``all``: a map-style data set, or a :class:`stvq.interfaces.ImageStream` for a source read in order."""
+    ``all``: an :class:`stvq.interfaces.ImageDataset`, or an :class:`stvq.interfaces.ImageStream` for a
+    source read in order; a plugin that returns neither is refused."""
     from stvq.registry import create
 
     name, location = parse_data(spec)

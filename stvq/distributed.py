@@ -24,6 +24,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s parameters are (the CPU for one without any)."""
+    return next(module.parameters(), torch.empty(0)).device
+
+
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
     if dist.is_available() and dist.is_initialized():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stvq.checkpoint import write_json
 from stvq.data import FACTORS, DrawnScenes, ShapesDataset, first_images, make_dataset
-from stvq.distributed import gather_rows, is_main, slice_of
+from stvq.distributed import device_of, gather_rows, is_main, slice_of
 from stvq.errors import StvqError
 from stvq.losses import features, masked_psnr, mean_image_psnr, psnr
 
@@ -82,9 +82,6 @@ def in_batches(fn, x: torch.Tensor, batch_size: int = 64, device: torch.device |
     parts = [fn(batch.to(device)) for batch in mine.split(batch_size)] or [fn(x[:1].to(device))[:0]]
     return gather_rows(torch.cat(parts)).to(x.device)
 
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 from stvq.checkpoint import load_pretrained, load_tokenizer, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
 from stvq.data import make_dataset, save_image_grid
+from stvq.distributed import device_of
 from stvq.errors import StvqError
 from stvq.evaluate import in_batches, pyplot
 from stvq.interfaces import Prior, Tokenizer
@@ -208,7 +209,7 @@ def sample(
     if n < 1:
         raise StvqError(f"-n must be at least 1, got {n}")
     prior.eval()
-    device = next(prior.parameters()).device
+    device = device_of(prior)
     generator = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):

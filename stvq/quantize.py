@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from stvq.checkpoint import load_pretrained, run_lock
 from stvq.data import is_stream, make_dataset
-from stvq.distributed import all_gather_objects, barrier, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
+from stvq.distributed import all_gather_objects, barrier, device_of, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.registry import require_subclass
@@ -25,7 +25,7 @@ def encode_dataset(model, dataset, max_images: int, batch_size: int, console=Non
     readable images, pieces in order), on every rank, the same for any number of processes and workers.
     Under torchrun each rank encodes a contiguous slice (:func:`stvq.distributed.slice_of`), or of a
     stream every world-th piece."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     encode = lambda images: model.encode_codes(images.to(device, non_blocking=True)).float()  # noqa: E731
     with Progress(console=console, disable=not (progress and rank_world()[0] == 0)) as bar, sharing_cores(num_workers, device):
         task = bar.add_task("encoding", total=max_images if is_stream(dataset) else min(max_images, len(dataset)))
