@@ -294,3 +294,10 @@ def test_torchrun_tokenize_and_quantize_give_the_ids_of_one_process(tmp_path, ru
         assert len(a) == len(b) == (90 if name == "folder" else 30)
         assert torch.equal(a.rows(0, len(a)), b.rows(0, len(b))), name
         assert json.loads((tmp_path / f"{name}-two" / "manifest.json").read_text())["shard_rows"] == a.manifest["shard_rows"]
+
+    two = tmp_path / "folder-two"  # resume under torchrun: a missing and a truncated shard are written again
+    (two / "shard_00003.npy").unlink()
+    (two / "shard_00001.npy").write_bytes((two / "shard_00001.npy").read_bytes()[:90])
+    again = torchrun("tokenize", "--tokenizer", str(run), "--data", str(folder), "--shard-size", "16", "--num-workers", "1", "-o", str(two), port=29534)
+    assert "90 images -> 6 shard(s)" in again.stdout and "(4 already there)" in again.stdout
+    assert torch.equal(TokenShards(two).rows(0, 90), TokenShards(tmp_path / "folder-one").rows(0, 90))
