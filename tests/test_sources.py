@@ -263,7 +263,7 @@ def torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_torchrun_tokenize_and_quantize_give_the_ids_of_one_process(tmp_path, runner):
+def test_torchrun_quantize_tokenize_and_eval_match_one_process(tmp_path, runner):
     folder = tmp_path / "images"
     folder.mkdir()
     shapes = make_dataset("shapes", 64, "train")
@@ -294,6 +294,14 @@ def test_torchrun_tokenize_and_quantize_give_the_ids_of_one_process(tmp_path, ru
         assert len(a) == len(b) == (90 if name == "folder" else 30)
         assert torch.equal(a.rows(0, len(a)), b.rows(0, len(b))), name
         assert json.loads((tmp_path / f"{name}-two" / "manifest.json").read_text())["shard_rows"] == a.manifest["shard_rows"]
+
+    evaluate = ["eval", str(run), "--images", "24", "--prefix-images", "8", "--no-perceptual", "--num-workers", "1"]
+    assert runner.invoke(main, evaluate).exit_code == 0
+    alone = json.loads((run / "eval.json").read_text())
+    torchrun(*evaluate, port=29535)
+    shared = json.loads((run / "eval.json").read_text())
+    assert shared["reconstruction"] == pytest.approx(alone["reconstruction"], rel=1e-5)
+    assert shared["prefix"]["prefix_psnr"] == pytest.approx(alone["prefix"]["prefix_psnr"], rel=1e-5)
 
     two = tmp_path / "folder-two"  # resume under torchrun: a missing and a truncated shard are written again
     (two / "shard_00003.npy").unlink()
