@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stvq.checkpoint import load_tensors, save_tensors
-from stvq.data import FACTORS, ShapesDataset
+from stvq.data import FACTORS, ShapesDataset, first_images
 
 CLASSES = {name: n for name, n in FACTORS.items() if n}  # background, shape, color, texture
 REGRESSED = ("size", "x", "y")
@@ -73,7 +73,7 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
     the time (20,000 images and 1,500 steps: 80 %; README); about 6 minutes on 2 CPU cores."""
     torch.manual_seed(seed)
     train = ShapesDataset(image_size, "train", seed=seed + 1)  # another stream than the tokenizers' training images
-    x = torch.stack([train[i] for i in range(images)])
+    x = first_images(train, images)
     y = _factor_targets(train, images)
     model = FactorRecogniser()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -94,7 +94,7 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
 def recogniser_accuracy(model: FactorRecogniser, image_size: int = 64) -> dict[str, float]:
     """On the 512 real validation images: accuracy per class factor, mean absolute error per regressed one."""
     val = ShapesDataset(image_size, "val")
-    read = model.read(torch.stack([val[i] for i in range(len(val))]))
+    read = model.read(first_images(val, len(val)))
     truth = val.factor_table()
     out = {f"{n}_accuracy": float((read[n] == truth[n]).mean()) for n in CLASSES}
     out.update({f"{n}_mae": float(np.abs(read[n] - truth[n]).mean()) for n in REGRESSED})

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset
 
 from stvq.checkpoint import load_pretrained, load_tokenizer, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
-from stvq.data import make_dataset, save_image_grid
+from stvq.data import first_images, make_dataset, save_image_grid
 from stvq.distributed import device_of
 from stvq.errors import StvqError
 from stvq.evaluate import in_batches, pyplot
@@ -270,7 +270,7 @@ def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keep
     model, accuracy = judge.recogniser(tokenizer.image_size)
     val = make_dataset("shapes", tokenizer.image_size, "val")
     count = max(samples, 1)
-    real = torch.stack([val[i] for i in range(min(count, len(val)))])
+    real = first_images(val, count)
     allowed = data.allowed()
     result: dict[str, Any] = {"recogniser": accuracy}
     if samples:
@@ -322,7 +322,7 @@ def sample_run(
         data = make_dataset(source, tokenizer.image_size, "val")
         if len(data) < n:
             raise StvqError(f"--from {source} holds {len(data)} image(s); -n {n} needs as many")
-        sources = torch.stack([data[i] for i in range(n)])
+        sources = first_images(data, n)
         prefix = in_batches(tokenizer.encode, sources)[:, :keep]
     ids = sample(prior, n, temperature, top_k, top_p, seed, prefix, allowed=shards.allowed())
     images = in_batches(tokenizer.decode, ids)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig, make_config
-from stvq.data import is_stream, make_dataset, save_image_grid
+from stvq.data import first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer
@@ -447,7 +447,7 @@ class Trainer(BaseTrainer):
         image_size = model.config.image_size
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
-        return model, dataset, torch.stack([val[i] for i in range(min(64, len(val)))]).to(self.device)
+        return model, dataset, first_images(val, 64).to(self.device)
 
     def prepare(self, model: CodeTokenizer, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
         self.stage.set_modes(model)
