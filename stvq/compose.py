@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,9 +10,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import atomic_write, load_tokenizer, run_lock, weights_fingerprint, write_json
+from stvq.checkpoint import atomic_write, load_tokenizer, ranks_lock, weights_fingerprint, write_json
 from stvq.data import is_stream
-from stvq.distributed import all_gather_objects, device_of, raise_on_any, rank_world
+from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
 from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
@@ -150,16 +149,7 @@ def tokenize_dataset(
         "tokenizer_sha256": weights_fingerprint(tokenizer), "data_fingerprint": data_fingerprint,
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
     }
-    with ExitStack() as stack:
-        problem = None
-        if rank == 0:  # one writer per output directory: rank 0 holds the lock, the ranks write apart shards
-            try:
-                stack.enter_context(run_lock(out))
-                _check_manifest(out, manifest)
-                write_json(out / "manifest.json", manifest)
-            except StvqError as err:
-                problem = str(err)
-        raise_on_any(problem)
+    with ranks_lock(out, lambda: _start_manifest(out, manifest)):  # rank 0 writes the manifest, the ranks apart shards
         rows_of = (lambda i: None) if stream else (lambda i: min(len(dataset), (i + 1) * shard_size) - i * shard_size)
         mine = range(rank, shards, world)
         pending = [i for i in mine if _shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) is None]
@@ -199,13 +189,14 @@ def _write_shards(tokenizer, batches: Iterator[dict[str, Any]], out: Path, dtype
                 atomic_write(out / f"shard_{shard:05d}.npy", lambda tmp, rows=rows: _save_npy(tmp, rows))
 
 
-def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to resume into ``out`` when it holds shards of another tokenizer or data set."""
+def _start_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest a run starts with; refuse to resume into ``out`` when it holds shards of another
+    tokenizer or data set."""
     path = out / "manifest.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    keys = ("tokenizer_sha256", "data_fingerprint", "num_images", "shard_size", "num_tokens", "vocab_size", "num_shards")
-    changed = [k for k in keys if manifest[k] is not None and old.get(k) != manifest[k]]
-    if changed:
-        raise StvqError(f"{out} holds shards of another tokenizer or data set ({', '.join(changed)} differ); pick a new -o directory")
+    if path.is_file():
+        old = json.loads(path.read_text())
+        keys = ("tokenizer_sha256", "data_fingerprint", "num_images", "shard_size", "num_tokens", "vocab_size", "num_shards")
+        changed = [k for k in keys if manifest[k] is not None and old.get(k) != manifest[k]]
+        if changed:
+            raise StvqError(f"{out} holds shards of another tokenizer or data set ({', '.join(changed)} differ); pick a new -o directory")
+    write_json(path, manifest)

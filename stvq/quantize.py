@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import load_pretrained, run_lock
+from stvq.checkpoint import load_pretrained, ranks_lock
 from stvq.data import is_stream, make_dataset
-from stvq.distributed import all_gather_objects, barrier, device_of, gather_rows, init_distributed, raise_on_any, rank_world, slice_of
+from stvq.distributed import all_gather_objects, barrier, device_of, gather_rows, init_distributed, rank_world, slice_of
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.registry import require_subclass
@@ -87,14 +86,7 @@ def fit_codebook(
     if cfg.stage != 1:
         raise StvqError(f"{run} is a stage-{cfg.stage} run; quantize the stage-1 run it came from ({cfg.from_run})")
     rank, _ = rank_world()
-    with ExitStack() as stack:
-        problem = None
-        if rank == 0:  # one writer: a run being trained or quantized elsewhere is refused
-            try:
-                stack.enter_context(run_lock(run))
-            except StvqError as err:
-                problem = str(err)
-        raise_on_any(problem)
+    with ranks_lock(run):  # one writer: a run being trained or quantized elsewhere is refused
         model = load_pretrained(run).to(device)
         if not isinstance(model, CodeTokenizer):
             raise StvqError(f"{run} holds a {type(model).__name__}; stvq quantize fits a codebook for a tokenizer with continuous codes (a CodeTokenizer)")
