@@ -12,6 +12,7 @@ from stvq.errors import ConfigError, StvqError
 ATTN_MASKS = ("none", "causal-placeholders")
 ENCODER_INITS = ("vit", "lecun-sincos")
 POS_INITS = ("normal", "sincos")
+HEADS = ("linear", "conv", "pixel")  # what follows out_conv (stvq_reference.heads)
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,12 @@ class ModelConfig:
     code_dim: int = 16  # width of each continuous code c_i (the quantizer's input)
     attn_mask: str = "none"  # decoder attention: "none", or "causal-placeholders" (no peeking at later ones)
     qk_norm: bool = False  # LayerNorm on queries and keys in every attention (a stabiliser for higher learning rates)
-    head_channels: int = 0  # 0: out_conv un-patchifies straight to RGB; C > 0: to C channels, then two 3x3 convs
+    # What follows out_conv: "linear" (none: out_conv un-patchifies straight to RGB, the SPEC's structure),
+    # "conv" (out_conv to head_channels C, then two 3x3 convs) or "pixel" (to C channels, plus the token grid
+    # upsampled bilinearly, a 3x3 conv and a per-pixel MLP: no patch seams). head_channels > 0 with "linear"
+    # is the earlier spelling of "conv".
+    head: str = "linear"
+    head_channels: int = 0
     zero_init: bool = False  # decoder blocks start as the identity (adaLN-Zero style)
     pos_init: str = "normal"  # position embeddings start as "normal" (ViT, std 0.02) or "sincos" (2D sin-cos)
     # How the encoder starts: "vit" (std 0.02 weights and positions, as ViT) or "lecun-sincos" (weights std
@@ -77,6 +83,12 @@ class ModelConfig:
             raise ConfigError(f"attn_mask {self.attn_mask!r} is not one of {', '.join(ATTN_MASKS)}")
         if self.pos_init not in POS_INITS:
             raise ConfigError(f"pos_init {self.pos_init!r} is not one of {', '.join(POS_INITS)}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
+        if self.head == "linear" and self.head_channels:
+            object.__setattr__(self, "head", "conv")  # configs written before the head field
+        if self.head != "linear" and not self.head_channels:
+            raise ConfigError(f"head {self.head!r} needs head_channels > 0 (the channels out_conv writes), e.g. --set head_channels=16")
         if self.encoder_init not in ENCODER_INITS:
             raise ConfigError(f"encoder_init {self.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}")
 
@@ -210,6 +222,15 @@ class TrainConfig(LoopConfig):
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.losses.perceptual_loss); costly on CPU
+    # Adversarial training (taming's VQGAN recipe): a registered discriminator trained beside the tokenizer
+    # with the hinge loss; the decoder's term -mean D(reconstruction) is weighted by adversarial_weight times
+    # the adaptive weight (gradient norms at the decoder's last layer), from step disc_start on.
+    adversarial_weight: float = 0.0  # 0: no discriminator
+    discriminator: str = "patchgan"  # registered discriminator plugin
+    discriminator_options: dict[str, Any] = field(default_factory=dict)  # its options, e.g. {"channels": 32, "layers": 2}
+    disc_start: int = 0  # first step of the adversarial term and of the discriminator's training
+    adaptive_weight: bool = True
+    lecam_weight: float = 0.0  # LeCam regularisation of the discriminator (TiTok: 0.001)
     from_run: str | None = None  # stage 2: the stage-1 run to start from
     quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
     cache_codes: bool = True  # stage 2: train on the images whose codes `stvq quantize` cached, encoder skipped
@@ -222,7 +243,14 @@ class TrainConfig(LoopConfig):
             raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
         if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
             raise StvqError("model and quantizer must be JSON objects of options, e.g. model={\"width\": 64}")
-        check_ranges(self, nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight"), fractions=("tail_drop", "tail_drop_from"))
+        if not isinstance(self.discriminator_options, dict):
+            raise StvqError('discriminator_options must be a JSON object of the discriminator\'s options, e.g. {"channels": 32}')
+        if self.disc_start < 0:
+            raise StvqError(f"--disc-start must be a step of 0 or more, got {self.disc_start}")
+        check_ranges(
+            self, nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight", "adversarial_weight", "lecam_weight"),
+            fractions=("tail_drop", "tail_drop_from"),
+        )
 
     def tail_drop_at(self, step: int) -> float:
         """The share of images decoded from a random prefix at ``step`` (stage 1 only)."""

@@ -13,7 +13,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: The plugin kinds, in the order ``stvq plugins`` lists them. Hook for kind K: ``register_{K}s``.
-KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer", "prior", "dataset")
+KINDS = ("encoder", "decoder", "quantizer", "tokenizer", "composer", "prior", "dataset", "discriminator")
 
 
 @hookspec
@@ -74,6 +74,17 @@ def register_datasets(register):
     source). The result is a :class:`stvq.interfaces.ImageDataset` (images (3, S, S) in [-1, 1] by index,
     with a fingerprint), or, for a source that cannot be indexed, a :class:`stvq.interfaces.ImageStream`
     (``val`` stays an ImageDataset).
+    """
+
+
+@hookspec
+def register_discriminators(register):
+    """Register discriminators for adversarial training, e.g. ``register('patchgan', PatchDiscriminator)``.
+
+    A discriminator is a :class:`stvq.interfaces.Discriminator`, built with ``image_size`` besides its own
+    options (``--train discriminator_options=...``): images (B, 3, H, W) in [-1, 1] -> realness logits
+    (B, ...), one per patch for a PatchGAN. ``stvq train --adversarial-weight W`` trains one beside the
+    tokenizer; its weights and optimizer state live in the run's checkpoint, never in ``model.safetensors``.
     """
 
 

@@ -50,6 +50,23 @@ class Decoder(nn.Module, ABC):
     @abstractmethod
     def forward(self, codes: torch.Tensor) -> torch.Tensor: ...
 
+    def last_layer(self) -> torch.Tensor | None:
+        """The weight of the layer that writes the pixels: adversarial training scales its term by the ratio
+        of the reconstruction's and its own gradient norms there (taming's adaptive weight). None: the
+        adversarial weight applies as given."""
+        return None
+
+
+class Discriminator(nn.Module, ABC):
+    """Images (B, 3, H, W) in [-1, 1] -> realness logits (B, ...): higher means more like the data. Built
+    with ``image_size`` besides its own options; trained against a tokenizer's decoder (``stvq train
+    --adversarial-weight``)."""
+
+    image_size: int
+
+    @abstractmethod
+    def forward(self, images: torch.Tensor) -> torch.Tensor: ...
+
 
 class Quantizer(nn.Module, ABC):
     """Codes (..., dim) -> :class:`QuantizerOutput`; ``ids_to_codes`` inverts the ids (eval mode)."""

@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from stvq.errors import StvqError
 from stvq.interfaces import QuantizerOutput
@@ -103,4 +104,67 @@ class ReconstructionLoss:
         loss = self.l1_weight * terms["l1"] + self.mse_weight * terms["mse"] + self.perceptual_weight * terms.get("perceptual", 0.0)
         if quantized is not None:
             loss = loss + quantized.loss
+        return loss, terms
+
+
+# ------------------------------------------------------------------------------------------ adversarial
+
+
+def hinge_discriminator_loss(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss (taming's ``hinge_d_loss``): 0.5 (mean relu(1 - real) + mean relu(1 + fake))."""
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
+def adaptive_weight(reconstruction: torch.Tensor, generator: torch.Tensor, last_layer: torch.Tensor, limit: float = 1e4) -> torch.Tensor:
+    """taming's ``calculate_adaptive_weight``: |grad of the reconstruction loss| / |grad of the generator
+    loss| at the decoder's last layer, so the adversarial term starts at the reconstruction's scale."""
+    rec = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)[0]
+    gen = torch.autograd.grad(generator, last_layer, retain_graph=True)[0]
+    return (rec.norm() / (gen.norm() + 1e-4)).clamp(0.0, limit).detach()
+
+
+class AdversarialLoss(nn.Module):
+    """A discriminator and what it is trained with: the hinge loss, the generator's term -mean D(fake)
+    scaled by ``weight`` (times the adaptive weight where ``adaptive``), from step ``start`` on (taming's
+    ``disc_start``), and optionally LeCam regularisation (Tseng et al., 2021, "Regularizing Generative
+    Adversarial Networks under Limited Data", as TiTok uses it): the discriminator's mean logits on real and
+    reconstructed images are pulled towards the moving averages of the other kind's, which keeps it from
+    over-fitting a small data set. The averages are buffers, saved in the checkpoint with the weights."""
+
+    def __init__(self, discriminator: nn.Module, weight: float, start: int = 0, adaptive: bool = True, lecam_weight: float = 0.0, lecam_decay: float = 0.999) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+        self.weight, self.start, self.adaptive = weight, start, adaptive
+        self.lecam_weight, self.lecam_decay = lecam_weight, lecam_decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    def active(self, step: int) -> bool:
+        return step >= self.start
+
+    def generator_loss(self, fake: torch.Tensor, reconstruction: torch.Tensor, last_layer: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The decoder's adversarial term for reconstructions ``fake``, with the discriminator frozen (its
+        gradients come only from :meth:`forward`); ``reconstruction`` is the loss it is weighed against."""
+        self.discriminator.requires_grad_(False)
+        try:
+            g_loss = -self.discriminator(fake).float().mean()
+        finally:
+            self.discriminator.requires_grad_(True)
+        weight = adaptive_weight(reconstruction, g_loss, last_layer) if self.adaptive and last_layer is not None and torch.is_grad_enabled() else torch.ones(())
+        return self.weight * weight * g_loss, {"g_loss": g_loss.detach(), "adaptive_weight": weight}
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The discriminator's loss on images ``real`` and detached reconstructions ``fake``, in one pass
+        (one forward per step, as DistributedDataParallel wants)."""
+        logits = self.discriminator(torch.cat([real, fake.detach()])).float()
+        real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
+        loss = hinge_discriminator_loss(real_logits, fake_logits)
+        terms = {"d_loss": loss.detach(), "logits_real": real_logits.detach().mean(), "logits_fake": fake_logits.detach().mean()}
+        if self.lecam_weight > 0:
+            lecam = F.relu(real_logits.mean() - self.ema_fake).pow(2) + F.relu(self.ema_real - fake_logits.mean()).pow(2)
+            loss = loss + self.lecam_weight * lecam
+            terms["lecam"] = lecam.detach()
+            with torch.no_grad():
+                self.ema_real.lerp_(terms["logits_real"], 1 - self.lecam_decay)
+                self.ema_fake.lerp_(terms["logits_fake"], 1 - self.lecam_decay)
         return loss, terms

@@ -100,15 +100,16 @@ def run_oracle(
     ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
     is not counted. ``device`` defaults to CUDA where there is one. Returns the validation PSNR curve."""
-    from stvq.losses import ReconstructionLoss
-    from stvq.train import make_optimizer, set_lr
+    from stvq.train import ImageObjective, make_optimizers, set_lr, update
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     config = make_config(preset=preset, decoder=decoder, **(model or {}))
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = OracleModel(create("decoder", decoder, config=config)).to(device)
-    opt, objective = make_optimizer(net, cfg), ReconstructionLoss.from_config(cfg)
+    objective = ImageObjective(cfg, config.image_size)  # stage 1's: reconstruction, and a discriminator where asked
+    parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}
+    opts = make_optimizers(parts, cfg)
     if cfg.compile:
         net.decoder.compile()
     val = FactorShapes(config.image_size, "val", seed)
@@ -123,13 +124,10 @@ def run_oracle(
     for step, (factors, images) in enumerate(loader):
         factors, images = factors.to(device, non_blocking=True), images.to(device, non_blocking=True)
         now = elapsed + time.perf_counter() - started
-        set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
-        loss, _ = objective(net(factors), images)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
+        for opt in opts.values():
+            set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
+        losses, _ = objective(net(factors), images, None, step, net.decoder.last_layer())
+        update(opts, losses, cfg.grad_clip)
         images_seen += len(images)
         done = step + 1
         last = done >= cfg.steps or (seconds is not None and now >= seconds)
@@ -150,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    from stvq.cli import parse_options, parse_overrides
+    from stvq.cli.options import parse_options, parse_overrides
     from stvq.data import save_image_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.grid:
         from pathlib import Path
 
-        save_image_grid(Path(args.grid), torch.cat(result.samples[:2]), per_row=len(result.samples[0]))  # originals above
+        save_image_grid(Path(args.grid), result.samples.flatten(0, 1), per_row=result.samples.shape[1])  # originals above
 
 
 if __name__ == "__main__":

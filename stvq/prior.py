@@ -145,9 +145,9 @@ class PriorTrainer(BaseTrainer):
             "train_images": len(dataset), "heldout_images": len(val), "parameters": sum(p.numel() for p in prior.parameters()),
         }
 
-    def step(self, net, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any], int]:
+    def step(self, net, batch: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         loss = next_id_loss(net, batch.to(self.device)).mean()
-        return loss, {"bits_per_token": loss.detach() / math.log(2)}, len(batch)
+        return {"model": loss}, {"bits_per_token": loss.detach() / math.log(2)}, len(batch)
 
     def evaluate(self, prior: Prior, val: torch.Tensor, step: int) -> dict[str, float]:
         nll = heldout_nll(prior, val)

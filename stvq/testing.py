@@ -1,5 +1,5 @@
 """Contract tests, written once per plugin kind: what every quantizer, encoder/decoder pair, tokenizer,
-code tokenizer, composer and prior must do. A plugin package's tests subclass one and implement its ``make_*``
+code tokenizer, composer, prior, data set and discriminator must do. A plugin package's tests subclass one and implement its ``make_*``
 method; stvq's own suite runs each for every registered plugin of the kind (tests/test_hooks.py).
 
     class TestMyQuantizer(QuantizerContract):
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stvq.errors import StvqError
-from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, Prior, Quantizer, QuantizerOutput, Tokenizer
+from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Discriminator, Encoder, Prior, Quantizer, QuantizerOutput, Tokenizer
 
 
 class QuantizerContract:
@@ -108,6 +108,15 @@ class EncoderDecoderContract:
         (decoder(encoder(images)) - images).pow(2).mean().backward()
         grads = [p.grad for p in encoder.parameters() if p.requires_grad]
         assert grads and sum(g.abs().sum() for g in grads if g is not None) > 0
+
+    def test_the_last_layer_is_a_decoder_weight_that_writes_the_pixels(self, pair):
+        encoder, decoder = pair
+        last = decoder.last_layer()
+        if last is None:  # the adversarial weight then applies as given
+            return
+        assert any(last is p for p in decoder.parameters())
+        (grad,) = torch.autograd.grad(decoder(encoder(random_images(2, encoder.image_size))).pow(2).mean(), last)
+        assert grad.abs().sum() > 0
 
     def test_each_image_is_encoded_alone(self, pair):
         encoder, _ = pair
@@ -327,3 +336,36 @@ class DatasetContract:
         tail = list(islice(train.read(piece, skip=2), 2))
         assert [(m, k) for m, k, _ in tail] == [(m, k) for m, k, _ in whole[2:]]
         assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(tail, whole[2:]))
+
+
+class DiscriminatorContract:
+    """A :class:`Discriminator`: images (B, 3, S, S) -> finite logits with the batch first, one image's
+    logits independent of the others' in eval mode, and a gradient that reaches the images (what trains the
+    decoder) and every parameter (what trains the discriminator)."""
+
+    image_size = 64
+
+    def make_discriminator(self, image_size: int) -> Discriminator:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def critic(self) -> Discriminator:
+        torch.manual_seed(0)
+        return self.make_discriminator(self.image_size)
+
+    def test_logits_per_image(self, critic):
+        assert isinstance(critic, Discriminator) and critic.image_size == self.image_size
+        logits = critic(random_images(3, self.image_size))
+        assert logits.shape[0] == 3 and logits.is_floating_point() and torch.isfinite(logits).all()
+
+    def test_each_image_is_judged_alone_in_eval_mode(self, critic):
+        critic.eval()
+        images = random_images(3, self.image_size)
+        with torch.no_grad():
+            torch.testing.assert_close(critic(images)[1:2], critic(images[1:2]), rtol=1e-4, atol=1e-5)
+
+    def test_gradients_reach_the_images_and_every_parameter(self, critic):
+        images = random_images(2, self.image_size).requires_grad_(True)
+        critic(images).mean().backward()
+        assert images.grad is not None and images.grad.abs().sum() > 0
+        assert all(p.grad is not None for p in critic.parameters() if p.requires_grad)

@@ -6,6 +6,7 @@ owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,8 +25,8 @@ from stvq.config import LoopConfig, TrainConfig, make_config
 from stvq.data import first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
-from stvq.interfaces import CodeTokenizer
-from stvq.losses import ReconstructionLoss, mean_image_psnr, psnr
+from stvq.interfaces import CodeTokenizer, Discriminator
+from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
 from stvq.streams import StreamBatches, StreamState, loader
@@ -163,16 +164,36 @@ def build_model(cfg: TrainConfig) -> CodeTokenizer:
     return STAGES[cfg.stage].build(cfg)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a parameter
-    whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate."""
+    whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
+    ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
+    decay = cfg.weight_decay if weight_decay is None else weight_decay
     groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
-            groups.setdefault((scale, cfg.weight_decay if p.ndim in (2, 4) else 0.0), []).append(p)
+            groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0), []).append(p)
     params = [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (scale, decay), ps in groups.items()]
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2))
+
+
+def make_optimizers(parts: dict[str, torch.nn.Module], cfg: LoopConfig) -> dict[str, torch.optim.AdamW]:
+    """One optimizer per trained part: the model's (:func:`make_optimizer`), and for each companion (a
+    discriminator) AdamW at the same rate, without weight decay, with no ``lr_scales``."""
+    return {name: make_optimizer(m, cfg) if name == "model" else make_optimizer(m, replace(cfg, lr_scales={}), weight_decay=0.0) for name, m in parts.items()}
+
+
+def update(opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], grad_clip: float) -> None:
+    """One step of each part that has a loss this step, in order (the model before its discriminator, whose
+    loss reads detached reconstructions): backward, clip the gradient norm (0: no clipping), step."""
+    for name, loss in losses.items():
+        opt = opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+        opt.step()
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float, scales_weight: float = 1.0) -> None:
@@ -183,29 +204,75 @@ def set_lr(opt: torch.optim.Optimizer, lr: float, scales_weight: float = 1.0) ->
         group["lr"] = lr * (1.0 + (scale - 1.0) * scales_weight)
 
 
+class ImageObjective:
+    """What a decoder learns from, the same in stage 1, stage 2 and the decoder oracle (so that a recipe
+    found in the oracle carries over): :class:`ReconstructionLoss`, and where ``cfg.adversarial_weight`` >
+    0 a registered discriminator (an :class:`AdversarialLoss` companion, trained beside the model with its
+    own optimizer) whose term joins the model's loss from ``cfg.disc_start`` on."""
+
+    def __init__(self, cfg: TrainConfig, image_size: int) -> None:
+        self.reconstruction = ReconstructionLoss.from_config(cfg)
+        self.adversarial = None
+        if cfg.adversarial_weight > 0:
+            require_subclass("discriminator", cfg.discriminator, Discriminator, "adversarial training needs images -> realness logits")
+            critic = create("discriminator", cfg.discriminator, image_size=image_size, **cfg.discriminator_options)
+            self.adversarial = AdversarialLoss(critic, cfg.adversarial_weight, cfg.disc_start, cfg.adaptive_weight, cfg.lecam_weight)
+
+    def companions(self) -> dict[str, torch.nn.Module]:
+        """The modules trained beside the model, by name (saved in the checkpoint, not in model.safetensors)."""
+        return {"discriminator": self.adversarial} if self.adversarial is not None else {}
+
+    def __call__(
+        self, reconstruction: torch.Tensor, images: torch.Tensor, quantized, step: int, last_layer: torch.Tensor | None, critic: torch.nn.Module | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({part: loss} for :func:`update`, the terms by name); ``critic`` is the companion as the loop
+        runs it (wrapped for DDP), by default the companion itself."""
+        loss, terms = self.reconstruction(reconstruction, images)
+        losses = {"model": loss}
+        adversarial = self.adversarial
+        if adversarial is not None and adversarial.active(step):
+            g_loss, g_terms = adversarial.generator_loss(reconstruction, loss, last_layer)
+            d_loss, d_terms = (critic or adversarial)(images, reconstruction)
+            losses = {"model": loss + g_loss, "discriminator": d_loss}
+            terms = {**terms, **g_terms, **d_terms}
+        if quantized is not None:
+            losses["model"] = losses["model"] + quantized.loss
+        return losses, terms
+
+
 # ---------------------------------------------------------------------------------------- checkpoint
 
 
+def _optim_prefix(name: str) -> tuple[str, str]:
+    """(tensor prefix, metadata key) of a part's optimizer state; the model's keep their first names."""
+    return ("optim", "param_groups") if name == "model" else (f"optim_{name}", f"param_groups.{name}")
+
+
 def save_checkpoint(
-    path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int, data_generator: torch.Generator, extra: dict[str, torch.Tensor] | None = None,
+    path: Path, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], step: int, data_generator: torch.Generator,
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Model, optimizer and RNG state (and ``extra`` tensors, such as a stream's reader positions) in one
-    safetensors file: one atomic rename, never a torn mix."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update(extra or {})
-    state = opt.state_dict()
-    for index, entries in state["state"].items():
-        for key, value in entries.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    """Every part's weights and optimizer state (the model, and companions such as a discriminator), the RNG
+    state and ``extra`` tensors (a stream's reader positions) in one safetensors file: one atomic rename,
+    never a torn mix."""
+    tensors = dict(extra or {})
+    metadata = {"step": str(step)}
+    for name, module in parts.items():
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        prefix, groups = _optim_prefix(name)
+        state = opts[name].state_dict()
+        for index, entries in state["state"].items():
+            for key, value in entries.items():
+                tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        metadata[groups] = json.dumps(state["param_groups"])
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = data_generator.get_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    metadata = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
     save_tensors(path, tensors, metadata)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> int:
+def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], data_generator: torch.Generator) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
     if not path.is_file():
         raise CheckpointError(f"no {path.name} in {path.parent}: the run never reached its first checkpoint; start it again")
@@ -213,16 +280,26 @@ def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimiz
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        opt.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
+    except Exception as err:  # a torn file or a header that lies: safetensors raises several types
+        raise CheckpointError(f"{path} is not a readable stvq checkpoint ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
+    for name, module in parts.items():
+        prefix, groups = _optim_prefix(name)
+        if groups not in metadata:
+            raise CheckpointError(f"{path} holds no {name}: it was written by a run without one; resume with the run's own train.json")
+        try:
+            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith(f"{prefix}."):
+                    _, index, entry = key.split(".", 2)
+                    state.setdefault(int(index), {})[entry] = value
+            opts[name].load_state_dict({"state": state, "param_groups": json.loads(metadata[groups])})
+        except Exception as err:  # another model's tensors, missing entries: many types
+            raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
+    try:
         torch.set_rng_state(tensors["rng.torch"])
         data_generator.set_state(tensors["rng.data"])
-    except Exception as err:  # a header that lies, another model's tensors, missing entries: many types
+    except Exception as err:
         raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -269,9 +346,15 @@ class BaseTrainer:
         """After restoring: modes, compilation; returns the data set to train on and summary entries."""
         return dataset, {}
 
-    def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, dict[str, Any], int]:
-        """Forward and loss of one batch at ``step``: (loss to minimise, record entries as detached tensors
-        or numbers, read only on logged steps so that a GPU is not synchronised every step, batch size)."""
+    def companions(self) -> dict[str, torch.nn.Module]:
+        """Modules trained beside the model (a discriminator), by name, built in :meth:`build`: each has its
+        own optimizer, and its weights and optimizer state live in the checkpoint, not in the model's files."""
+        return {}
+
+    def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+        """Forward and losses of one batch at ``step``: ({"model": loss, companion: its loss, ...} to
+        minimise, in update order; record entries as detached tensors or numbers, read only on logged steps
+        so that a GPU is not synchronised every step; batch size). The loop runs companions as ``self.nets``."""
         raise NotImplementedError
 
     def evaluate(self, model: torch.nn.Module, val: Any, step: int) -> dict[str, float]:
@@ -297,12 +380,13 @@ class BaseTrainer:
 
     def _train(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> dict[str, Any]:
         cfg = self.cfg
-        opt = make_optimizer(model, cfg)
+        parts = {"model": model, **self.companions()}
+        opts = make_optimizers(parts, cfg)
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
-        start, logged_seconds = self._restore(model, opt, data_generator)
+        start, logged_seconds = self._restore(parts, opts, data_generator)
         dataset, extras = self.prepare(model, dataset, val)
         batches, stream = self._batches(dataset, start, data_generator)
-        net = DistributedDataParallel(model) if self.world > 1 else model
+        self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
 
         clock = _Clock(logged_seconds)
         last_eval: dict[str, float] = {}
@@ -311,16 +395,17 @@ class BaseTrainer:
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
             for step, batch in enumerate(batches, start=start):
                 batch = stream.take(batch) if stream else batch
-                set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
+                for opt in opts.values():
+                    set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, terms, size = self.step(net, batch, step)
-                self._update(opt, loss, step)
+                    losses, terms, size = self.step(self.nets["model"], batch, step)
+                self._update(opts, losses, step)
                 done = step + 1
                 clock.count(size * self.world)
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     evaluation = self.evaluate(model, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
                     last_eval = evaluation or last_eval
-                    record = {"step": done, "loss": loss.item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
+                    record = {"step": done, "loss": losses["model"].item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
                     if self.is_main:
                         self.dir.log(record)
                         if board:
@@ -329,7 +414,7 @@ class BaseTrainer:
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     readers = {"data.positions": torch.from_numpy(np.stack(all_gather_objects(stream.positions)))} if stream else {}
                     if self.is_main:
-                        save_checkpoint(self.dir.checkpoint, model, opt, done, data_generator, readers)
+                        save_checkpoint(self.dir.checkpoint, parts, opts, done, data_generator, readers)
                         model.save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
         summary = {
@@ -385,28 +470,26 @@ class BaseTrainer:
             board.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
         board.flush()
 
-    def _restore(self, model: torch.nn.Module, opt: torch.optim.Optimizer, data_generator: torch.Generator) -> tuple[int, float]:
+    def _restore(self, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], data_generator: torch.Generator) -> tuple[int, float]:
         """(first step, training seconds logged before it): a resume loads the checkpoint and cuts the
         metrics back to it; a new run writes its train.json."""
         if not self.resume:
             if self.is_main:
                 self.dir.write_train_config(self.cfg)
             return 0, 0.0
-        start = load_checkpoint(self.dir.checkpoint, model, opt, data_generator)
+        start = load_checkpoint(self.dir.checkpoint, parts, opts, data_generator)
         return start, self.dir.trim_metrics(start) if self.is_main else 0.0
 
-    def _update(self, opt: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> None:
-        """Backward, clip, step; a loss that is not finite stops the run with the last checkpoint kept."""
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept "
-                f"(resume with --resume {self.dir}); lower --lr or keep gradient clipping on"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.cfg.grad_clip)
-        opt.step()
+    def _update(self, opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], step: int) -> None:
+        """:func:`update`; a loss that is not finite stops the run with the last checkpoint kept."""
+        for name, loss in losses.items():
+            if not torch.isfinite(loss):
+                what = "loss" if name == "model" else f"the {name}'s loss"
+                raise TrainingDiverged(
+                    f"{what} became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept "
+                    f"(resume with --resume {self.dir}); lower --lr or keep gradient clipping on"
+                )
+        update(opts, losses, self.cfg.grad_clip)
 
     def _progress_bar(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -439,12 +522,15 @@ class Trainer(BaseTrainer):
 
     def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
         super().__init__(cfg, run, resume, progress, console)
-        self.stage, self.objective = STAGES[cfg.stage], ReconstructionLoss.from_config(cfg)
+        self.stage = STAGES[cfg.stage]
 
     def build(self) -> tuple[CodeTokenizer, Dataset, torch.Tensor]:
         cfg = self.cfg
         model = build_model(cfg).to(self.device)
         image_size = model.config.image_size
+        self.objective = ImageObjective(cfg, image_size)
+        for companion in self.objective.companions().values():
+            companion.to(self.device)
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
         return model, dataset, first_images(val, 64).to(self.device)
@@ -462,16 +548,20 @@ class Trainer(BaseTrainer):
             "grid": str(self.dir.sample(self.cfg.steps)), "cached_codes": cached,
         }
 
-    def step(self, net, batch, step: int) -> tuple[torch.Tensor, dict[str, Any], int]:
+    def companions(self) -> dict[str, torch.nn.Module]:
+        return self.objective.companions()
+
+    def step(self, net, batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         images, codes = (batch[0], batch[1].to(self.device)) if self.cached else (batch, None)
         images = images.to(self.device, non_blocking=True)
         out = net(images, codes=codes, **self.stage.forward_options(self.cfg, step))
-        loss, terms = self.objective(out.reconstruction, images, out.quantized)
+        decoder = (net.module if isinstance(net, DistributedDataParallel) else net).decoder
+        losses, terms = self.objective(out.reconstruction, images, out.quantized, step, decoder.last_layer(), self.nets.get("discriminator"))
         record = {k: v.detach() for k, v in terms.items()}
         record["psnr"] = psnr(out.reconstruction.detach().clamp(-1, 1), images).mean()
         if out.quantized is not None:
             record.update({f"q_{k}": v for k, v in out.quantized.stats.items()})
-        return loss, record, len(images)
+        return losses, record, len(images)
 
     @torch.no_grad()
     def evaluate(self, model: CodeTokenizer, images: torch.Tensor, step: int) -> dict[str, float]:

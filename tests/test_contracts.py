@@ -7,7 +7,7 @@ import stvq
 from stvq import registry
 from stvq.config import make_config
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
-from stvq.testing import CodeTokenizerContract, ComposerContract, DatasetContract, EncoderDecoderContract, PriorContract, TokenizerContract
+from stvq.testing import CodeTokenizerContract, ComposerContract, DatasetContract, DiscriminatorContract, EncoderDecoderContract, PriorContract, TokenizerContract
 from stvq_reference.vqgan import VQGANTokenizer
 
 SMALL = make_config("tiny", width=32, heads=2)
@@ -22,7 +22,7 @@ def vqgan():
     return VQGANTokenizer(ddconfig=SMALL_DD, embed_dim=8, n_embed=50)
 
 
-PAIRS = {"styled+styled": ("styled", "styled"), "styled+unordered": ("styled", "unordered")}  # (encoder, decoder)
+PAIRS = {"styled+styled": ("styled", "styled"), "styled+unordered": ("styled", "unordered"), "styled+broadcast": ("styled", "broadcast")}  # (encoder, decoder)
 TOKENIZERS = {
     "styled": styled,
     "vqgan": vqgan,
@@ -30,7 +30,8 @@ TOKENIZERS = {
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}
-DATASETS = ("shapes", "photos", "folder", "wds", "hf")  # the located ones are written by the fixture below
+DATASETS = ("shapes", "photos", "folder", "wds", "hf")
+DISCRIMINATORS = {"patchgan": [{}, {"channels": 16, "layers": 2, "norm": "group"}, {"channels": 16, "layers": 2, "norm": "none"}]}  # option sets  # the located ones are written by the fixture below
 
 
 def code_tokenizers() -> list[str]:
@@ -45,6 +46,7 @@ def test_every_registered_plugin_is_under_contract():
     assert set(plugins["composer"]) <= set(COMPOSERS)
     assert set(plugins["prior"]) <= set(PRIORS)
     assert set(plugins["dataset"]) <= set(DATASETS)
+    assert set(plugins["discriminator"]) <= set(DISCRIMINATORS)
     assert "styled" in code_tokenizers() and "vqgan" not in code_tokenizers()
     assert issubclass(registry.get("quantizer", "kmeans").resolve(), FittableQuantizer)
     assert not issubclass(registry.get("quantizer", "fsq").resolve(), FittableQuantizer)
@@ -97,6 +99,16 @@ class TestPriors(PriorContract):
 
     def make_prior(self, vocab_size, seq_len):
         return stvq.create("prior", self.name, vocab_size=vocab_size, seq_len=seq_len, **PRIORS[self.name])
+
+
+class TestDiscriminators(DiscriminatorContract):
+    @pytest.fixture(autouse=True, params=[(n, i) for n, sets in DISCRIMINATORS.items() for i in range(len(sets))])
+    def _case(self, request):
+        self.name, index = request.param
+        self.options = DISCRIMINATORS[self.name][index]
+
+    def make_discriminator(self, image_size):
+        return stvq.create("discriminator", self.name, image_size=image_size, **self.options)
 
 
 class TestDatasets(DatasetContract):

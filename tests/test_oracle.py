@@ -41,3 +41,20 @@ def test_oracle_runs_every_registered_decoder_and_the_styled_one_learns(decoder)
 def test_oracle_stops_at_its_time_budget():
     result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 10**6, "batch_size": 4}, seconds=1.0, eval_every=10**6, val_count=4)
     assert len(result.curve) == 2 and 1.0 <= result.curve[1]["seconds"] < 5.0
+
+
+@pytest.mark.slow
+def test_python_m_stvq_oracle_runs_as_readme_documents_it(tmp_path):
+    """README's `python -m stvq.oracle --seconds 300 --grid oracle.png`, on a one-second budget."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    grid = tmp_path / "oracle.png"
+    cmd = [sys.executable, "-m", "stvq.oracle", "--seconds", "1", "--set", "width=32", "--set", "heads=2", "--set", "plain_layers=1",
+           "--train", "batch_size=4", "--eval-every", "1000000", "--grid", str(grid)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["steps"] >= 1 and math.isfinite(last["final_psnr"]) and grid.is_file()

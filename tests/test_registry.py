@@ -8,7 +8,7 @@ from stvq.plugins import PluginInfo, plugin_table
 
 def test_list_plugins_has_every_kind_and_the_reference_model():
     plugins = stvq.list_plugins()
-    assert list(plugins) == ["encoder", "decoder", "quantizer", "tokenizer", "composer", "prior", "dataset"]
+    assert list(plugins) == ["encoder", "decoder", "quantizer", "tokenizer", "composer", "prior", "dataset", "discriminator"]
     assert "styled" in plugins["encoder"]
     assert "styled" in plugins["decoder"]
     assert "styled" in plugins["tokenizer"]

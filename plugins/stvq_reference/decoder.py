@@ -17,6 +17,7 @@ from torch import nn
 from stvq.config import ModelConfig, make_config
 from stvq.interfaces import Decoder
 
+from stvq_reference.heads import make_head
 from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, position_tokens, vit_block
 
 
@@ -63,11 +64,6 @@ class ConditionBlock(nn.Module):
         return x + self.mlp(self.norm2(x, s2))
 
 
-def conv_head(channels: int) -> nn.Sequential:
-    """Two 3x3 convolutions after the un-patchify: pixels see across patch borders (C channels -> RGB)."""
-    return nn.Sequential(nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 3, 3, padding=1))
-
-
 def placeholder_mask(num_tokens: int, seq_len: int) -> torch.Tensor:
     """SDPA boolean mask (True = may attend): placeholder q may not attend to placeholders after q."""
     allowed = torch.ones(seq_len, seq_len, dtype=torch.bool)
@@ -89,7 +85,7 @@ class StyledDecoder(Decoder):
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
         self.out_conv = nn.ConvTranspose2d(cfg.width, cfg.head_channels or 3, cfg.patch_size, stride=cfg.patch_size)
-        self.out_head = conv_head(cfg.head_channels) if cfg.head_channels else nn.Identity()
+        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)
@@ -109,6 +105,10 @@ class StyledDecoder(Decoder):
                 nn.init.zeros_(module.modulation.weight)
                 nn.init.zeros_(module.modulation.bias)
 
+    def last_layer(self) -> torch.Tensor:
+        last = self.out_conv if self.out_head is None else [m for m in self.out_head.modules() if isinstance(m, nn.Conv2d)][-1]
+        return last.weight
+
     def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
         return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
 
@@ -126,5 +126,6 @@ class StyledDecoder(Decoder):
         for block in self.blocks:
             x = block(x, attn_mask=self.attn_mask)
         x = self.norm(x[:, self.num_tokens :])  # (B, P, D)
-        x = rearrange(x, "b (h w) d -> b d h w", h=self.config.grid_size)
-        return self.out_head(self.out_conv(x))  # (B, 3, H, W)
+        grid = rearrange(x, "b (h w) d -> b d h w", h=self.config.grid_size)
+        pixels = self.out_conv(grid)  # (B, 3 or C, H, W)
+        return pixels if self.out_head is None else self.out_head(pixels, grid)

@@ -15,6 +15,7 @@ def register_encoders(register):
 def register_decoders(register):
     register("styled", "stvq_reference.decoder:StyledDecoder")
     register("unordered", "stvq_reference.unordered:UnorderedDecoder")
+    register("broadcast", "stvq_reference.broadcast:BroadcastDecoder")
 
 
 @hookimpl
@@ -48,6 +49,11 @@ def register_datasets(register):
     register("folder", "stvq.data:ImageFolderDataset")
     register("wds", "stvq_reference.sources:webdataset")
     register("hf", "stvq_reference.sources:HFImageDataset")
+
+
+@hookimpl
+def register_discriminators(register):
+    register("patchgan", "stvq_reference.patchgan:PatchDiscriminator")
 
 
 @hookimpl
