@@ -255,10 +255,12 @@ def plot_probe(probe: dict[str, Any], path: Path, title: str) -> None:
 @torch.no_grad()
 def evaluate(
     model, out: Path, data: str = "shapes", images: int = 256, prefix_images: int = 64, probe_images: int = 2000, perceptual: bool = True,
-    seed: int = 0, name: str = "model", num_workers: int = 0,
+    seed: int = 0, name: str = "model", num_workers: int = 0, recognise: bool = True,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 asks for, written to ``out`` (eval.json, prefix_curve.png and, on
-    shapes, factor_probe.png); returns the results. ``num_workers`` DataLoader workers read the images."""
+    shapes, factor_probe.png); returns the results. ``num_workers`` DataLoader workers read the images.
+    On shapes, ``recognise`` also reads originals and reconstructions with the factor recogniser
+    (:mod:`stvq.judge`; trained once, about 6 CPU-minutes, then cached)."""
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
@@ -289,6 +291,12 @@ def evaluate(
         result["probe"] = probe
         if is_main():
             plot_probe(probe, out / "factor_probe.png", name)
+        if recognise:
+            from stvq.judge import reading_accuracy, recogniser
+
+            reader, _ = recogniser(size)
+            truth = val_ds.factor_table(count)
+            result["recognised"] = {"originals": reading_accuracy(reader, originals, truth), "reconstructions": reading_accuracy(reader, recon.clamp(-1, 1), truth)}
         scenes = [DrawnScenes(size, seed)[i] for i in range(count)]
         drawn, masks = torch.stack([image for image, _ in scenes]), torch.stack([mask for _, mask in scenes])
         drawn_recon = reconstruct(model, drawn)[3].clamp(-1, 1)
@@ -348,6 +356,11 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
         rows.update({"codebook usage": f"{c['usage']:.1%}", "perplexity": f"{c['perplexity']:.1f}", "dead codes": f"{c['dead_codes']:,}", "quantization MSE": f"{c['mse']:.5f}"})
     if "heldout" in result:
         rows["held-out drawn scenes: PSNR / object pixels (dB)"] = f"{result['heldout']['psnr']:.2f} / {result['heldout']['object_psnr']:.2f}"
+    if "recognised" in result:
+        seen = result["recognised"]
+        rows["recogniser on reconstructions (originals)"] = " ".join(
+            f"{n[:5]}:{seen['reconstructions'][f'{n}_accuracy']:.2f}({seen['originals'][f'{n}_accuracy']:.2f})" for n in ("shape", "color", "background", "texture")
+        )
     if "probe" in result:
         probe = result["probe"]
         rows["ordering score"] = f"{probe['ordering_score']:+.2f} ({sum(probe['encoded'])} encoded factors)"

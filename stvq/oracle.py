@@ -4,8 +4,10 @@ A learned linear map turns each image's factor vector (one-hot background, shape
 size, x, y; sin and cos of 4x the rotation, whose period is the squares' 90 degrees) into the 36 codes,
 and the decoder learns to render the image from them. No encoder takes part, so the curve of validation
 PSNR against steps and wall time measures how fast a decoder learns to render, the question that limits
-stage 1 (an encoder cannot learn to encode what the decoder cannot yet use). Optimizer, schedule and loss
-are stage 1's (:class:`stvq.config.TrainConfig`), so a recipe that speeds the oracle carries over.
+stage 1 (an encoder cannot learn to encode what the decoder cannot yet use). Optimizer, schedule, objective
+(reconstruction, and a discriminator where ``adversarial_weight`` > 0) and update are stage 1's
+(:class:`stvq.config.TrainConfig`, :class:`stvq.train.ImageObjective`, :func:`stvq.train.update`), so a
+recipe that speeds the oracle carries over.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig, make_config
-from stvq.data import first_images, is_stream, make_dataset, save_image_grid
+from stvq.data import ShapesDataset, first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.interfaces import CodeTokenizer, Discriminator
@@ -151,6 +151,7 @@ class QuantizedStage(Stage):
 
 
 STAGES: dict[int, Stage] = {1: ContinuousStage(), 2: QuantizedStage()}
+VAL_IMAGES = 64  # validation images a run reconstructs at each evaluation
 
 
 def _code_tokenizer(model: Any) -> CodeTokenizer:
@@ -421,7 +422,7 @@ class BaseTrainer:
             "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(),
             "images_per_s": clock.images / max(clock.elapsed(), 1e-9), **extras, **last_eval,
         }
-        return self._finish(model, summary)
+        return self._finish(parts, summary)
 
     def _batches(self, dataset: Dataset, start: int, data_generator: torch.Generator) -> tuple[Any, StreamState | None]:
         """The batches from ``start`` on: by index (:class:`StepBatches`), or from a stream, whose readers'
@@ -500,9 +501,9 @@ class BaseTrainer:
             console=self.console, disable=not self.progress,
         )
 
-    def _finish(self, model: torch.nn.Module, summary: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, parts: dict[str, torch.nn.Module], summary: dict[str, Any]) -> dict[str, Any]:
         if self.world > 1:
-            summary["ranks_agree"] = self._ranks_agree(model)
+            summary["ranks_agree"] = all(self._ranks_agree(m) for m in parts.values())
         if self.is_main:
             self.dir.write_summary(summary)
         if self.world > 1:
@@ -533,7 +534,14 @@ class Trainer(BaseTrainer):
             companion.to(self.device)
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
-        return model, dataset, first_images(val, 64).to(self.device)
+        self.reader = None
+        if cfg.recognise:
+            if not isinstance(val, ShapesDataset):
+                raise StvqError(f"--train recognise=true reads the factors of shapes images; --data {cfg.data} has no known factors")
+            from stvq.judge import recogniser
+
+            self.reader, self.val_factors = recogniser(image_size)[0], val.factor_table(VAL_IMAGES)
+        return model, dataset, first_images(val, VAL_IMAGES).to(self.device)
 
     def prepare(self, model: CodeTokenizer, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
         self.stage.set_modes(model)
@@ -573,11 +581,17 @@ class Trainer(BaseTrainer):
         self.stage.set_modes(model)
         if self.is_main:
             save_image_grid(self.dir.sample(step), torch.cat([images[:8], recon[:8]]).cpu(), per_row=len(images[:8]))  # originals above
-        return {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
+        out = {"val_psnr": psnr(recon.clamp(-1, 1), images).mean().item(), "val_mse": F.mse_loss(recon, images).item()}
+        if self.reader is not None:
+            from stvq.judge import reading_accuracy
+
+            out.update({f"val_{k}": v for k, v in reading_accuracy(self.reader, recon.clamp(-1, 1), self.val_factors).items()})
+        return out
 
     def status(self, record: dict[str, Any], last_eval: dict[str, float]) -> str:
         text = f"loss {record['loss']:.4f}  psnr {record['psnr']:.2f}  {record['images_per_s']:.0f} img/s"
-        return text + (f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else "")
+        text += f"  val {last_eval['val_psnr']:.2f} dB" if last_eval else ""
+        return text + (f"  shape read {last_eval['val_shape_accuracy']:.0%}" if "val_shape_accuracy" in last_eval else "")
 
 
 class _Clock:

@@ -32,3 +32,21 @@ def shards(tmp_path_factory):
     data = torch.utils.data.Subset(make_dataset("shapes", 64, "train"), range(240))
     tokenize_dataset(tok, data, root / "shards", shard_size=100, progress=False, data_fingerprint="shapes:240", tokenizer_dir=root / "tok")
     return root
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quick_recogniser(tmp_path_factory):
+    """`stvq eval` and `--train recognise=true` read reconstructions with the factor recogniser, trained once
+    (about 6 CPU-minutes) and cached under $STVQ_CACHE. The suite trains quick ones instead (800 images,
+    200 steps), in its own cache: 64 px up front for subprocesses, any other size on first use."""
+    import os
+    from functools import partial
+
+    from stvq import judge
+
+    cache = tmp_path_factory.mktemp("stvq-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STVQ_CACHE", str(cache))
+        patch.setattr(judge, "train_recogniser", partial(judge.train_recogniser, images=800, steps=200))
+        judge.recogniser(64)
+        yield

@@ -146,3 +146,11 @@ def test_the_oracle_trains_with_the_same_adversarial_objective():
 
     result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 4, "batch_size": 4, **ADVERSARIAL, "disc_start": 2}, eval_every=4, val_count=4)
     assert [p["step"] for p in result.curve] == [0, 4] and all(p["val_psnr"] > 0 for p in result.curve)
+
+
+def test_stage_2_fine_tunes_the_decoder_against_the_discriminator(adversarial_run, tmp_path):
+    run = tmp_path / "s2"
+    cfg = small_config(stage=2, from_run=str(adversarial_run), quantizer={"name": "fsq", "levels": [4, 4, 4]}, steps=3, eval_every=3, **{**ADVERSARIAL, "disc_start": 0})
+    summary = Trainer(cfg, run, progress=False).fit()
+    assert summary["steps"] == 3 and all("d_loss" in r and any(k.startswith("q_") for k in r) for r in metrics(run))
+    assert not any("discriminator" in k for k in load_file(str(run / "model.safetensors")))

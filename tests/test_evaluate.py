@@ -151,13 +151,18 @@ def test_eval_end_to_end_writes_table_json_and_plots(two_runs, runner):
     assert heldout["images"] == 16 and 0 < heldout["object_psnr"] < 60 and 0 < heldout["psnr"] < 60
     assert heldout["object_psnr"] != heldout["psnr"]
     assert "held-out drawn scenes" in result.output
+    seen = written["recognised"]  # the factor recogniser on the same 16 images, originals and reconstructions
+    assert set(seen) == {"originals", "reconstructions"} and {"shape_accuracy", "x_mae"} <= set(seen["reconstructions"])
+    assert seen["originals"]["background_accuracy"] > max(0.5, seen["reconstructions"]["background_accuracy"])  # 4 steps: no background yet
+    assert 0 <= seen["reconstructions"]["shape_accuracy"] <= 1 and "recogniser on reconstructions" in result.output
     for name in ("prefix_curve.png", "factor_probe.png"):
         assert (styled / name).stat().st_size > 10_000
 
 
 def test_eval_compare_writes_one_table_and_one_plot(two_runs, runner, tmp_path):
-    result = runner.invoke(main, ["eval", "--compare", *map(str, two_runs), "--images", "8", "--prefix-images", "2", "--probe-images", "100", "--no-perceptual", "-o", str(tmp_path / "cmp")])
+    result = runner.invoke(main, ["eval", "--compare", *map(str, two_runs), "--images", "8", "--prefix-images", "2", "--probe-images", "100", "--no-perceptual", "--no-recogniser", "-o", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.stderr
+    assert "recogniser on reconstructions" not in result.output
     assert "styled" in result.output and "unordered" in result.output
     assert set(json.loads((tmp_path / "cmp" / "compare.json").read_text())) == {"styled", "unordered"}
     assert (tmp_path / "cmp" / "prefix_compare.png").stat().st_size > 10_000

@@ -29,7 +29,12 @@ def expected_parameters(cfg: ModelConfig) -> int:
     encoder = patch * d + d + p * d + n * d + cfg.encoder_layers * vit + ln + d * c + c
     condition = attn + mlp + 2 * (d * d + d) + 2 * ln + 2 * (d * 2 * d + 2 * d)
     k = cfg.head_channels
-    out = d * patch + 3 if not k else d * k * cfg.patch_size**2 + k + (k * k * 9 + k) + (k * 3 * 9 + 3)
+    unpatchify = d * k * cfg.patch_size**2 + k
+    out = {
+        "linear": d * patch + 3,
+        "conv": unpatchify + (k * k * 9 + k) + (k * 3 * 9 + 3),
+        "pixel": unpatchify + (d * k + k) + (k * k * 9 + k) + (k * 2 * k + 2 * k) + (2 * k * 3 + 3),  # smooth, mix, MLP
+    }[cfg.head]
     decoder = c * d + d + n * d + p * d + cfg.condition_layers * condition + cfg.plain_layers * vit + ln + out
     return encoder + decoder
 
@@ -223,6 +228,8 @@ def test_missing_files_are_clear_errors(tmp_path):
         ({"code_dim": 0}, "config field code_dim must be at least 1"),
         ({"mlp_ratio": -1.0}, "config field mlp_ratio must be a positive number"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
+        ({"head": "mlp"}, "head 'mlp' is not one of linear, conv, pixel"),
+        ({"head": "pixel", "head_channels": 0}, r"head 'pixel' needs head_channels > 0"),
     ],
 )
 def test_bad_config_values_are_clear_errors(overrides, message):
@@ -230,7 +237,9 @@ def test_bad_config_values_are_clear_errors(overrides, message):
         make_config(preset="tiny", **overrides) if "preset" not in overrides else make_config(**overrides)
 
 
-@pytest.mark.parametrize("options", [{"qk_norm": True}, {"head_channels": 16}, {"qk_norm": True, "head_channels": 8, "patch_size": 16}])
+@pytest.mark.parametrize(
+    "options", [{"qk_norm": True}, {"head_channels": 16}, {"qk_norm": True, "head_channels": 8, "patch_size": 16}, {"head": "pixel", "head_channels": 8}, {"head": "linear"}]
+)
 def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options):
     cfg = make_config(preset="tiny", **options)
     model = stvq.create("tokenizer", "styled", config=cfg)
@@ -336,3 +345,11 @@ def test_tail_drop_decodes_each_image_from_a_prefix_with_the_rest_at_the_batch_m
         assert torch.allclose(decoded[b, k:], mean[k:].expand_as(decoded[b, k:]))  # the tail sits at the mean
     model(images, tail_drop=0.0)
     assert torch.equal(seen[-1], codes)
+
+
+def test_a_config_written_before_the_head_field_loads_with_the_head_it_had():
+    old = PRESETS["tiny"].to_dict()
+    del old["head"]
+    assert make_config({**old, "head_channels": 0}).head == "linear"  # out_conv straight to RGB, as then
+    assert make_config({**old, "head_channels": 16}).head == "conv"  # the two 3x3 convolutions, as then
+    assert PRESETS["tiny"].head == "pixel" and PRESETS["reference"].head == "linear"  # the SPEC's structure, exactly

@@ -179,10 +179,12 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--adversarial-weight", "0.5", "--train", 'discriminator_options={"channels": 8, "layers": 2}')], ids=["plain", "adversarial"])
+def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path, extra):
+    """Every trained part, a discriminator included, holds the same weights on both ranks."""
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "stvq.cli",
-           "train", "--run-dir", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4"]
+           "train", "--run-dir", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4", *extra]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -404,3 +406,32 @@ def test_tensorboard_gets_the_records_and_grids_and_a_resume_purges_what_followe
     assert {"loss", "psnr", "lr", "val_psnr"} <= set(events.Tags()["scalars"]) and events.Tags()["images"] == ["samples"]
     assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))  # step 7 once: the first run's was purged
     assert [e.step for e in events.Images("samples")] == [3, 6, 8]
+
+
+def test_validation_reads_reconstructions_with_the_recogniser(tmp_path, runner):
+    run = tmp_path / "judged"
+    Trainer(small_config(steps=4, eval_every=2, recognise=True), run, progress=False).fit()
+    evaluated = [m for m in metrics(run) if "val_psnr" in m]
+    assert [m["step"] for m in evaluated] == [2, 4]
+    assert all(0 <= m["val_shape_accuracy"] <= 1 and m["val_x_mae"] >= 0 for m in evaluated)
+    assert "val_shape_accuracy" in json.loads((run / "summary.json").read_text())
+    result = runner.invoke(main, ["train", "--data", "photos", "--train", "recognise=true", "--run-dir", str(tmp_path / "f")])
+    assert result.exit_code == 1 and "reads the factors of shapes images; --data photos has no known factors" in result.stderr
+
+
+README_TEXT = (Path(__file__).parents[1] / "README.md").read_text()
+GPU_RECIPES = [line[2:] for line in README_TEXT.splitlines() if line.startswith("$ stvq train") and "--bf16" in line]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", GPU_RECIPES, ids=["tiny", "small"])
+def test_the_gpu_recipes_readme_documents_start_on_a_cpu(command, runner, tmp_path):
+    """README's one-GPU commands, as written, for two steps of two images (the later flags win)."""
+    import shlex
+
+    args = shlex.split(command)[1:] + ["--steps", "2", "--batch-size", "2", "--num-workers", "0", "--eval-every", "2", "--log-every", "1",
+                                       "--train", "disc_start=1", "--run-dir", str(tmp_path / "gpu"), "--no-progress"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.stderr
+    last = metrics(tmp_path / "gpu")[-1]
+    assert last["step"] == 2 and "val_shape_accuracy" in last and "d_loss" in last

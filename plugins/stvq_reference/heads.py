@@ -14,8 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
-
 class ConvHead(nn.Sequential):
     """Two 3x3 convolutions after the un-patchify: pixels see across patch borders (C channels -> RGB)."""
 
@@ -28,12 +26,13 @@ class ConvHead(nn.Sequential):
 
 
 class PixelHead(nn.Module):
-    """Seamless by construction, sharp by a per-pixel MLP.
+    """Smooth across patch borders, with a nonlinearity per pixel (the ``pixel`` head; ``tiny``'s).
 
     ``out_conv`` gives C channels per pixel from its patch's token (detail, discontinuous at patch borders);
-    the head adds C channels from the token grid bilinearly upsampled (continuous across borders), then
-    a 3x3 convolution that mixes neighbours across the border, and a per-pixel MLP (1x1 convolutions)
-    whose nonlinearity can turn a smooth field into an edge at any place inside a patch.
+    the head adds C channels from the token grid bilinearly upsampled (continuous across borders), then a
+    3x3 convolution that mixes neighbours across the border, and a per-pixel MLP (1x1 convolutions) whose
+    nonlinearity can turn a smooth field into an edge at any place inside a patch. In the decoder oracle it
+    removed the seams and gave +1.5 dB at 1,400 steps over the linear out_conv (README, table H).
     """
 
     def __init__(self, width: int, channels: int, hidden: int | None = None) -> None:

@@ -19,12 +19,13 @@ from stvq.errors import ConfigError
 @click.option("--prefix-images", type=click.IntRange(min=1), default=64, show_default=True, help="Images for the prefix curves (37 x 2 decodes each).")
 @click.option("--probe-images", type=click.IntRange(min=1), default=2000, show_default=True, help="shapes images to fit the factor probes on.")
 @click.option("--no-perceptual", is_flag=True, help="Skip the EfficientNet-Lite0 feature distances.")
+@click.option("--no-recogniser", is_flag=True, help="On shapes: skip reading originals and reconstructions with the factor recogniser (trained once, about 6 CPU-minutes, cached).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Where --compare writes (default eval-compare/).")
 @workers_option
-def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, output, num_workers) -> None:
+def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, no_recogniser, output, num_workers) -> None:
     """Measure a Styled VQ: PSNR, SSIM, MAE, EfficientNet-Lite0 feature distances, codebook health, the
     prefix-decoding curve (first / last n of 36 tokens known) and, on shapes, which token carries which
-    factor. Writes eval.json, prefix_curve.png and factor_probe.png into the run.
+    factor and how often the factor recogniser reads each factor of the reconstructions right. Writes eval.json, prefix_curve.png and factor_probe.png into the run.
 
     \b
     Example:
@@ -46,7 +47,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
         if is_main():
             console.print(f"evaluating {target} ...")
         results.append(evaluate_path(
-            target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual, num_workers=num_workers, device=device,
+            target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual, recognise=not no_recogniser, num_workers=num_workers, device=device,
         ))
     if not is_main():
         return
