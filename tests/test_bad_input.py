@@ -84,7 +84,7 @@ CASES = [
     ("train --tokenizer nope --run-dir {root}/t", 1, "no tokenizer named 'nope'; available: "),
     ("train --tokenizer vqgan --run-dir {root}/t", 1, "tokenizer 'vqgan' (VQGANTokenizer) is not a CodeTokenizer: stvq train trains"),
     ("quantize --run {root}/run --quantizer fsq", 1, "quantizer 'fsq' (FSQ) is not a FittableQuantizer: it is not fitted offline; train it in stage 2"),
-    ("train --train nope=1 --run-dir {root}/t", 1, "--train nope: unknown config field; known fields: batch_size"),
+    ("train --train nope=1 --run-dir {root}/t", 1, "--train nope: unknown config field; known fields: adaptive_weight, adversarial_weight, batch_size"),
     ("train --train lr=fast --run-dir {root}/t", 1, "--train lr=fast: expected a value of type float"),
     ("train --train lr_scales=3 --run-dir {root}/t", 1, "lr_scales must map parameter-name substrings to numbers"),
     ("train --train model=[1] --run-dir {root}/t", 1, "model and quantizer must be JSON objects of options"),
