@@ -39,7 +39,7 @@ def _quick_recogniser(tmp_path_factory):
     """`stvq eval` and `--train recognise=true` read reconstructions with the factor recogniser, trained once
     (about 6 CPU-minutes) and cached under $STVQ_CACHE. The suite trains quick ones instead, in its own
     cache: 64 px up front for subprocesses (800 images, 200 steps), any other size on first use (200
-    images, 50 steps of 16: it only has to run)."""
+    images, 50 steps: it only has to run)."""
     import os
     from functools import partial
 
@@ -48,6 +48,6 @@ def _quick_recogniser(tmp_path_factory):
     cache = tmp_path_factory.mktemp("stvq-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STVQ_CACHE", str(cache))
-        patch.setattr(judge, "train_recogniser", partial(judge.train_recogniser, images=200, steps=50, batch_size=16))
-        judge.recogniser(64, images=800, steps=200, batch_size=64)
+        patch.setattr(judge, "train_recogniser", partial(judge.train_recogniser, images=200, steps=50))
+        judge.recogniser(64, images=800, steps=200)
         yield
