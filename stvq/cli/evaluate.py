@@ -25,7 +25,8 @@ from stvq.errors import ConfigError
 def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, no_recogniser, output, num_workers) -> None:
     """Measure a Styled VQ: PSNR, SSIM, MAE, EfficientNet-Lite0 feature distances, codebook health, the
     prefix-decoding curve (first / last n of 36 tokens known) and, on shapes, which token carries which
-    factor and how often the factor recogniser reads each factor of the reconstructions right. Writes eval.json, prefix_curve.png and factor_probe.png into the run.
+    factor and how often the factor recogniser reads each factor of the reconstructions right. Writes
+    eval.json, prefix_curve.png and factor_probe.png into the run.
 
     \b
     Example:
