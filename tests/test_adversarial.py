@@ -154,3 +154,17 @@ def test_stage_2_fine_tunes_the_decoder_against_the_discriminator(adversarial_ru
     summary = Trainer(cfg, run, progress=False).fit()
     assert summary["steps"] == 3 and all("d_loss" in r and any(k.startswith("q_") for k in r) for r in metrics(run))
     assert not any("discriminator" in k for k in load_file(str(run / "model.safetensors")))
+
+
+def test_a_blurring_patchgan_barely_sees_pixel_noise():
+    from stvq.data import ShapesDataset
+
+    torch.manual_seed(0)
+    sharp, blurred = (stvq.create("discriminator", "patchgan", image_size=32, blur_sigma=s, **CRITIC).eval() for s in (0.0, 1.5))
+    blurred.load_state_dict(sharp.state_dict())
+    image = ShapesDataset(32, "val", noise=0.0)[0][None]
+    noisy = image + 0.02 * torch.randn_like(image)  # the shapes images' own pixel noise
+    with torch.no_grad():
+        seen_sharp = (sharp(noisy) - sharp(image)).abs().mean()
+        seen_blurred = (blurred(noisy) - blurred(image)).abs().mean()
+    assert seen_blurred < 0.4 * seen_sharp

@@ -7,8 +7,11 @@ weights). Registered as the ``patchgan`` discriminator.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from stvq.errors import ConfigError
 from stvq.interfaces import Discriminator
@@ -26,15 +29,19 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 class PatchDiscriminator(Discriminator):
     """images (B, 3, S, S) -> logits (B, 1, h, w), one per overlapping patch; with ``layers`` = 3 each
-    logit sees a 70 x 70 patch (taming's default); ``norm`` is "batch" (taming), "group" or "none"."""
+    logit sees a 70 x 70 patch (taming's default); ``norm`` is "batch" (taming), "group" or "none".
+    ``blur_sigma`` > 0 blurs what it sees (a Gaussian of that std in pixels), so that pixel noise, which a
+    reconstruction lacks, cannot tell real from reconstructed (README, "Sharp reconstructions")."""
 
-    def __init__(self, image_size: int = 256, channels: int = 64, layers: int = 3, norm: str = "batch") -> None:
+    def __init__(self, image_size: int = 256, channels: int = 64, layers: int = 3, norm: str = "batch", blur_sigma: float = 0.0) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ConfigError(f"patchgan norm {norm!r} is not one of {', '.join(NORMS)}")
         if layers < 1 or image_size < 2 ** (layers + 2):
             raise ConfigError(f"patchgan with {layers} layers needs images of at least {2 ** (layers + 2)} px and layers >= 1; got {image_size} px")
-        self.image_size = image_size
+        if not blur_sigma >= 0:
+            raise ConfigError(f"patchgan blur_sigma must be 0 or more, got {blur_sigma}")
+        self.image_size, self.blur_sigma = image_size, float(blur_sigma)
         bias = norm == "none"
         widths = [channels * min(2**n, 8) for n in range(layers + 1)]  # after each conv but the last
         blocks: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
@@ -47,6 +54,9 @@ class PatchDiscriminator(Discriminator):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, S, S) in [-1, 1] -> logits (B, 1, h, w)."""
+        if self.blur_sigma > 0:
+            radius = max(1, math.ceil(2 * self.blur_sigma))
+            images = gaussian_blur(images, [2 * radius + 1] * 2, [self.blur_sigma] * 2)
         return self.main(images)
 
 
