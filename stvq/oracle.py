@@ -128,7 +128,7 @@ def run_oracle(
         now = elapsed + time.perf_counter() - started
         for opt in opts.values():
             set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
-        losses, _ = objective(net(factors), images, None, step, net.decoder.last_layer())
+        losses, _ = objective(net(factors), images, None, step, net.decoder)
         update(opts, losses, cfg.grad_clip)
         images_seen += len(images)
         done = step + 1

@@ -25,7 +25,7 @@ from stvq.config import LoopConfig, TrainConfig, make_config
 from stvq.data import ShapesDataset, first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
-from stvq.interfaces import CodeTokenizer, Discriminator
+from stvq.interfaces import CodeTokenizer, Decoder, Discriminator
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
@@ -224,15 +224,16 @@ class ImageObjective:
         return {"discriminator": self.adversarial} if self.adversarial is not None else {}
 
     def __call__(
-        self, reconstruction: torch.Tensor, images: torch.Tensor, quantized, step: int, last_layer: torch.Tensor | None, critic: torch.nn.Module | None = None,
+        self, reconstruction: torch.Tensor, images: torch.Tensor, quantized, step: int, decoder: Decoder, critic: torch.nn.Module | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """({part: loss} for :func:`update`, the terms by name); ``critic`` is the companion as the loop
+        """({part: loss} for :func:`update`, the terms by name); ``decoder`` is the one that drew the
+        reconstruction (its last layer weighs the adversarial term); ``critic`` is the companion as the loop
         runs it (wrapped for DDP), by default the companion itself."""
         loss, terms = self.reconstruction(reconstruction, images)
         losses = {"model": loss}
         adversarial = self.adversarial
         if adversarial is not None and adversarial.active(step):
-            g_loss, g_terms = adversarial.generator_loss(reconstruction, loss, last_layer)
+            g_loss, g_terms = adversarial.generator_loss(reconstruction, loss, decoder.last_layer())
             d_loss, d_terms = (critic or adversarial)(images, reconstruction)
             losses = {"model": loss + g_loss, "discriminator": d_loss}
             terms = {**terms, **g_terms, **d_terms}
@@ -283,11 +284,12 @@ def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[st
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # a torn file or a header that lies: safetensors raises several types
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
-    for name, module in parts.items():
-        prefix, groups = _optim_prefix(name)
-        if groups not in metadata:
-            raise CheckpointError(f"{path} holds no {name}: it was written by a run without one; resume with the run's own train.json")
-        try:
+    missing = [name for name in parts if _optim_prefix(name)[1] not in metadata]
+    if missing:
+        raise CheckpointError(f"{path} holds no {missing[0]}: it was written by a run without one; resume with the run's own train.json")
+    try:
+        for name, module in parts.items():
+            prefix, groups = _optim_prefix(name)
             module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
             state: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in tensors.items():
@@ -295,12 +297,9 @@ def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[st
                     _, index, entry = key.split(".", 2)
                     state.setdefault(int(index), {})[entry] = value
             opts[name].load_state_dict({"state": state, "param_groups": json.loads(metadata[groups])})
-        except Exception as err:  # another model's tensors, missing entries: many types
-            raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
-    try:
         torch.set_rng_state(tensors["rng.torch"])
         data_generator.set_state(tensors["rng.data"])
-    except Exception as err:
+    except Exception as err:  # another model's tensors, missing entries: many types
         raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -503,7 +502,7 @@ class BaseTrainer:
 
     def _finish(self, parts: dict[str, torch.nn.Module], summary: dict[str, Any]) -> dict[str, Any]:
         if self.world > 1:
-            summary["ranks_agree"] = all(self._ranks_agree(m) for m in parts.values())
+            summary["ranks_agree"] = all([self._ranks_agree(m) for m in parts.values()])  # every rank joins every gather
         if self.is_main:
             self.dir.write_summary(summary)
         if self.world > 1:
@@ -529,7 +528,7 @@ class Trainer(BaseTrainer):
         cfg = self.cfg
         model = build_model(cfg).to(self.device)
         image_size = model.config.image_size
-        self.objective = ImageObjective(cfg, image_size)
+        self.objective, self.decoder = ImageObjective(cfg, image_size), model.decoder  # the decoder inside any DDP wrapper
         for companion in self.objective.companions().values():
             companion.to(self.device)
         dataset = make_dataset(cfg.data, image_size, "train", cfg.seed)
@@ -563,8 +562,7 @@ class Trainer(BaseTrainer):
         images, codes = (batch[0], batch[1].to(self.device)) if self.cached else (batch, None)
         images = images.to(self.device, non_blocking=True)
         out = net(images, codes=codes, **self.stage.forward_options(self.cfg, step))
-        decoder = (net.module if isinstance(net, DistributedDataParallel) else net).decoder
-        losses, terms = self.objective(out.reconstruction, images, out.quantized, step, decoder.last_layer(), self.nets.get("discriminator"))
+        losses, terms = self.objective(out.reconstruction, images, out.quantized, step, self.decoder, self.nets.get("discriminator"))
         record = {k: v.detach() for k, v in terms.items()}
         record["psnr"] = psnr(out.reconstruction.detach().clamp(-1, 1), images).mean()
         if out.quantized is not None:
