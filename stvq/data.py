@@ -317,6 +317,34 @@ class PhotosDataset(ImageDataset):
         return from_pil(img)
 
 
+class FileSpec(str):
+    """A ``--data`` spec read back from a file (a run's ``train.json``), not typed by the user.
+
+    Run directories are shared and downloaded, so what they say may only name local files:
+    :func:`make_dataset` refuses a spec of this type that would run a command (webdataset's ``pipe:``) or
+    open a URL. Typed on one's own command line, the same spec is read as given."""
+
+    origin: str
+
+    def __new__(cls, value: str, origin: str) -> "FileSpec":
+        spec = super().__new__(cls, value)
+        spec.origin = origin
+        return spec
+
+    def __reduce__(self):  # copies (dataclasses.asdict) and pickles (DataLoader workers) keep the origin
+        return FileSpec, (str(self), self.origin)
+
+
+def check_spec(spec: str) -> None:
+    """Refuse a :class:`FileSpec` that names a command or a URL: the one place that decides what a data
+    spec read from a file may be."""
+    if isinstance(spec, FileSpec) and ("pipe:" in spec or "://" in spec):
+        raise StvqError(
+            f"{spec.origin} names the data {str(spec)!r}, which runs a command or opens a URL; stvq reads only local files from what a run directory says: "
+            f"if you trust it, pass --data {str(spec)!r} yourself"
+        )
+
+
 def parse_data(spec: str) -> tuple[str, str | None]:
     """``--data`` -> (dataset plugin, location): ``NAME``, ``NAME:LOCATION`` for a registered ``NAME``
     (``wds:train-{000..099}.tar``, ``hf:DIR:split``), or a folder path (the ``folder`` source)."""
@@ -337,6 +365,7 @@ def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0
     source read in order; a plugin that returns neither is refused."""
     from stvq.registry import create
 
+    check_spec(spec)
     name, location = parse_data(spec)
     options = {"image_size": image_size, "split": split, "seed": seed}
     if location is not None:

@@ -70,7 +70,7 @@ class OracleModel(nn.Module):
 
 @dataclass
 class OracleResult:
-    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "seconds", "val_psnr"}, from step 0
+    curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "seconds", "val_psnr"[, "val_shape_accuracy"]}, from step 0
     images_per_s: float = 0.0
     samples: torch.Tensor | None = None  # (2, 8, 3, H, W): validation images, their last renderings
 
@@ -97,11 +97,14 @@ def run_oracle(
     val_count: int = 64,
     seed: int = 0,
     device: str | None = None,
+    recognise: bool = False,
 ) -> OracleResult:
     """Train the oracle of ``decoder`` (a registered name) at ``preset`` with ModelConfig overrides
     ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
-    is not counted. ``device`` defaults to CUDA where there is one. Returns the validation PSNR curve."""
+    is not counted. ``device`` defaults to CUDA where there is one. ``recognise`` adds the factor
+    recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
+    draws the shape, which PSNR does not tell). Returns the validation curve."""
     from stvq.train import ImageObjective, make_optimizers, set_lr, update
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
@@ -119,8 +122,21 @@ def run_oracle(
     train_set = FactorShapes(config.image_size, "train", seed)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
+    def point(step: int, seconds: float) -> dict[str, float]:
+        value, renders = _val_psnr(net, val_factors, val_images)
+        result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()
+        out = {"step": step, "seconds": round(seconds, 2), "val_psnr": value}
+        if reader is not None:
+            out.update({f"val_{k}": v for k, v in reading_accuracy(reader, renders, truth).items() if k.endswith("accuracy")})
+        return out
+
+    reader = None
+    if recognise:
+        from stvq.judge import reading_accuracy, recogniser
+
+        reader, truth = recogniser(config.image_size)[0], val.shapes.factor_table(val_count)
     result = OracleResult()
-    result.curve.append({"step": 0, "seconds": 0.0, "val_psnr": _val_psnr(net, val_factors, val_images)[0]})
+    result.curve.append(point(0, 0.0))
     elapsed, images_seen = 0.0, 0
     started = time.perf_counter()
     for step, (factors, images) in enumerate(loader):
@@ -135,9 +151,7 @@ def run_oracle(
         last = done >= cfg.steps or (seconds is not None and now >= seconds)
         if done % eval_every == 0 or last:
             elapsed += time.perf_counter() - started
-            value, renders = _val_psnr(net, val_factors, val_images)
-            result.curve.append({"step": done, "seconds": round(elapsed, 2), "val_psnr": value})
-            result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()
+            result.curve.append(point(done, elapsed))
             started = time.perf_counter()
         if last:
             break
@@ -162,9 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=60)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
+    parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
     args = parser.parse_args(argv)
     train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
-    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every, device=args.device)
+    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every, device=args.device, recognise=args.recognise)
     for point in result.curve:
         print(json.dumps(point))
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))

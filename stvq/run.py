@@ -26,6 +26,7 @@ import torch
 
 from stvq.checkpoint import atomic_write, load_tensors, save_tensors, weights_fingerprint, write_json
 from stvq.config import TrainConfig
+from stvq.data import FileSpec
 from stvq.errors import StvqError
 
 
@@ -75,11 +76,14 @@ class RunDir:
         if not path.is_file():
             raise StvqError(f"{self.path} is not a training run (no {self.TRAIN_CONFIG}); pass a directory made by `stvq train`")
         try:
-            return schema(**json.loads(path.read_text()))
+            cfg = schema(**json.loads(path.read_text()))
         except StvqError:
             raise
         except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields
             raise StvqError(f"{path} is not a train.json that stvq wrote ({type(err).__name__}: {err}); start the run again in another directory") from None
+        if isinstance(getattr(cfg, "data", None), str):
+            cfg.data = FileSpec(cfg.data, str(path))  # may name only local files (stvq.data.check_spec)
+        return cfg
 
     # ------------------------------------------------------------------------------------- metrics
 

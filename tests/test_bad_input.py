@@ -1,6 +1,7 @@
 """Bad input, table-driven: each case is a command line (or an API call) with the exit status and a phrase
 of the one line it must give, never a traceback; and inputs that used to give a silent wrong result."""
 
+import io
 import json
 import pickle
 import shutil
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 import stvq
 from stvq.cli import main
-from stvq.data import ImageFolderDataset, load_image
+from stvq.data import ImageFolderDataset, load_image, make_dataset
 from stvq.train import TrainConfig, Trainer
 from test_tokenizers import NotATensor, write_taming
 
@@ -178,3 +179,53 @@ def test_tokenize_resume_refuses_another_folder_or_tokenizer_with_the_same_count
     retrained.save_pretrained(tmp_path / "tok2")
     other_weights = runner.invoke(main, ["tokenize", "--tokenizer", str(tmp_path / "tok2"), "--data", str(tmp_path / "one"), "-o", out])
     assert other_weights.exit_code == 1 and "(tokenizer_sha256 differ)" in other_weights.stderr
+
+
+# ------------------------------------------------------------------------------------------- security
+
+
+def test_a_run_directory_cannot_make_stvq_run_a_command(runner, files, tmp_path):
+    """A train.json naming ``wds:pipe:...`` (or a URL) is refused wherever stvq reads it back; the same spec
+    typed on one's own command line still reads."""
+    from test_sources import write_shards
+
+    run = tmp_path / "piped"
+    shutil.copytree(files / "run", run)
+    planted = tmp_path / "planted"
+    fields = json.loads((run / "train.json").read_text())
+    for data in (f"wds:pipe:touch {planted}; cat x.tar", "wds:https://example.com/train-{000..009}.tar"):
+        (run / "train.json").write_text(json.dumps(fields | {"data": data}))
+        for line in (["quantize", "--run", str(run), "--k", "4"], ["eval", "--run", str(run)], ["train", "--resume", str(run), "--steps", "3"]):
+            result = runner.invoke(main, line)
+            assert result.exit_code == 1 and "runs a command or opens a URL" in result.stderr and f"{run / 'train.json'} names the data" in result.stderr, (line, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output + result.stderr
+            assert not planted.exists()
+    shards = write_shards(tmp_path / "w", shards=1, per_shard=3).removeprefix("wds:").replace("{000..000}", "000")
+    assert len(list(make_dataset(f"wds:pipe:cat {shards}", 64, "all"))) == 3  # typed by the user: as given
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(runner, files, tmp_path):
+    levels = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = (files / "model.yaml").read_text().replace("ddconfig:\n", "ddconfig:\n" + "".join(f"      {line}\n" for line in levels), 1)
+    assert "a8: &a8" in text
+    (tmp_path / "bomb.yaml").write_text(text)  # under 1 kB; 10**9 values once expanded
+    result = runner.invoke(main, ["compose", "vqgan", "--vqgan", str(files / "model.ckpt"), "--vqgan-config", str(tmp_path / "bomb.yaml"), "-o", str(tmp_path / "v")])
+    assert result.exit_code == 1 and "ddconfig['a1'] is not a number, a short string or a list of at most 16 numbers (nested YAML aliases?)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "v").exists()
+
+
+def test_a_huge_tar_member_is_skipped_unread_with_one_warning(tmp_path, monkeypatch):
+    import tarfile
+
+    import stvq_reference.sources as sources
+    from test_sources import write_shards
+
+    spec = write_shards(tmp_path / "w", shards=1, per_shard=2)
+    with tarfile.open(tmp_path / "w" / "train-000.tar", "a") as tar:  # a member "of gigabytes", scaled down
+        info = tarfile.TarInfo("huge.png")
+        info.size = 100_000
+        tar.addfile(info, io.BytesIO(bytes(100_000)))
+    monkeypatch.setattr(sources, "MAX_MEMBER_BYTES", 50_000)
+    with pytest.warns(UserWarning, match=r"skipped member 'huge.png' of .*train-000.tar: 100,000 bytes, over the 50,000 an image may hold"):
+        images = list(make_dataset(spec.replace("{000..000}", "000"), 64, "all"))
+    assert len(images) == 2

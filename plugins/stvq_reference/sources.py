@@ -18,6 +18,9 @@ from stvq.interfaces import ImageDataset, ImageStream
 
 #: Images of a ``wds:`` source's validation split: the first members of its last shard.
 VAL_IMAGES = 512
+#: The largest tar member read into memory: an image is a few megabytes, and a 2 MB ``.tar.gz`` can hold a
+#: member of gigabytes. A larger one is skipped with a warning (as the image decoder bounds pixels).
+MAX_MEMBER_BYTES = 256 * 2**20
 IMAGE_EXTENSIONS = tuple(suffix.lstrip(".") for suffix in sorted(IMAGE_SUFFIXES))
 
 
@@ -59,10 +62,10 @@ class WebDatasetSource(ImageStream):
         return hashlib.sha256("\n".join(listing).encode()).hexdigest()
 
     def samples(self, piece: str) -> Iterator[dict]:
-        """The raw samples of one shard ({"__key__": ..., "jpg": bytes, ...}); a damaged tar is warned
-        about and read as far as it goes."""
+        """The raw samples of one shard ({"__key__": ..., "jpg": bytes, ...}), grouped by webdataset; a
+        damaged tar is warned about and read as far as it goes."""
         wds = _webdataset()
-        return wds.tarfile_to_samples(handler=wds.warn_and_continue)([{"url": piece}])
+        return wds.tariterators.group_by_keys(_members(piece), handler=wds.warn_and_continue)
 
     def read(self, piece: str, skip: int = 0) -> Iterator[tuple[int, str, torch.Tensor | None]]:
         for index, sample in enumerate(self.samples(piece)):
@@ -89,6 +92,27 @@ class WebDatasetSource(ImageStream):
             if len(images) == VAL_IMAGES:
                 break
         return ImageList(images, f"the first {len(images)} images of {self.urls[-1]}")
+
+
+def _members(url: str) -> Iterator[dict]:
+    """The regular members of one shard as webdataset's {"fname", "data", "__url__"}, streamed by
+    ``tarfile``; a member over :data:`MAX_MEMBER_BYTES` is passed over unread (the stream reads through it
+    block by block), one that is not a tar is one warning."""
+    import tarfile
+
+    wds = _webdataset()
+    try:
+        with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg() or info.name.startswith("__"):
+                    continue
+                if info.size > MAX_MEMBER_BYTES:
+                    warnings.warn(f"skipped member {info.name!r} of {url}: {info.size:,} bytes, over the {MAX_MEMBER_BYTES:,} an image may hold", stacklevel=2)
+                    continue
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+                tar.members = []  # a stream holds no index: keep memory flat over a long shard
+    except (tarfile.TarError, OSError, EOFError) as err:
+        warnings.warn(f"{url} is not a readable tar file past this point ({type(err).__name__}: {err}); read what came before", stacklevel=2)
 
 
 def webdataset(location: str, image_size: int, split: str = "train", seed: int = 0):

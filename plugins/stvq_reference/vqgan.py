@@ -170,6 +170,27 @@ class Codebook(nn.Module):
         self.embedding = nn.Embedding(n_embed, embed_dim)
 
 
+#: Bounds on a ddconfig (taming's hold about ten entries; ``ch_mult`` and ``attn_resolutions`` a few numbers):
+#: YAML aliases can make a file of a few hundred bytes expand to gigabytes (a "billion laughs").
+MAX_DDCONFIG_ENTRIES, MAX_DDCONFIG_LIST = 32, 16
+
+
+def check_ddconfig(ddconfig: Any, origin: str) -> dict[str, Any]:
+    """``ddconfig`` as a plain dict of at most 32 scalars or short lists of numbers, or a one-line
+    ConfigError naming ``origin``: what a taming config holds, and nothing that expands without bound."""
+    scalar = (bool, int, float, str, type(None))
+    if not isinstance(ddconfig, dict) or len(ddconfig) > MAX_DDCONFIG_ENTRIES:
+        raise ConfigError(f"{origin}: ddconfig must be a mapping of at most {MAX_DDCONFIG_ENTRIES} entries, as in taming-transformers' configs")
+    for key, value in ddconfig.items():
+        numbers = isinstance(value, (list, tuple)) and len(value) <= MAX_DDCONFIG_LIST and all(isinstance(v, (int, float)) for v in value)
+        if not isinstance(key, str) or not (numbers or isinstance(value, scalar) and len(str(value)) <= 64):
+            raise ConfigError(
+                f"{origin}: ddconfig[{str(key)[:40]!r}] is not a number, a short string or a list of at most {MAX_DDCONFIG_LIST} numbers "
+                "(nested YAML aliases?); a taming-transformers ddconfig holds only such values"
+            )
+    return {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in ddconfig.items()}
+
+
 def read_taming_config(path: str | Path) -> dict[str, Any]:
     """``model.params`` of a taming YAML config: ddconfig, embed_dim, n_embed."""
     import yaml
@@ -179,7 +200,7 @@ def read_taming_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"VQGAN config {path} does not exist; pass the .yaml that came with the checkpoint")
     try:
         params = yaml.safe_load(path.read_text())["model"]["params"]
-        return {"ddconfig": dict(params["ddconfig"]), "embed_dim": int(params["embed_dim"]), "n_embed": int(params["n_embed"])}
+        return {"ddconfig": check_ddconfig(params["ddconfig"], str(path)), "embed_dim": int(params["embed_dim"]), "n_embed": int(params["n_embed"])}
     except (KeyError, TypeError, yaml.YAMLError) as err:
         raise ConfigError(f"{path} is not a taming-transformers VQModel config (model.params with ddconfig, embed_dim, n_embed): {err}") from None
 
@@ -213,7 +234,8 @@ class VQGANTokenizer(PretrainedMixin, Tokenizer):
             ddconfig, embed_dim, n_embed = params["ddconfig"], params["embed_dim"], params["n_embed"]
         if ddconfig is None or embed_dim is None or n_embed is None:
             raise ConfigError("a taming checkpoint also needs --vqgan-config model.yaml (config= in Python), or give ddconfig, embed_dim and n_embed")
-        self.ddconfig, self.embed_dim, self.n_embed = dict(ddconfig), int(embed_dim), int(n_embed)
+        self.ddconfig, self.embed_dim, self.n_embed = check_ddconfig(ddconfig, "the vqgan tokenizer's options"), int(embed_dim), int(n_embed)
+        ddconfig = self.ddconfig
         try:  # a ddconfig with a key missing or of the wrong type fails somewhere inside the networks
             self.encoder = Encoder(**ddconfig)
             self.decoder = Decoder(**ddconfig)
