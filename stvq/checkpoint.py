@@ -110,17 +110,33 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({err}); re-save it") from err
 
 
+def json_type(value: Any) -> str:
+    """JSON's name for the type of a decoded value: object, array, string, number, boolean or null."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def read_json(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """The JSON object in a file stvq wrote (a config, manifest or summary), or one line naming the file
+    and ``fix`` where it is torn (a kill mid-write by another tool), not JSON, or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StvqError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(value, dict):
+        raise StvqError(f"{path} holds a JSON {json_type(value)}, not the object stvq writes; {fix}")
+    return value
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {directory}; pass a directory written by stvq")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err})") from err
-    for key in ("kind", "name", "options"):
+    config = read_json(path, "re-save the model")
+    for key, kind in (("kind", str), ("name", str), ("options", dict)):
         if key not in config:
             raise CheckpointError(f"{path} lacks the {key!r} entry; it was not written by stvq's save_pretrained")
+        if not isinstance(config[key], kind):
+            raise CheckpointError(f"{path}: {key!r} is a JSON {json_type(config[key])}, not {'an object of options' if kind is dict else 'a string'}; re-save the model")
     return config
 
 
@@ -134,8 +150,10 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
         for k in expected
         if k in found and found[k].shape != expected[k].shape
     ]
+    dtypes = [f"{k}: checkpoint {found[k].dtype} vs model {expected[k].dtype}" for k in expected if k in found and found[k].dtype != expected[k].dtype]
+    broken = [k for k in expected if k in found and found[k].is_floating_point() and not torch.isfinite(found[k]).all()]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes), ("dtype mismatch", dtypes), ("NaN or infinite values", broken)):
         if items:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             problems.append(f"{label}: {', '.join(items[:3])}{more}")
@@ -193,7 +211,7 @@ def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
     if Path(path_or_spec).is_dir():
         if options:
             raise StvqError(f"options {sorted(options)} are not used when loading the directory {path_or_spec}")
-        return load_pretrained(path_or_spec)
+        return load_pretrained(path_or_spec, kind="tokenizer")
     if str(path_or_spec) in plugin_table()["tokenizer"]:
         return create("tokenizer", str(path_or_spec), **options)
     raise StvqError(
@@ -202,11 +220,13 @@ def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
     )
 
 
-def load_pretrained(directory: str | os.PathLike) -> Any:
-    """Rebuild whatever plugin ``directory/config.json`` names and load its weights."""
+def load_pretrained(directory: str | os.PathLike, kind: str | None = None) -> Any:
+    """Rebuild whatever plugin ``directory/config.json`` names (of ``kind``, where given) and load its weights."""
     from stvq.registry import create
 
     config = read_config(directory)
+    if kind is not None and config["kind"] != kind:
+        raise CheckpointError(f"{directory} holds a {config['kind']} ({config['name']}), not a {kind}; pass a directory that `stvq train` or `stvq compose` wrote")
     model = create(config["kind"], config["name"], **config["options"])
     model.load_weights(directory)
     return model.eval()

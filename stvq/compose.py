@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import atomic_write, load_tokenizer, ranks_lock, weights_fingerprint, write_json
+from stvq.checkpoint import atomic_write, load_tokenizer, ranks_lock, read_json, weights_fingerprint, write_json
 from stvq.data import is_stream
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
@@ -67,12 +67,13 @@ def read_ids(path: str | Path, vocab_size: int) -> torch.Tensor:
     if not Path(path).is_file():
         raise StvqError(f"no such ids file: {path}")
     try:
-        array = np.load(path)  # allow_pickle stays False: a pickled array is refused, never run
+        array = np.load(path, mmap_mode="r")  # no pickles (never run); a header larger than the file is refused
     except (ValueError, OSError, EOFError) as err:
         raise StvqError(f"{path} is not a NumPy .npy array of ids ({err}); write ids with numpy.save or stvq encode") from None
     if not isinstance(array, np.ndarray):
         array.close()
         raise StvqError(f"{path} is an .npz archive; pass one .npy array of ids (numpy.save)")
+    array = np.asarray(array)
     if array.dtype.kind not in "iu" or np.iinfo(array.dtype).max < vocab_size - 1:
         raise StvqError(f"ids in {path} are {array.dtype}, which cannot be ids of a vocabulary of {vocab_size:,}; stvq encode writes int64")
     return torch.from_numpy(array.astype(np.int64))
@@ -194,7 +195,7 @@ def _start_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tokenizer or data set."""
     path = out / "manifest.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path, f"pick a new -o directory, or delete {out} to tokenize into it afresh")
         keys = ("tokenizer_sha256", "data_fingerprint", "num_images", "shard_size", "num_tokens", "vocab_size", "num_shards")
         changed = [k for k in keys if manifest[k] is not None and old.get(k) != manifest[k]]
         if changed:

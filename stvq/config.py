@@ -141,6 +141,10 @@ def make_config(config: ModelConfig | dict | str | None = None, **overrides: Any
     return replace(base, **overrides)
 
 
+#: The largest seed: torch and NumPy take any 63-bit integer.
+MAX_SEED = 2**63 - 1
+
+
 def check_ranges(cfg: Any, nonnegative: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
     """Raise a :class:`StvqError` naming the first field of ``cfg`` in ``nonnegative`` that is not a finite
     number of 0 or more, or in ``fractions`` that is not between 0 and 1."""
@@ -185,6 +189,8 @@ class LoopConfig:
             raise StvqError(f'lr_scales must map parameter-name substrings to numbers, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
         if self.num_workers < 0:
             raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise StvqError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1), got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise StvqError(f"--lr must be a positive number, got {self.lr}")
         check_ranges(self, nonnegative=("weight_decay", "grad_clip"), fractions=("lr_scales_until", "min_lr_ratio"))

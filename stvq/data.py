@@ -362,7 +362,7 @@ def parse_data(spec: str) -> tuple[str, str | None]:
 def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0):
     """The images ``--data spec`` names (:func:`parse_data`), ``split`` being ``train``, ``val`` or
     ``all``: an :class:`stvq.interfaces.ImageDataset`, or an :class:`stvq.interfaces.ImageStream` for a
-    source read in order; a plugin that returns neither is refused."""
+    source read in order (not for ``val``)."""
     from stvq.registry import create
 
     check_spec(spec)
@@ -371,8 +371,8 @@ def make_dataset(spec: str, image_size: int, split: str = "train", seed: int = 0
     if location is not None:
         options["location"] = location
     dataset = create("dataset", name, **options)
-    if not isinstance(dataset, (ImageDataset, ImageStream)) or (split == "val" and not isinstance(dataset, ImageDataset)):
-        raise StvqError(f"dataset plugin {name!r} returned a {type(dataset).__name__}, not an stvq.interfaces.ImageDataset{'' if split == 'val' else ' or ImageStream'}; fix the plugin")
+    if split == "val" and not isinstance(dataset, ImageDataset):  # create() checked it is one of the two
+        raise StvqError(f"dataset plugin {name!r} returned a {type(dataset).__name__} for the validation split, not an stvq.interfaces.ImageDataset; fix the plugin")
     return dataset
 
 

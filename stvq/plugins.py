@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import metadata
 from typing import Any, Callable
@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pluggy
 
 from stvq import hookspecs
-from stvq.errors import PluginConflictError
+from stvq.errors import PluginConflictError, PluginError
 
 ENTRY_POINT_GROUP = "stvq"
 
@@ -24,7 +24,9 @@ class StvqPluginWarning(UserWarning):
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """One registered factory: ``kind``/``name`` and the distribution that provides it."""
+    """One registered factory: ``kind``/``name`` and the distribution that provides it. ``clash`` names
+    the packages when more than one registered the name: then using it is a :class:`PluginConflictError`,
+    while listing it (``stvq plugins``) shows the clash."""
 
     kind: str
     name: str
@@ -32,14 +34,20 @@ class PluginInfo:
     package: str
     version: str
     entry_point: str
+    clash: str = ""
 
     def resolve(self) -> Callable:
+        if self.clash:
+            raise PluginConflictError(self.clash)
         if not isinstance(self.factory, str):
             return self.factory
         module, _, attr = self.factory.partition(":")
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        try:
+            obj = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as err:
+            raise PluginError(f"{self.kind} {self.name!r} of package {self.package!r} names the factory {self.factory!r}, which cannot be loaded ({type(err).__name__}: {err}); fix or uninstall {self.package}") from None
         return obj
 
 
@@ -50,58 +58,67 @@ def _distribution(ep: metadata.EntryPoint) -> tuple[str, str]:
     return dist.metadata["Name"], dist.version
 
 
-def load_entry_points(pm: pluggy.PluginManager) -> dict[str, tuple[str, str]]:
-    """Import and register every ``stvq`` entry point; return entry-point name -> (package, version).
+def _warn(message: str) -> None:
+    warnings.warn(message, StvqPluginWarning, stacklevel=3)
 
-    A module that fails to import gives one :class:`StvqPluginWarning` and is skipped. Two packages that
-    use the same entry-point name raise :class:`PluginConflictError` (pluggy would skip the second
-    silently).
+
+def load_entry_points(pm: pluggy.PluginManager) -> dict[str, tuple[str, str]]:
+    """Import and register every ``stvq`` entry point, stvq's own first; return entry-point name ->
+    (package, version).
+
+    Whatever a third-party package gets wrong costs only its own plugins, with one
+    :class:`StvqPluginWarning`: a module that fails to import, an entry-point name another package
+    already uses (pluggy would skip the second silently), a hook implementation whose arguments the hook
+    does not have, a ``register_*`` function stvq has no hook for (a misspelling).
     """
+    known = {name for name in dir(hookspecs) if name.startswith("register_")}
     providers: dict[str, tuple[str, str]] = {}
     values: dict[str, str] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: _distribution(ep)[0] != "stvq")
+    for ep in points:
         package, version = _distribution(ep)
         if ep.name in providers:
-            if providers[ep.name][0] == package and values[ep.name] == ep.value:
-                continue  # the same distribution seen twice on sys.path
-            raise PluginConflictError(
-                f"entry point {ep.name!r} of group 'stvq' is declared by both {providers[ep.name][0]!r} and "
-                f"{package!r}; rename it in one package's [project.entry-points.stvq]"
-            )
+            if providers[ep.name][0] != package or values[ep.name] != ep.value:  # else: the same distribution seen twice on sys.path
+                _warn(f"stvq plugin package {package!r} uses the entry-point name {ep.name!r}, which {providers[ep.name][0]!r} already uses; its plugins are unavailable: rename it in its [project.entry-points.stvq]")
+            continue
         try:
             module = ep.load()
-        except Exception as err:  # any import-time failure of a third-party package
-            warnings.warn(
-                f"stvq plugin package {package!r} (entry point {ep.name} = {ep.value}) failed to load: "
-                f"{type(err).__name__}: {err}; its plugins are unavailable",
-                StvqPluginWarning,
-                stacklevel=2,
-            )
+            pm.register(module, name=ep.name)
+        except Exception as err:  # any import-time failure of a third-party package; pluggy's PluginValidationError
+            _warn(f"stvq plugin package {package!r} (entry point {ep.name} = {ep.value}) failed to load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; its plugins are unavailable")
             continue
-        pm.register(module, name=ep.name)
+        for attr in dir(module):
+            if getattr(getattr(module, attr, None), f"{hookspecs.PROJECT}_impl", None) is not None and attr not in known:
+                _warn(f"stvq plugin package {package!r} implements {attr}, which is no stvq hook (known: {', '.join(sorted(known))}); it is never called")
         providers[ep.name] = (package, version)
         values[ep.name] = ep.value
     return providers
 
 
 def collect(pm: pluggy.PluginManager, providers: dict[str, tuple[str, str]]) -> dict[str, dict[str, PluginInfo]]:
-    """Call every ``register_*`` hook implementation and gather kind -> name -> PluginInfo."""
+    """Call every ``register_*`` hook implementation and gather kind -> name -> PluginInfo. A hook that
+    raises costs its package's plugins of that kind (one warning); a name two packages register is kept
+    as a clash (:attr:`PluginInfo.clash`), refused only where it is used."""
     table: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in hookspecs.KINDS}
     for kind in hookspecs.KINDS:
         caller = getattr(pm.hook, f"register_{kind}s")
-        for impl in caller.get_hookimpls():
+        for impl in caller.get_hookimpls():  # in registration order: stvq's own first
             package, version = providers.get(impl.plugin_name, (impl.plugin_name, "?"))
+            mine: dict[str, PluginInfo] = {}
 
-            def register(name: str, factory: Any, *, _kind=kind, _pkg=package, _ver=version, _ep=impl.plugin_name):
-                existing = table[_kind].get(name)
+            def register(name: str, factory: Any, *, _kind=kind, _pkg=package, _ver=version, _ep=impl.plugin_name, _mine=mine):
+                _mine[name] = PluginInfo(_kind, name, factory, _pkg, _ver, _ep)
+
+            try:
+                impl.function(**{arg: register for arg in impl.argnames})
+            except Exception as err:  # any failure of a third-party package
+                _warn(f"stvq plugin package {package!r} failed to register its {kind}s: {type(err).__name__}: {err}; they are unavailable")
+                continue
+            for name, info in mine.items():
+                existing = table[kind].get(name)
                 if existing is not None:
-                    raise PluginConflictError(
-                        f"{_kind} {name!r} is registered by both {existing.package!r} and {_pkg!r}; "
-                        f"uninstall one of them or rename the plugin"
-                    )
-                table[_kind][name] = PluginInfo(_kind, name, factory, _pkg, _ver, _ep)
-
-            impl.function(**{arg: register for arg in impl.argnames})
+                    info = replace(info, package=f"{existing.package}, {package}", clash=f"{kind} {name!r} is registered by both {existing.package!r} and {package!r}; uninstall one of them or rename the plugin")
+                table[kind][name] = info
     return table
 
 

@@ -29,6 +29,15 @@ from stvq.train import BaseTrainer
 # ------------------------------------------------------------------------------------------- shards
 
 
+def check_shard_ids(path: Path, ids: np.ndarray, vocab_size: int) -> None:
+    """Every id of a shard, once, where it is opened: integers in [0, vocab_size) (float ids would be
+    truncated, and an id past the vocabulary trains silently until a batch draws it)."""
+    if ids.dtype.kind not in "iu":
+        raise StvqError(f"{path} holds {ids.dtype} values, not integer ids; write shards with stvq tokenize")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise StvqError(f"{path} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size:,}) of its manifest; tokenize again with the tokenizer that the manifest names")
+
+
 class TokenShards(Dataset):
     """The ids of a ``stvq tokenize`` directory, one row (num_tokens,) int64 per image, read from the
     shards through memory maps (a data set larger than memory works). ``manifest`` is its manifest.json."""
@@ -56,6 +65,7 @@ class TokenShards(Dataset):
                 raise StvqError(f"{shard} is missing or unreadable: run the same stvq tokenize again to finish the shards") from None
             if ids.shape != (rows[i], self.num_tokens):
                 raise StvqError(f"{shard} holds {ids.shape}, not ({rows[i]}, {self.num_tokens}): run the same stvq tokenize again")
+            check_shard_ids(shard, ids, self.vocab_size)
             self.shards.append(ids)
 
     def __len__(self) -> int:
@@ -230,7 +240,7 @@ def load_prior(run: str | Path) -> tuple[Prior, PriorTrainConfig]:
     run_dir = RunDir(run)
     if not (run_dir.path / "config.json").is_file():
         raise StvqError(f"{run} holds no prior (no config.json): pass a directory written by `stvq prior train`")
-    prior = load_pretrained(run_dir.path)
+    prior = load_pretrained(run_dir.path, kind="prior")
     if not isinstance(prior, Prior):
         raise StvqError(f"{run} holds a {type(prior).__name__}, not a prior: pass a directory written by `stvq prior train`")
     return prior, run_dir.read_train_config(PriorTrainConfig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from stvq.errors import ConfigError, StvqError, UnknownPluginError
+from stvq.errors import ConfigError, PluginError, StvqError, UnknownPluginError
 from stvq.hookspecs import KINDS
 from stvq.plugins import PluginInfo, plugin_table
 
@@ -41,12 +41,25 @@ def create(kind: str, name: str, **options: Any) -> Any:
             takes = ", ".join(p for p in signature.parameters if p not in ("self", "args", "kwargs")) or "none"
             raise ConfigError(f"{kind} {name!r}: {err} (its options: {takes})") from None
     try:
-        return factory(**options)
+        built = factory(**options)
     except StvqError:
         raise
     except (ValueError, TypeError) as err:
         shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("config",))
         raise ConfigError(f"{kind} {name!r} cannot be built with {shown or 'these options'}: {err}") from None
+    interface = interfaces()[kind]
+    if not isinstance(built, interface):
+        wanted = " or ".join(f"stvq.interfaces.{t.__name__}" for t in (interface if isinstance(interface, tuple) else (interface,)))
+        raise PluginError(f"{kind} {name!r} of package {get(kind, name).package!r} returned a {type(built).__name__}, not an {wanted}; fix the plugin")
+    return built
+
+
+def interfaces() -> dict[str, type | tuple[type, ...]]:
+    """What a plugin of each kind must build (:mod:`stvq.interfaces`)."""
+    from stvq import interfaces as i
+
+    return {"encoder": i.Encoder, "decoder": i.Decoder, "quantizer": i.Quantizer, "tokenizer": i.Tokenizer, "composer": i.Composer,
+            "prior": i.Prior, "dataset": (i.ImageDataset, i.ImageStream), "discriminator": i.Discriminator}
 
 
 def require_subclass(kind: str, name: str, base: type, why: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from stvq.checkpoint import atomic_write, load_tensors, save_tensors, weights_fingerprint, write_json
+from stvq.checkpoint import atomic_write, load_tensors, read_json, save_tensors, weights_fingerprint, write_json
 from stvq.config import TrainConfig
 from stvq.data import FileSpec
 from stvq.errors import StvqError
@@ -77,8 +77,8 @@ class RunDir:
             raise StvqError(f"{self.path} is not a training run (no {self.TRAIN_CONFIG}); pass a directory made by `stvq train`")
         try:
             cfg = schema(**json.loads(path.read_text()))
-        except StvqError:
-            raise
+        except StvqError as err:  # a field out of range: the file says so, not a flag
+            raise StvqError(f"{path} is not a train.json that stvq wrote ({err}); start the run again in another directory") from None
         except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields
             raise StvqError(f"{path} is not a train.json that stvq wrote ({type(err).__name__}: {err}); start the run again in another directory") from None
         if isinstance(getattr(cfg, "data", None), str):
@@ -93,7 +93,16 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / self.METRICS
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number < len(lines):
+                    raise StvqError(f"{path}: line {number} is not JSON; the log was edited: restore it or start the run in another directory") from None
+                # the last line torn by a kill mid-append: dropped (a resume rewrites the log up to its checkpoint)
+        return records
 
     def trim_metrics(self, last_step: int) -> float:
         """Drop log lines written after the checkpoint a resume starts from (a killed run may have logged
@@ -108,7 +117,7 @@ class RunDir:
 
     def read_summary(self) -> dict[str, Any] | None:
         path = self.path / self.SUMMARY
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(path, "delete it and run the command again (it is rewritten at the end of a run)") if path.is_file() else None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_json(self.path / self.SUMMARY, summary)

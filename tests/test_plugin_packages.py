@@ -138,8 +138,13 @@ def test_broken_package_warns_once_and_the_rest_keeps_working(example_target, tm
     assert result["sign"]["ids"] == [0b0101]
 
 
+def stvq_cli(target: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "stvq.cli", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
-def test_two_packages_registering_the_same_name_is_an_error_naming_both(tmp_path):
+def test_two_packages_registering_the_same_name_clash_only_where_it_is_used(tmp_path):
     clash = make_package(
         tmp_path,
         "stvq-clash",
@@ -156,15 +161,68 @@ def test_two_packages_registering_the_same_name_is_an_error_naming_both(tmp_path
     target = tmp_path / "site"
     pip_install(clash, target)
     result = probe(target)
-    assert result["error"].startswith("PluginConflictError: tokenizer 'styled' is registered by both")
-    assert "'stvq'" in result["error"] and "'stvq-clash'" in result["error"]
+    assert "styled" in result["plugins"]["tokenizer"] and result["warnings"] == []
+    listed = stvq_cli(target, "plugins")
+    assert listed.returncode == 0 and "styled (clash)" in listed.stdout and "stvq, stvq-clash" in listed.stdout
+    assert "Clash: tokenizer 'styled' is registered by both 'stvq' and 'stvq-clash'; uninstall one of them" in listed.stderr
+    assert stvq_cli(target, "--help").returncode == 0
+    used = stvq_cli(target, "train", "--steps", "1", "--run-dir", str(tmp_path / "run"))
+    assert used.returncode == 1 and used.stderr.strip() == "Error: tokenizer 'styled' is registered by both 'stvq' and 'stvq-clash'; uninstall one of them or rename the plugin"
 
 
 @pytest.mark.slow
-def test_two_packages_using_the_same_entry_point_name_is_an_error(tmp_path):
-    same = make_package(tmp_path, "stvq-same-ep", "reference", "stvq_same_ep", "")
+def test_what_a_plugin_package_gets_wrong_costs_only_its_own_plugins_with_one_line_each(tmp_path):
     target = tmp_path / "site"
-    pip_install(same, target)
-    result = probe(target)
-    assert "entry point 'reference'" in result["error"]
-    assert "'stvq'" in result["error"] and "'stvq-same-ep'" in result["error"]
+    same_ep = make_package(tmp_path, "stvq-same-ep", "reference", "stvq_same_ep", "")  # stvq's own entry-point name
+    misnamed = make_package(tmp_path, "stvq-misnamed", "misnamed", "stvq_misnamed", """
+        import stvq
+
+        @stvq.hookimpl
+        def register_quantizers(reg):
+            reg("never", object)
+        """)
+    faulty = make_package(tmp_path, "stvq-faulty", "faulty", "stvq_faulty", """
+        import stvq
+
+        @stvq.hookimpl
+        def register_tokenizers(register):
+            raise RuntimeError("no licence file")
+
+        @stvq.hookimpl
+        def register_widgets(register):
+            pass
+
+        @stvq.hookimpl
+        def register_priors(register):
+            register("dict-prior", lambda **options: {"not": "a prior"})
+
+        @stvq.hookimpl
+        def register_quantizers(register):
+            register("str-quantizer", lambda **options: "q")
+            register("gone", "stvq_no_such_module:Quantizer")
+        """)
+    for package in (same_ep, misnamed, faulty):
+        pip_install(package, target)
+    listed = stvq_cli(target, "plugins")
+    assert listed.returncode == 0 and "str-quantizer" in listed.stdout and "styled" in listed.stdout
+    warnings = [line for line in listed.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == len(listed.stderr.strip().splitlines()) == 4, listed.stderr  # one line each
+    for phrase in ("'stvq-same-ep' uses the entry-point name 'reference', which 'stvq' already uses",
+                   "'stvq-misnamed' (entry point misnamed = stvq_misnamed) failed to load: PluginValidationError",
+                   "'stvq-faulty' implements register_widgets, which is no stvq hook",
+                   "'stvq-faulty' failed to register its tokenizers: RuntimeError: no licence file"):
+        assert any(phrase in w for w in warnings), (phrase, warnings)
+    assert stvq_cli(target, "--help").returncode == 0
+    script = """
+import stvq
+for kind, name in (("prior", "dict-prior"), ("quantizer", "str-quantizer"), ("quantizer", "gone")):
+    try:
+        stvq.create(kind, name)
+    except stvq.PluginError as err:
+        print(err)
+"""
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == "prior 'dict-prior' of package 'stvq-faulty' returned a dict, not an stvq.interfaces.Prior; fix the plugin"
+    assert out[1] == "quantizer 'str-quantizer' of package 'stvq-faulty' returned a str, not an stvq.interfaces.Quantizer; fix the plugin"
+    assert out[2].startswith("quantizer 'gone' of package 'stvq-faulty' names the factory 'stvq_no_such_module:Quantizer', which cannot be loaded (ModuleNotFoundError")

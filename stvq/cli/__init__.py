@@ -36,7 +36,11 @@ class StvqGroup(click.Group):
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    click.echo(f"Warning: {message}", err=True)
+    """Every warning as one line (a file name holding a newline included), never Python's two."""
+    click.echo("Warning: " + str(message).replace("\n", "\\n"), err=True)
+
+
+warnings.showwarning = _one_line_warning  # from the first import: the plugins' warnings below included
 
 
 @click.group(cls=StvqGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +53,6 @@ def main() -> None:
       stvq plugins
       stvq info --preset reference
     """
-    warnings.showwarning = _one_line_warning
 
 
 @main.command()
@@ -65,9 +68,13 @@ def plugins() -> None:
     table = Table(title="stvq plugins")
     for column in ("kind", "name", "package", "version"):
         table.add_column(column)
-    for info in plugin_infos():
-        table.add_row(info.kind, info.name, info.package, info.version)
+    infos = plugin_infos()
+    for info in infos:
+        table.add_row(info.kind, info.name + (" (clash)" if info.clash else ""), info.package, info.version, style="red" if info.clash else None)
     console.print(table)
+    for info in infos:
+        if info.clash:
+            click.echo(f"Clash: {info.clash}", err=True)
 
 
 @main.command()

@@ -4,6 +4,7 @@ dataclass (one source of defaults), and options that plugins add to a command (`
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
+from stvq.config import MAX_SEED
 from stvq.errors import ConfigError
 
 console = Console()
@@ -60,6 +62,20 @@ def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
     return parse_pairs(pairs, flag)
 
 
+class FiniteFloat(click.FloatRange):
+    """A float range that also refuses nan and inf (click's lets NaN through: no comparison with it fails)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+#: ``--seed``: what torch and NumPy accept.
+SEED = click.IntRange(0, MAX_SEED)
+
+
 preset_option = click.option("--preset", default="tiny", show_default=True, help="Model preset: tiny, small or reference.")
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a model config field; repeatable.")
 
@@ -70,7 +86,7 @@ LOOP_FLAGS = {
     "steps": {},
     "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
     "bf16": {"help": "Autocast to bfloat16."},
-    "seed": {},
+    "seed": {"type": SEED},
     "eval_every": {},
     "checkpoint_every": {},
     "log_every": {},
@@ -94,7 +110,7 @@ def config_options(schema: type, flags: dict[str, dict[str, Any]]) -> Callable:
             if f.type == "bool":
                 option = click.option(flag if not default else "--no-" + flag[2:], name, is_flag=True, flag_value=not default, default=default, **extra)
             else:
-                kind = extra.pop("type", {"int": int, "float": float}.get(f.type, str))
+                kind = extra.pop("type", {"int": int, "float": FiniteFloat()}.get(f.type, str))
                 option = click.option(flag, name, type=kind, default=default, show_default=default is not None, **extra)
             command = option(command)
         return command

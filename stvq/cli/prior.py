@@ -8,7 +8,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, config_options, console, parse_pairs
+from stvq.cli.options import LOOP_FLAGS, SEED, FiniteFloat, config_options, console, parse_pairs
 from stvq.cli.train import fit, resume_config
 from stvq.config import PriorTrainConfig
 
@@ -77,10 +77,10 @@ def train_prior(ctx: click.Context, run_dir, resume_dir, no_progress, train_fiel
 @prior.command("sample")
 @click.option("--prior", "prior_dir", required=True, type=click.Path(file_okay=False), help="A run of stvq prior train.")
 @click.option("-n", "count", type=click.IntRange(min=1), default=64, show_default=True, help="Images to sample.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=1.0, show_default=True, help="0: greedy.")
+@click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the K likeliest ids (0: all).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus: the smallest set of ids with this probability.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus: the smallest set of ids with this probability.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--keep", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the first N ids of the --from images and sample the rest.")
 @click.option("--from", "source", help="Real images for --keep: a folder, 'shapes' or 'photos' (validation split).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Decode with this tokenizer (default: the one that wrote the shards; checked).")
@@ -106,7 +106,7 @@ def sample_prior(prior_dir, count, temperature, top_k, top_p, seed, keep, source
 @click.option("--shards", type=click.Path(file_okay=False), help="Other shards to measure on, every image (default: the run's held-out images).")
 @click.option("--samples", type=click.IntRange(min=0), default=0, show_default=True, help="On shapes: judge this many samples with the factor recogniser.")
 @click.option("--keep", "keeps", type=click.IntRange(min=0), multiple=True, help="On shapes: factor survival when the first N ids of real images are kept; repeatable.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def eval_prior(prior_dir, shards, samples, keeps, seed) -> None:
     """Held-out negative log-likelihood per token position (table, prior_nll.png) and bits per image; on
     shapes, samples judged by a factor recogniser (clean scenes, factor distributions, Frechet distance)

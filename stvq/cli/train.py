@@ -10,7 +10,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs, workers_option
+from stvq.cli.options import LOOP_FLAGS, SEED, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs, workers_option
 from stvq.config import TrainConfig
 from stvq.errors import ConfigError
 
@@ -142,7 +142,7 @@ QUANTIZER_OPTIONS = "stvq.quantize.options"
 @click.option("--max-images", type=click.IntRange(min=1), default=20000, show_default=True)
 @click.option("--per-position", is_flag=True, help="One codebook per token position.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
+@click.option("--seed", type=SEED, default=TrainConfig.seed, show_default=True)
 @click.option("--quantizer", default="kmeans", show_default=True, help="The registered quantizer to fit (a FittableQuantizer).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="An option of the quantizer, JSON value; repeatable.")
 @workers_option
