@@ -6,7 +6,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from stvq.errors import CheckpointError, ConfigError, PluginConflictError, PluginError, StvqError, TrainingDiverged, UnknownPluginError
+from stvq.errors import CheckpointError, ConfigError, OptionRangeError, PluginConflictError, PluginError, StvqError, TrainingDiverged, UnknownPluginError
 from stvq.hookspecs import KINDS, hookimpl
 from stvq.registry import create, list_plugins
 
@@ -16,6 +16,7 @@ __all__ = [
     "KINDS",
     "CheckpointError",
     "ConfigError",
+    "OptionRangeError",
     "PluginConflictError",
     "PluginError",
     "StvqError",

@@ -45,13 +45,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 LOCK_NAME = ".lock"
+#: The temporary names written into a run directory's tree: :func:`atomic_write`'s, and those of the
+#: safetensors library, which writes through a ``.tmpXXXXXX`` file of its own beside the target.
+ORPHANS = (".*.tmp[0-9]*", ".tmp?*")
 
 
 @contextmanager
 def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
     """One writer per run directory: hold an OS lock on ``DIR/.lock`` (released by the kernel if the
     process dies, so a killed run never leaves a stale lock) and, as the only writer, remove the temporary
-    files of :func:`atomic_write` that a killed writer left behind. A second writer gets one line."""
+    files (:data:`ORPHANS`) that a killed writer left anywhere in the directory's tree. A second writer
+    gets one line."""
     from filelock import FileLock, Timeout
 
     directory = Path(directory)
@@ -62,8 +66,10 @@ def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
     except Timeout:
         raise StvqError(f"{directory} is being written by another stvq process; wait for it to finish or pass another directory") from None
     try:
-        for orphan in directory.glob(".*.tmp[0-9]*"):
-            orphan.unlink(missing_ok=True)
+        for pattern in ORPHANS:
+            for orphan in directory.rglob(pattern):
+                if orphan.is_file():
+                    orphan.unlink(missing_ok=True)
         yield directory
     finally:
         lock.release()
@@ -93,6 +99,17 @@ def ranks_lock(directory: str | os.PathLike, prepare: Callable[[], None] | None 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_npy(path: str | os.PathLike, array: Any) -> Path:
+    """``array`` as a ``.npy`` file at exactly ``path`` (``np.save`` on a path appends ".npy"), atomically."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

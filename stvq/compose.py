@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import atomic_write, load_tokenizer, ranks_lock, read_json, weights_fingerprint, write_json
-from stvq.data import is_stream
+from stvq.checkpoint import load_tokenizer, ranks_lock, read_json, save_npy, weights_fingerprint, write_json
+from stvq.data import codec_message, is_stream
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
@@ -39,6 +39,9 @@ def compose(spec: str, parts: dict[str, dict[str, Any]], composer: str = "concat
     for name in names:
         if name not in known:
             raise StvqError(f"no tokenizer named {name!r}; available: {', '.join(sorted(known))}")
+    stray = sorted(set(parts) - set(names))
+    if stray:
+        raise StvqError(f"options were given for {', '.join(map(repr, stray))}, which {spec!r} does not name (its parts: {', '.join(names)}); drop them or add the part to the spec")
     loaded = []
     for name in names:
         part = dict(parts.get(name, {}))
@@ -55,10 +58,13 @@ def read_images(paths: list[str], image_size: int) -> torch.Tensor:
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise StvqError(f"no such image file: {missing[0]}")
-    try:
-        return torch.stack([load_image(Path(p), image_size) for p in paths])
-    except Exception as err:  # PIL raises many types for files it cannot decode
-        raise StvqError(f"cannot read an image: {err}") from None
+    images = []
+    for path in paths:
+        try:
+            images.append(load_image(Path(path), image_size))
+        except Exception as err:  # PIL raises many types for files it cannot decode (DecompressionBombError: too many pixels)
+            raise StvqError(f"cannot read the image {path}: {type(err).__name__}: {codec_message(err)}") from None
+    return torch.stack(images)
 
 
 def read_ids(path: str | Path, vocab_size: int) -> torch.Tensor:
@@ -90,11 +96,6 @@ def write_pngs(images: torch.Tensor, out: str | Path) -> Path:
     for i, image in enumerate(images):
         Image.fromarray(to_uint8(image)).save(out / f"{i:06d}.png")
     return out
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temp name
-        np.save(f, array)
 
 
 def _shard_rows(out: Path, shard: int, num_tokens: int, dtype, rows: int | None) -> int | None:
@@ -163,8 +164,12 @@ def tokenize_dataset(
             manifest["num_images"] = sum(manifest["shard_rows"])
             if stream:
                 manifest["unreadable"] = sum(json.loads((out / f"shard_{i:05d}.keys.json").read_text())["unreadable"] for i in range(shards))
-            write_json(out / "manifest.json", manifest)
-        return {**all_gather_objects(manifest)[0], "skipped_shards": skipped}
+            if manifest["num_images"]:
+                write_json(out / "manifest.json", manifest)
+        result = all_gather_objects(manifest)[0]
+        if not result["num_images"]:
+            raise StvqError(f"read no image from the data ({result.get('unreadable') or 0} unreadable member(s); the warnings say why): nothing to tokenize into {out}")
+        return {**result, "skipped_shards": skipped}
 
 
 def _write_shards(tokenizer, batches: Iterator[dict[str, Any]], out: Path, dtype, num_workers: int, advance) -> None:
@@ -187,7 +192,7 @@ def _write_shards(tokenizer, batches: Iterator[dict[str, Any]], out: Path, dtype
                 shard_keys = {"keys": keys.pop(shard), "unreadable": unreadable.pop(shard)}
                 if batch["keys"] is not None:
                     write_json(out / f"shard_{shard:05d}.keys.json", shard_keys)
-                atomic_write(out / f"shard_{shard:05d}.npy", lambda tmp, rows=rows: _save_npy(tmp, rows))
+                save_npy(out / f"shard_{shard:05d}.npy", rows)
 
 
 def _start_manifest(out: Path, manifest: dict[str, Any]) -> None:

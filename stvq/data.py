@@ -185,6 +185,14 @@ def save_image_grid(path: Path, images: torch.Tensor, per_row: int = 8) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(to_uint8(grid)).save(tmp, format="PNG"))
 
 
+def codec_message(err: Exception) -> str:
+    """A decoder's error without the in-memory file's repr ("cannot identify image file <_io.BytesIO
+    object at 0x7f...>" -> "cannot identify image file")."""
+    import re
+
+    return re.sub(r" ?<_io\.\w+ object at 0x[0-9a-f]+>", "", str(err)) or type(err).__name__
+
+
 def load_image(path, image_size: int) -> torch.Tensor:
     """A file (path or binary file object) of any mode -> (3, S, S) in [-1, 1] (:func:`fit_image`)."""
     with Image.open(path) as img:
@@ -346,15 +354,18 @@ def check_spec(spec: str) -> None:
 
 
 def parse_data(spec: str) -> tuple[str, str | None]:
-    """``--data`` -> (dataset plugin, location): ``NAME``, ``NAME:LOCATION`` for a registered ``NAME``
-    (``wds:train-{000..099}.tar``, ``hf:DIR:split``), or a folder path (the ``folder`` source)."""
+    """``--data`` -> (dataset plugin, location): ``NAME`` (or ``NAME:``), ``NAME:LOCATION`` for a registered
+    ``NAME`` (``wds:train-{000..099}.tar``, ``hf:DIR:split``), or a folder path (the ``folder`` source). A
+    bare ``NAME`` that is also an existing path is refused as ambiguous."""
     from stvq.plugins import plugin_table
 
     known = plugin_table()["dataset"]
     name, sep, location = spec.partition(":")
     if sep and name in known:
-        return name, location
+        return name, location or None  # "photos:": the registered data set, whatever folders are about
     if spec in known:
+        if Path(spec).exists():
+            raise StvqError(f"--data {spec} names both the registered data set and the path ./{spec}; write ./{spec} for the path, or {spec}: for the data set")
         return spec, None
     return "folder", spec
 
@@ -388,7 +399,10 @@ def first_images(dataset, count: int, num_workers: int = 0) -> torch.Tensor:
     from stvq.streams import index_batches
 
     if is_stream(dataset):
-        return torch.stack(list(islice(iter(dataset), count)))
+        images = list(islice(iter(dataset), count))
+        if not images:
+            raise StvqError("read no image from the stream (every shard empty or unreadable: the warnings say why); check --data")
+        return torch.stack(images)
     rows = range(min(count, len(dataset)))
     return torch.cat(list(index_batches(dataset, [list(rows[i : i + 64]) for i in range(0, len(rows), 64)], num_workers)))
 

@@ -15,6 +15,11 @@ class ConfigError(StvqError, ValueError):
     """An unknown preset, an unknown config field or an invalid value."""
 
 
+class OptionRangeError(ConfigError):
+    """A command-line value outside the range its option allows, where the range is known only once a model
+    or data set is loaded (``--keep`` past the prior's sequence): exit status 2, as click's own range errors."""
+
+
 class PluginError(StvqError):
     """A plugin is unknown, broken or registered twice."""
 

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from stvq.checkpoint import load_pretrained, load_tokenizer, weights_fingerprint, write_json
+from stvq.checkpoint import load_pretrained, load_tokenizer, save_npy, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
 from stvq.data import first_images, make_dataset, save_image_grid
 from stvq.distributed import device_of
-from stvq.errors import StvqError
+from stvq.errors import OptionRangeError, StvqError
 from stvq.evaluate import in_batches, pyplot
 from stvq.interfaces import Prior, Tokenizer
 from stvq.registry import create, require_subclass
@@ -313,6 +313,11 @@ def plot_bits(curves: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
+#: Samples shown in samples.png (the first ones); ``stvq prior sample -n`` is bounded by MAX_SAMPLES, whose
+#: ids (36 int64 each: 288 MB) are held in memory and written to ids.npy.
+GRID_SAMPLES, MAX_SAMPLES = 64, 1_000_000
+
+
 def sample_run(
     run: str | Path, out: str | Path, n: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
     keep: int = 0, source: str | None = None, tokenizer_dir: str | None = None,
@@ -320,11 +325,13 @@ def sample_run(
     """Sample the prior in ``run`` and decode through the tokenizer that wrote its shards: ``out`` gets
     ids.npy, samples.png and sample.json. ``keep`` N with ``source`` (a folder, 'shapes' or 'photos'):
     the first N ids of ``n`` real images are kept and the rest sampled (sources.png shows the images)."""
+    if not 1 <= n <= MAX_SAMPLES:
+        raise OptionRangeError(f"-n must lie in [1, {MAX_SAMPLES:,}], got {n:,}; sample more in several runs with other --seed values")
     prior, cfg = load_prior(run)
     shards = TokenShards(cfg.shards)
     tokenizer = shards.tokenizer(tokenizer_dir)
     if not 0 <= keep <= prior.seq_len:
-        raise StvqError(f"--keep must lie in [0, {prior.seq_len}], got {keep}")
+        raise OptionRangeError(f"--keep must lie in [0, {prior.seq_len}], got {keep}")
     if keep and not source:
         raise StvqError("--keep N continues real images: give them with --from (a folder, shapes or photos)")
     prefix, sources = None, None
@@ -335,13 +342,13 @@ def sample_run(
         sources = first_images(data, n)
         prefix = in_batches(tokenizer.encode, sources)[:, :keep]
     ids = sample(prior, n, temperature, top_k, top_p, seed, prefix, allowed=shards.allowed())
-    images = in_batches(tokenizer.decode, ids)
+    images = in_batches(tokenizer.decode, ids[:GRID_SAMPLES])  # the grid's; every sample's ids go to ids.npy
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "ids.npy", ids.numpy())
+    save_npy(out / "ids.npy", ids.numpy())
     save_image_grid(out / "samples.png", images)
     if sources is not None:
-        save_image_grid(out / "sources.png", sources)
+        save_image_grid(out / "sources.png", sources[:GRID_SAMPLES])
     result = {"prior": str(run), "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "keep": keep, "from": source}
     write_json(out / "sample.json", result)
     return {**result, "images": images, "ids": ids, "sources": sources}

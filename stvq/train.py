@@ -523,6 +523,12 @@ class Trainer(BaseTrainer):
     def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
         super().__init__(cfg, run, resume, progress, console)
         self.stage = STAGES[cfg.stage]
+        quantized = self.dir.path / RunDir.QUANTIZE
+        if resume and quantized.is_file() and cfg.steps > (checkpoint_step(self.dir.checkpoint) or 0):
+            raise StvqError(
+                f"{self.dir} was quantized after its training ({quantized}); training it further would drop that codebook, fitted to the "
+                f"encoder as it is: train stage 2 from it (--stage 2 --from {self.dir}), or copy the run, extend the copy and quantize it again"
+            )
 
     def build(self) -> tuple[CodeTokenizer, Dataset, torch.Tensor]:
         cfg = self.cfg

@@ -104,7 +104,7 @@ def test_a_source_that_is_neither_indexed_images_nor_a_stream_is_refused(monkeyp
         return torch.utils.data.TensorDataset(torch.zeros(4, 3, image_size, image_size))
 
     monkeypatch.setitem(plugin_table()["dataset"], "plain", PluginInfo("dataset", "plain", plain, "test", "0", "test"))
-    with pytest.raises(stvq.StvqError, match="returned a TensorDataset, not an stvq.interfaces.ImageDataset or ImageStream; fix the plugin"):
+    with pytest.raises(stvq.StvqError, match="dataset .plain. of package .test. returned a TensorDataset, not an stvq.interfaces.ImageDataset or stvq.interfaces.ImageStream; fix the plugin"):
         make_dataset("plain", 64)
 
 

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from stvq.data import IMAGE_SUFFIXES, fit_image, load_image
+from stvq.data import IMAGE_SUFFIXES, codec_message, fit_image, load_image
 from stvq.errors import StvqError
 from stvq.interfaces import ImageDataset, ImageStream
 
@@ -80,7 +80,7 @@ class WebDatasetSource(ImageStream):
                 raise ValueError(f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
             return load_image(io.BytesIO(sample[ext]), self.image_size)
         except Exception as err:  # PIL and the codecs raise many types
-            warnings.warn(f"skipped unreadable member {sample['__key__']} of {piece} ({err})", stacklevel=2)
+            warnings.warn(f"skipped unreadable member {sample['__key__']} of {piece} ({codec_message(err)})", stacklevel=2)
             return None
 
     def validation(self) -> "ImageList":
@@ -181,6 +181,7 @@ class HFImageDataset(ImageDataset):
         if column is None:
             raise StvqError(f"hf:{location}: no column of the Image feature type (columns: {', '.join(table.features)})")
         self.table, self.rows, self.column, self.image_size = table, list(rows), column, image_size
+        self.location, self.broken = location, []
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -189,7 +190,17 @@ class HFImageDataset(ImageDataset):
         return f"hf:{self.table._fingerprint}:{len(self.rows)}"
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return fit_image(self.table[self.rows[index]][self.column], self.image_size)
+        """The image of row ``index``; one that fails to decode is skipped with one warning and counted
+        (``broken``), and the next row stands in, as for a folder's files."""
+        for offset in range(len(self.rows)):
+            row = self.rows[(index + offset) % len(self.rows)]
+            try:
+                return fit_image(self.table[row][self.column], self.image_size)
+            except Exception as err:  # PIL and the codecs raise many types
+                if row not in self.broken:
+                    self.broken.append(row)
+                    warnings.warn(f"skipped undecodable image in row {row} of hf:{self.location} ({codec_message(err)}); the next row stands in", stacklevel=2)
+        raise StvqError(f"no image of hf:{self.location} can be decoded ({len(self.broken)} undecodable rows)")
 
 
 def _load_hf(path: Path) -> dict:
@@ -203,6 +214,7 @@ def _load_hf(path: Path) -> dict:
         raise StvqError("--data hf:... reads Hugging Face datasets with the datasets package: pip install 'stvq[data]'") from None
     online, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity_error()  # its log lines would come before our one line
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))

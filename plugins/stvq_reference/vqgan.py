@@ -9,6 +9,8 @@ nearest-codeword indices of the latent grid, flattened row-major in (b, h, w) or
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -202,7 +204,7 @@ def read_taming_config(path: str | Path) -> dict[str, Any]:
         params = yaml.safe_load(path.read_text())["model"]["params"]
         return {"ddconfig": check_ddconfig(params["ddconfig"], str(path)), "embed_dim": int(params["embed_dim"]), "n_embed": int(params["n_embed"])}
     except (KeyError, TypeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path} is not a taming-transformers VQModel config (model.params with ddconfig, embed_dim, n_embed): {err}") from None
+        raise ConfigError(f"{path} is not a taming-transformers VQModel config (model.params with ddconfig, embed_dim, n_embed): {' '.join(str(err).split())}") from None
 
 
 def read_taming_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -211,12 +213,17 @@ def read_taming_state(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"VQGAN checkpoint {path} does not exist")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: the error says it
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path} is not a checkpoint torch can load with weights_only=True, which never runs code ({type(err).__name__}: {first_line(err)})") from None
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state_dict")
+    odd = next((k for k, v in state.items() if not k.startswith("loss.") and not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CheckpointError(f"{path}: state_dict[{str(odd)[:60]!r}] is a {type(state[odd]).__name__}, not a tensor; pass the .ckpt that taming-transformers wrote")
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
 
 

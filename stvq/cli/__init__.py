@@ -18,7 +18,7 @@ from stvq.cli.prior import prior
 from stvq.cli.tokens import compose, decode, encode, tokenize
 from stvq.cli.train import quantize, train
 from stvq.config import TrainConfig
-from stvq.errors import StvqError
+from stvq.errors import OptionRangeError, StvqError
 from stvq.plugins import add_plugin_commands
 
 
@@ -29,6 +29,8 @@ class StvqGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except OptionRangeError as err:
+            raise click.UsageError(str(err)) from None  # exit status 2, one line
         except StvqError as err:
             raise click.ClickException(str(err)) from None
         except OSError as err:
@@ -53,6 +55,7 @@ def main() -> None:
       stvq plugins
       stvq info --preset reference
     """
+    warnings.showwarning = _one_line_warning  # again: a caller (pytest, a notebook) may have swapped it since the import
 
 
 @main.command()

@@ -67,13 +67,12 @@ def encode(tokenizer_dir, images, output) -> None:
     Example:
       stvq encode --tokenizer runs/NAME cat.jpg dog.png -o ids.npy
     """
-    import numpy as np
-
+    from stvq.checkpoint import save_npy
     from stvq.compose import read_images
 
     tokenizer = load_tokenizer_dir(tokenizer_dir)
     ids = tokenizer.encode(read_images(images, tokenizer.image_size)).cpu().numpy()
-    np.save(output, ids)
+    save_npy(output, ids)  # at exactly the path named
     click.echo(f"{len(images)} image(s) -> {output}: ids {ids.shape}, vocabulary {tokenizer.vocab_size:,}")
 
 
