@@ -43,14 +43,34 @@ def files(tmp_path_factory):
     (root / "no_z.yaml").write_text(text.replace("z_channels: 64", "zz: 64"))
     (root / "typed.yaml").write_text(text.replace("ch: 32", "ch: thirty-two"))
     torch.save({"state_dict": {}, "evil": NotATensor()}, root / "pickled.ckpt")
-    for name, text in (("garbage", "{not json"), ("typed", None), ("unknown", None), ("lying", None)):
+    for name, edit in (("options_list", {"options": [1]}), ("options_null", {"options": None}), ("just_5", 5), ("prior_like", {"kind": "prior", "name": "gpt"})):
+        shutil.copytree(root / "tok", root / name)
+        config = json.loads((root / "tok" / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps(config | edit if isinstance(edit, dict) else edit))
+    weights = stvq.load_tokenizer(root / "tok").state_dict()
+    for name, change in (("nan_weights", lambda w: w.fill_(float("nan"))), ("int64_weights", lambda w: w.to(torch.int64))):
+        shutil.copytree(root / "tok", root / name)
+        save_file({k: change(v.clone()) if k == "decoder.out_conv.weight" else v for k, v in weights.items()}, root / name / "model.safetensors")
+    with open(root / "huge_header.npy", "wb") as f:  # a header that claims 26 TiB over 64 bytes
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (10**11, 36)})
+        f.write(bytes(64))
+    (root / "garbage.tar").write_bytes(b"not a tar file" * 50)
+    (root / "tagged.yaml").write_text(text.replace("ddconfig:", "evil: !!python/object/apply:os.system ['touch planted']\n    ddconfig:", 1))
+    torch.save({"state_dict": {"encoder.conv_in.weight": 5}}, root / "int_state.ckpt")
+    (root / "torn_ids").mkdir()
+    (root / "torn_ids" / "manifest.json").write_text('{"num_images": 4, "num_sh')
+    (root / "list_ids").mkdir()
+    (root / "list_ids" / "manifest.json").write_text("[1, 2]")
+    for name, text in (("garbage", "{not json"), ("typed", None), ("unknown", None), ("lying", None), ("negative", None), ("quantized", None)):
         shutil.copytree(root / "run", root / name)
         fields = json.loads((root / "run" / "train.json").read_text())
         if name == "garbage":
             (root / name / "train.json").write_text(text)
-        elif name in ("typed", "unknown"):
-            fields.update({"steps": "many"} if name == "typed" else {"epochs": 3})
+        elif name in ("typed", "unknown", "negative"):
+            fields.update({"typed": {"steps": "many"}, "unknown": {"epochs": 3}, "negative": {"steps": -5}}[name])
             (root / name / "train.json").write_text(json.dumps(fields))
+        elif name == "quantized":  # what `stvq quantize --run` leaves beside the run
+            (root / name / "quantize.json").write_text(json.dumps({"k": 4}))
         else:  # a header that says step 1 over another model's tensors
             save_file({"model.other.weight": torch.zeros(2)}, root / name / "checkpoint.safetensors", metadata={"step": "1", "param_groups": "[]"})
     return root
@@ -94,6 +114,26 @@ CASES = [
     ("eval --run {root}/run --images 0", 2, "Invalid value for '--images'"),
     ("train --resume {root}/run --preset small", 1, "--resume continues {root}/run with its own train.json; drop --preset"),
     ("train --resume {root}/run --set width=64 --lr 0.1", 1, "drop --set, --lr (only --steps may change"),
+    # issue 23: run directories and files read back
+    ("encode --tokenizer {root}/options_list {root}/x.png -o {root}/e.npy", 1, "config.json: 'options' is a JSON array, not an object of options"),
+    ("encode --tokenizer {root}/options_null {root}/x.png -o {root}/e.npy", 1, "config.json: 'options' is a JSON null, not an object of options"),
+    ("encode --tokenizer {root}/just_5 {root}/x.png -o {root}/e.npy", 1, "config.json holds a JSON number, not the object stvq writes; re-save the model"),
+    ("encode --tokenizer {root}/prior_like {root}/x.png -o {root}/e.npy", 1, "holds a prior (gpt), not a tokenizer"),
+    ("decode --tokenizer {root}/nan_weights {root}/uint8.npy -o {root}/out", 1, "NaN or infinite values: decoder.out_conv.weight"),
+    ("decode --tokenizer {root}/int64_weights {root}/uint8.npy -o {root}/out", 1, "dtype mismatch: decoder.out_conv.weight: checkpoint torch.int64 vs model torch.float32"),
+    ("decode --tokenizer {root}/tok {root}/huge_header.npy -o {root}/out", 1, "is not a NumPy .npy array of ids (mmap length is greater than file size)"),
+    ("encode --tokenizer {root}/tok {root}/text.npy -o {root}/e.npy", 1, "cannot read the image {root}/text.npy: UnidentifiedImageError: cannot identify image file"),
+    ("tokenize --tokenizer {root}/tok --data wds:{root}/garbage.tar -o {root}/z", 1, "read no image from the data"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/torn_ids", 1, "torn_ids/manifest.json is not valid JSON"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/list_ids", 1, "list_ids/manifest.json holds a JSON array, not the object stvq writes"),
+    ("compose vqgan --vqgan {root}/model.ckpt --vqgan-config {root}/tagged.yaml -o {root}/v", 1, "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("compose vqgan --vqgan {root}/int_state.ckpt --vqgan-config {root}/model.yaml -o {root}/v", 1, "state_dict['encoder.conv_in.weight'] is a int, not a tensor"),
+    ("compose styled --part styled={root}/tok --part-option composer.name=nope -o {root}/c", 1, "options were given for 'composer', which 'styled' does not name"),
+    ("train --resume {root}/negative", 1, "negative/train.json is not a train.json that stvq wrote (--steps must be at least 1, got -5)"),
+    ("quantize --run {root}/negative --k 4", 1, "negative/train.json is not a train.json that stvq wrote (--steps must be at least 1"),
+    ("train --resume {root}/quantized --steps 5", 1, "was quantized after its training"),
+    ("train --seed 99999999999999999999999 --run-dir {root}/t", 2, "is not in the range 0<=x<=9223372036854775807"),
+    ("train --lr nan --run-dir {root}/t", 2, "'nan' is not a finite number"),
 ]
 
 
@@ -104,6 +144,23 @@ def test_bad_command_line_is_one_clear_line(runner, files, line, status, phrase)
     assert phrase.format(root=files) in result.stderr and "Traceback" not in result.output + result.stderr
     if status == 1:  # our errors: exactly one line (click's usage errors, status 2, add a usage line)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_encode_writes_exactly_the_path_it_names(runner, files, tmp_path):
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    result = runner.invoke(main, ["encode", "--tokenizer", str(files / "tok"), str(tmp_path / "red.png"), "-o", str(tmp_path / "nosuffix")])
+    assert result.exit_code == 0 and f"-> {tmp_path / 'nosuffix'}:" in result.output
+    assert np.load(tmp_path / "nosuffix").shape == (1, 36) and not (tmp_path / "nosuffix.npy").exists()
+
+
+def test_a_data_name_that_is_also_a_path_is_refused_naming_both_spellings(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    result = runner.invoke(main, ["train", "--data", "photos", "--steps", "1", "--run-dir", "r"])
+    assert result.exit_code == 1 and "--data photos names both the registered data set and the path ./photos; write ./photos for the path, or photos: for the data set" in result.stderr
+    from stvq.data import parse_data
+
+    assert parse_data("photos:") == ("photos", None) and parse_data("./photos") == ("folder", "./photos")
 
 
 def test_bad_tensors_through_the_api_are_one_clear_error(files):

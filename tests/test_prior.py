@@ -2,10 +2,12 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import stvq
 from stvq.cli import main
@@ -121,6 +123,13 @@ def test_prior_commands_train_sample_and_evaluate(shards, tmp_path, runner):
     assert (run / "prior_nll.png").is_file()
 
 
+def bad_input_run(shards):
+    run = shards / "bad-input-run"
+    if not run.exists():
+        PriorTrainer(small(shards, steps=2, eval_every=2, checkpoint_every=2), run, progress=False).fit()
+    return run
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -133,9 +142,7 @@ def test_prior_commands_train_sample_and_evaluate(shards, tmp_path, runner):
     ],
 )
 def test_bad_prior_input_is_one_line(shards, tmp_path, runner, args, message):
-    run = shards / "bad-input-run"
-    if not run.exists():
-        PriorTrainer(small(shards, steps=2, eval_every=2, checkpoint_every=2), run, progress=False).fit()
+    run = bad_input_run(shards)
     other = tmp_path / "other"
     torch.manual_seed(1)  # other weights than the tokenizer that wrote the shards
     stvq.create("tokenizer", "styled", preset="tiny", width=32, heads=2, quantizer={"name": "fsq", "levels": [4, 4, 4]}).save_pretrained(other)
@@ -156,3 +163,46 @@ def test_sampling_keeps_each_position_to_its_part_of_a_composed_layout():
     ids = sample(prior, 200, seed=0, allowed=mask)
     assert (ids[:, :3] < 10).all() and (ids[:, 3] == 30).all() and ((ids[:, 4:] >= 10) & (ids[:, 4:] < 30)).all()
     assert not ((sample(prior, 200, seed=0)[:, :3] < 10).all())  # unconstrained, it strays
+
+
+SAMPLE = ["prior", "sample", "--prior", "{run}", "-o", "{tmp}/o"]
+
+
+@pytest.mark.parametrize(
+    "args,status,message",
+    [
+        (SAMPLE + ["-n", "2", "--keep", "37", "--from", "shapes"], 2, "--keep must lie in [0, 36], got 37"),
+        (SAMPLE + ["-n", "1000000000"], 2, "-n must lie in [1, 1,000,000], got 1,000,000,000"),
+        (SAMPLE + ["--temperature", "nan"], 2, "'nan' is not a finite number"),
+        (SAMPLE + ["--top-p", "nan"], 2, "'nan' is not a finite number"),
+        (SAMPLE + ["--seed", "99999999999999999999999"], 2, "is not in the range 0<=x<=9223372036854775807"),
+        (["encode", "--tokenizer", "{run}", "{tmp}/x.png", "-o", "{tmp}/e.npy"], 1, "holds a prior (gpt), not a tokenizer"),
+        (["tokenize", "--tokenizer", "{run}", "--data", "shapes", "--max-images", "2", "-o", "{tmp}/t"], 1, "holds a prior (gpt), not a tokenizer"),
+        (["prior", "train", "--shards", "{float}", "--run-dir", "{tmp}/r"], 1, "holds float64 values, not integer ids"),
+        (["prior", "train", "--shards", "{high}", "--run-dir", "{tmp}/r"], 1, "9999], outside the vocabulary [0, 64) of its manifest"),
+    ],
+)
+def test_bad_prior_values_are_one_line_with_the_promised_status(shards, tmp_path, runner, args, status, message):
+    run = bad_input_run(shards)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    for name, values in (("float", lambda ids: ids + 0.7), ("high", lambda ids: np.where(np.arange(ids.shape[1]) == 5, 9999, ids))):
+        shutil.copytree(shards / "shards", tmp_path / name)
+        shard = tmp_path / name / "shard_00000.npy"
+        np.save(shard, values(np.load(shard).astype(np.int64)))
+    result = runner.invoke(main, [a.format(tmp=tmp_path, run=run, float=tmp_path / "float", high=tmp_path / "high") for a in args])
+    assert result.exit_code == status and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 or status == 2  # click's usage errors add a usage line
+
+
+def test_a_prior_resumes_over_a_torn_last_log_line_and_names_a_torn_summary(shards, tmp_path, runner):
+    run = tmp_path / "run"
+    shutil.copytree(bad_input_run(shards), run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # a kill mid-append
+    result = runner.invoke(main, ["prior", "train", "--resume", str(run), "--steps", "3", "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()][-1] == 3
+    (run / "summary.json").write_text('{"run": ')
+    result = runner.invoke(main, ["prior", "train", "--resume", str(run), "--steps", "3", "--no-progress"])
+    assert result.exit_code == 1 and "summary.json is not valid JSON" in result.stderr and len(result.stderr.strip().splitlines()) == 1
