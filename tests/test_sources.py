@@ -252,6 +252,26 @@ def test_hf_reads_parquet_and_imagefolder_directories_offline(tmp_path, monkeypa
     assert (datasets.config.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")) == before  # offline for the call only
 
 
+def test_an_hf_row_that_does_not_decode_is_skipped_with_one_warning_and_counted(tmp_path, runner):
+    import datasets
+
+    images = make_dataset("shapes", 64, "train")
+    good = [{"bytes": _png(images[i]), "path": None} for i in range(3)]
+    rows = {"image": [good[0], {"bytes": b"\x89PNG not really", "path": None}, good[1], good[2]]}
+    datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(tmp_path / "h"))
+    data = make_dataset(f"hf:{tmp_path / 'h'}", 64, "all")
+    with pytest.warns(UserWarning, match=r"skipped undecodable image in row 1 of hf:.*/h \(cannot identify image file\); the next row stands in") as caught:
+        read = [data[i] for i in range(4)]
+    assert len([w for w in caught if "undecodable" in str(w.message)]) == 1 and "BytesIO" not in str(caught[0].message)
+    assert torch.equal(read[1], read[2]) and data.broken == [1]
+
+
+def _png(image: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------- torchrun
 
 
