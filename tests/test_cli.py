@@ -64,3 +64,43 @@ def test_train_flags_take_their_defaults_from_train_config():
     assert main.commands["train"].params[0].opts == ["--stage"]
     cache = next(p for p in main.commands["train"].params if p.name == "cache_codes")
     assert cache.opts == ["--no-cache-codes"] and cache.flag_value is False and cache.default is True
+
+
+def readme_command_lines() -> list[str]:
+    """Every command line of README's console blocks (``$ ...``), its comment cut."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return [re.sub(r"\s+#.*$", "", line[2:]).strip() for line in text.splitlines() if line.startswith("$ ")]
+
+
+def test_every_stvq_command_readme_documents_parses_with_its_flags_and_values():
+    """Each ``stvq ...`` line of README (under torchrun too) resolves to a command whose options and values
+    click accepts as written: a renamed flag, a dropped option or a value out of range fails here. (The
+    jobs themselves run elsewhere: the main job, the GPU recipes, the oracle, the prior and eval commands.)"""
+    import shlex
+    import warnings
+
+    import click
+
+    lines = readme_command_lines()
+    stvq_lines = [line.split("$(which stvq)", 1)[1] if "$(which stvq)" in line else line.removeprefix("stvq") for line in lines if line.startswith("stvq ") or "$(which stvq)" in line]
+    assert len(stvq_lines) >= 30
+    for line in stvq_lines:
+        args, command, ctx = shlex.split(line), main, None
+        while True:
+            ctx = command.make_context(command.name or "stvq", list(args), parent=ctx, resilient_parsing=False)
+            if not isinstance(command, click.Group):
+                break
+            with warnings.catch_warnings():  # click 8.2-8.x: protected_args is deprecated, and still where the subcommand is
+                warnings.simplefilter("ignore", DeprecationWarning)
+                name, command, args = command.resolve_command(ctx, ctx.protected_args + ctx.args)
+            assert command is not None, line
+    others = [line for line in lines if not (line.startswith("stvq ") or "$(which stvq)" in line)]
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    for line in others:  # python, pytest and tensorboard lines name files of the repository or a module
+        for word in shlex.split(line):
+            if word.endswith(".py") and "/" in word and not word.startswith("-"):
+                assert (root / word.split("::")[0]).is_file(), (line, word)
