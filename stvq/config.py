@@ -231,7 +231,7 @@ class TrainConfig(LoopConfig):
     tail_drop_from: float = 2 / 3
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
     mse_weight: float = 1.0
-    perceptual_weight: float = 0.0  # EfficientNet-Lite0 feature loss (stvq.losses.perceptual_loss); costly on CPU
+    perceptual_weight: float = 0.0  # LPIPS-style EfficientNet-Lite0 feature loss at every stage (stvq.losses.perceptual_loss)
     # Adversarial training (taming's VQGAN recipe): a registered discriminator trained beside the tokenizer
     # with the hinge loss; the decoder's term -mean D(reconstruction) is weighted by adversarial_weight times
     # the adaptive weight (gradient norms at the decoder's last layer), from step disc_start on.

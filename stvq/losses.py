@@ -73,13 +73,20 @@ def features(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
 
 
 def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance between the frozen EfficientNet-Lite0's final feature maps (at 224 px) of
-    reconstructions and originals; differentiable in ``reconstructions``."""
+    """LPIPS-style (Zhang et al. 2018, without the learned channel weights): at each of the frozen
+    EfficientNet-Lite0's five stages, at the images' own resolution, the squared distance between
+    channel-normalised feature maps, averaged over positions and summed over stages; differentiable in
+    ``reconstructions``. The early stages see edges: on shapes images a Gaussian blur of 4 px scores
+    1.8x one of 2 px at the last stage, where the final features at 224 px told them apart by 5 %
+    (README, "Sharp reconstructions"), at a twelfth of the cost."""
     net = feature_extractor().to(images.device)
-    size = dict(size=224, mode="bilinear", align_corners=False)
+
+    def stages(x: torch.Tensor) -> list[torch.Tensor]:
+        return [f / f.pow(2).sum(1, keepdim=True).add(1e-10).sqrt() for f in net.forward_intermediates(x.float(), indices=5, intermediates_only=True)]
+
     with torch.no_grad():
-        target = net.forward_features(F.interpolate(images.float(), **size))
-    return F.mse_loss(net.forward_features(F.interpolate(reconstructions.float(), **size)), target)
+        target = stages(images)
+    return sum((a - b).pow(2).sum(1).mean() for a, b in zip(stages(reconstructions), target))
 
 
 @dataclass

@@ -294,6 +294,13 @@ def test_perceptual_loss_is_logged_and_reaches_the_decoder(tmp_path):
     loss.backward()
     assert loss.item() > 0 and recon.grad.abs().sum() > 0
     assert perceptual_loss(images, images).item() == pytest.approx(0.0, abs=1e-10)
+    from torchvision.transforms.functional import gaussian_blur
+
+    from stvq.data import ShapesDataset, first_images
+
+    shapes = first_images(ShapesDataset(64, "val"), 8)
+    blurred = [perceptual_loss(gaussian_blur(shapes, int(6 * s) | 1, s), shapes).item() for s in (1.0, 2.0, 4.0)]
+    assert blurred[0] < blurred[1] < blurred[2] and blurred[2] > 1.3 * blurred[1]  # it still sees how blurred a blob is
     Trainer(small_config(steps=2, eval_every=100, perceptual_weight=0.1), tmp_path / "run", progress=False).fit()
     assert all(m["perceptual"] > 0 for m in metrics(tmp_path / "run"))
 
