@@ -32,7 +32,7 @@ class UnknownPluginError(PluginError, KeyError):
 
 
 class PluginConflictError(PluginError):
-    """Two packages register the same kind and name (or the same entry-point name)."""
+    """Two packages register the same kind and name, and a command uses it."""
 
 
 class CheckpointError(StvqError):

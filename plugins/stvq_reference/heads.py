@@ -49,34 +49,10 @@ class PixelHead(nn.Module):
         return self.mlp(x + self.mix(F.gelu(x)))
 
 
-class LayersHead(PixelHead):
-    """The pixel head, ending in K colour layers composited by a per-pixel softmax (the ``layers`` head).
-
-    The MLP writes, per pixel, K colours and K logits; the image is the softmax-weighted sum of the colours.
-    A sharp edge then needs only a steep logit field, which a smooth function of the position can give,
-    while the colours stay smooth: what the spatial broadcast decoders of object-centric models do with
-    their per-slot alpha masks. With the plain pixel head an edge must itself be a high frequency of the
-    output, the last thing an MSE-trained network learns.
-    """
-
-    def __init__(self, width: int, channels: int, layers: int = 4) -> None:
-        super().__init__(width, channels)
-        self.layers = layers
-        self.mlp[-1] = nn.Conv2d(self.mlp[-1].in_channels, 4 * layers, 1)
-
-    def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        out = super().forward(pixels, grid)  # (B, 4K, H, W)
-        colours, logits = out[:, : 3 * self.layers], out[:, 3 * self.layers :]
-        weights = logits.softmax(dim=1)  # (B, K, H, W)
-        return torch.einsum("bkhw,bkchw->bchw", weights, colours.unflatten(1, (self.layers, 3)))
-
-
 def make_head(kind: str, width: int, channels: int) -> nn.Module | None:
     """The head after out_conv (None for ``linear``: out_conv writes RGB itself)."""
     if kind == "linear":
         return None
     if kind == "conv":
         return ConvHead(channels)
-    if kind == "layers":
-        return LayersHead(width, channels)
     return PixelHead(width, channels)
