@@ -72,23 +72,25 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
     """Train on ``images`` rendered shapes (train split) and report accuracy on the 512 validation images
     (class factors: share right; regressed: mean absolute error). The defaults read the shape right 95 % of
     the time (20,000 images and 1,500 steps: 80 %; README); about 6 minutes on 2 CPU cores."""
+    from stvq.config import LoopConfig
+    from stvq.train import make_optimizers, set_lr, update
+
     torch.manual_seed(seed)
     train = ShapesDataset(image_size, "train", seed=seed + 1)  # another stream than the tokenizers' training images
     x = first_images(train, images)
     y = _factor_targets(train, images)
     model = FactorRecogniser()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    # The training loop's optimizer, schedule and update (stvq.train), with a classifier's settings.
+    cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=2e-3, weight_decay=0.01, beta2=0.999, warmup_steps=steps * 3 // 10, min_lr_ratio=0.0, grad_clip=0.0, seed=seed)
+    opts = make_optimizers({"model": model}, cfg)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
+        set_lr(opts["model"], cfg.lr_at(step))
         index = torch.randint(0, images, (batch_size,), generator=generator)
         out = model(x[index])
         loss = sum(F.cross_entropy(out[n], y[n][index]) for n in CLASSES) + 10 * sum(F.mse_loss(out[n], y[n][index]) for n in REGRESSED)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
+        update(opts, {"model": loss}, cfg.grad_clip)
     return model.eval(), recogniser_accuracy(model, image_size)
 
 
@@ -113,7 +115,7 @@ def recogniser(image_size: int = 64, cache: str | Path | None = None, **train_op
     :func:`train_recogniser`) and kept in the cache directory (``$STVQ_CACHE``, default ``~/.cache/stvq``)
     as safetensors beside its accuracy."""
     root = Path(cache or os.environ.get("STVQ_CACHE", Path.home() / ".cache" / "stvq"))
-    key = hashlib.sha256(json.dumps([image_size, sorted(FACTORS.items()), "v2"]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([image_size, sorted(FACTORS.items()), "v3"]).encode()).hexdigest()[:12]
     weights, report = root / f"recogniser-{image_size}-{key}.safetensors", root / f"recogniser-{image_size}-{key}.json"
     if weights.is_file() and report.is_file():
         model = FactorRecogniser()
