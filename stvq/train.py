@@ -527,7 +527,7 @@ class Trainer(BaseTrainer):
         if resume and quantized.is_file() and cfg.steps > (checkpoint_step(self.dir.checkpoint) or 0):
             raise StvqError(
                 f"{self.dir} was quantized after its training ({quantized}); training it further would drop that codebook, fitted to the "
-                f"encoder as it is: train stage 2 from it (--stage 2 --from {self.dir}), or copy the run, extend the copy and quantize it again"
+                f"encoder as it is: train stage 2 from it (--stage 2 --from {self.dir}), or delete {quantized} to extend it and quantize it again after"
             )
 
     def build(self) -> tuple[CodeTokenizer, Dataset, torch.Tensor]:

@@ -221,7 +221,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         (["train", "--resume", "/no/such/run"], "is not a training run"),
         (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
         (["train", "--eval-every", "0"], "--eval-every must be at least 1"),
-        (["train", "--lr", "nan"], "--lr must be a positive number"),
+        (["train", "--lr", "-1"], "--lr must be a positive number"),
         (["train", "--num-workers", "-1"], "--num-workers must be 0 or more"),
         (["train", "--set", "heads=0"], "config field heads must be at least 1"),
         (["train", "--set", "image_size=0"], "config field image_size must be at least 1"),
@@ -350,7 +350,10 @@ def test_any_train_config_field_is_set_by_name_with_train(runner, tmp_path):
 
 
 def copy_run(run: Path, to: Path) -> Path:
+    """A copy of ``run`` to resume: without the codebook other tests fitted into it (a quantized run is not
+    trained further; its message says to delete quantize.json first)."""
     shutil.copytree(run, to)
+    (to / "quantize.json").unlink(missing_ok=True)
     return to
 
 
