@@ -286,3 +286,14 @@ def test_a_huge_tar_member_is_skipped_unread_with_one_warning(tmp_path, monkeypa
     with pytest.warns(UserWarning, match=r"skipped member 'huge.png' of .*train-000.tar: 100,000 bytes, over the 50,000 an image may hold"):
         images = list(make_dataset(spec.replace("{000..000}", "000"), 64, "all"))
     assert len(images) == 2
+
+
+def test_a_file_name_holding_a_newline_keeps_its_warning_on_one_line(runner, files, tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "bad\nname.png").write_bytes(b"not a png")
+    result = runner.invoke(main, ["tokenize", "--tokenizer", str(files / "tok"), "--data", str(tmp_path), "-o", str(tmp_path / "ids")])
+    assert result.exit_code == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "unreadable" in line]
+    assert len(warned) == 1 and warned[0].startswith("Warning: skipped 1 unreadable image file(s)") and "bad\\nname.png" in warned[0]
