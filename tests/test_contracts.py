@@ -22,10 +22,11 @@ def vqgan():
     return VQGANTokenizer(ddconfig=SMALL_DD, embed_dim=8, n_embed=50)
 
 
-PAIRS = {"styled+styled": ("styled", "styled"), "styled+unordered": ("styled", "unordered"), "styled+broadcast": ("styled", "broadcast")}  # (encoder, decoder)
+PAIRS = {"styled+styled": ("styled", "styled"), "styled+unordered": ("styled", "unordered"), "styled+broadcast": ("styled", "broadcast"), "styled+titok": ("styled", "titok")}  # (encoder, decoder)
 TOKENIZERS = {
     "styled": styled,
     "vqgan": vqgan,
+    "titok": lambda: stvq.create("tokenizer", "titok", config=SMALL, quantizer={"name": "fsq", "levels": [4, 4, 4]}),
     "composed": lambda: stvq.create("tokenizer", "composed", parts=[styled(), vqgan()], separator=True),
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}

@@ -314,6 +314,33 @@ def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():
         assert (not torch.equal(outputs[0], outputs[1])) == reaches
 
 
+def test_the_titok_decoder_puts_every_code_in_context_and_runs_plain_vit_layers_only(tmp_path, runner):
+    from timm.models.vision_transformer import Block
+
+    from stvq.cli import main
+    from stvq_reference.titok import TiTokDecoder
+
+    titok = TiTokDecoder(preset="tiny").eval()
+    blocks = [*titok.condition_blocks, *titok.blocks]
+    assert len(blocks) == 18 + 2 and all(type(b) is Block for b in blocks)  # timm's plain ViT block
+    assert sum(p.numel() for p in titok.parameters()) == 1_270_387  # Styled's tiny decoder less its AdaLN modulations
+    codes = torch.randn(1, 36, 16)
+    perturbed = codes.clone()
+    perturbed[:, 35] += 1.0
+    outputs = []
+    hook = titok.condition_blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
+    with torch.no_grad():
+        first, second = titok(codes), titok(perturbed)
+    hook.remove()
+    assert first.shape == (1, 3, 64, 64) and not torch.equal(outputs[0], outputs[1])  # the last code reaches layer 0
+    run = tmp_path / "titok"
+    result = runner.invoke(main, ["train", "--tokenizer", "titok", "--set", "width=32", "--set", "heads=2", "--steps", "2", "--batch-size", "2",
+                                  "--eval-every", "2", "--run-dir", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    tok = stvq.load_tokenizer(run)
+    assert type(tok.decoder) is TiTokDecoder and tok.config.decoder == "titok" and tok.config.width == 32
+
+
 @pytest.mark.slow
 def test_compiled_decoder_matches_eager_forward_and_backward():
     decoder = StyledDecoder(preset="tiny", width=32, heads=2, plain_layers=1)

@@ -16,6 +16,7 @@ def register_decoders(register):
     register("styled", "stvq_reference.decoder:StyledDecoder")
     register("unordered", "stvq_reference.unordered:UnorderedDecoder")
     register("broadcast", "stvq_reference.broadcast:BroadcastDecoder")
+    register("titok", "stvq_reference.titok:TiTokDecoder")
 
 
 @hookimpl
@@ -23,6 +24,7 @@ def register_tokenizers(register):
     register("styled", "stvq_reference.model:StyledVQ")
     register("vqgan", "stvq_reference.vqgan:VQGANTokenizer")
     register("composed", "stvq_reference.concat:ComposedTokenizer")
+    register("titok", "stvq_reference.titok:TiTokVQ")
 
 
 @hookimpl
