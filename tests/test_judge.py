@@ -77,3 +77,17 @@ def test_judging_refuses_shards_of_other_images(shards, tmp_path, runner):
     PriorTrainer(PriorTrainConfig(shards=str(other), model={"width": 32, "layers": 2, "heads": 2}, steps=2, batch_size=8, heldout=24), run, progress=False).fit()
     result = runner.invoke(main, ["prior", "eval", "--prior", str(run), "--samples", "4"])
     assert result.exit_code == 1 and "judging samples reads shapes images" in result.stderr
+
+
+def test_the_blur_calibration_readme_shows_runs_and_blur_costs_psnr_and_reading(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from blur_calibration import calibrate, main
+
+    rows = calibrate(images=64, sigmas=(0.0, 1.0, 4.0))
+    assert rows[0]["psnr"] == float("inf") and rows[1]["psnr"] > rows[2]["psnr"] > 15
+    assert rows[0]["color"] >= rows[2]["color"]  # the quick test recogniser: colours blur away too
+    main(["--images", "16"])
+    assert capsys.readouterr().out.count("\n") == 2 + 7  # header, rule, one row per sigma
