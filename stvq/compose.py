@@ -79,7 +79,6 @@ def read_ids(path: str | Path, vocab_size: int) -> torch.Tensor:
     if not isinstance(array, np.ndarray):
         array.close()
         raise StvqError(f"{path} is an .npz archive; pass one .npy array of ids (numpy.save)")
-    array = np.asarray(array)
     if array.dtype.kind not in "iu" or np.iinfo(array.dtype).max < vocab_size - 1:
         raise StvqError(f"ids in {path} are {array.dtype}, which cannot be ids of a vocabulary of {vocab_size:,}; stvq encode writes int64")
     return torch.from_numpy(array.astype(np.int64))

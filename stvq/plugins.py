@@ -107,6 +107,8 @@ def collect(pm: pluggy.PluginManager, providers: dict[str, tuple[str, str]]) -> 
             mine: dict[str, PluginInfo] = {}
 
             def register(name: str, factory: Any, *, _kind=kind, _pkg=package, _ver=version, _ep=impl.plugin_name, _mine=mine):
+                if name in _mine:
+                    raise ValueError(f"it registers {_kind} {name!r} twice")
                 _mine[name] = PluginInfo(_kind, name, factory, _pkg, _ver, _ep)
 
             try:

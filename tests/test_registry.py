@@ -40,3 +40,23 @@ def test_unknown_kind_lists_the_kinds():
 def test_string_factories_resolve_dotted_attributes():
     info = PluginInfo("encoder", "x", "stvq.config:PRESETS.get", "pkg", "1", "ep")
     assert info.resolve()("tiny").width == 64
+
+
+def test_a_package_registering_one_name_twice_loses_that_kind_with_one_warning():
+    import pluggy
+
+    from stvq import hookspecs
+    from stvq.plugins import StvqPluginWarning, collect
+
+    class Twice:
+        @stvq.hookimpl
+        def register_quantizers(register):
+            register("same", object)
+            register("same", object)
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(Twice, name="twice")
+    with pytest.warns(StvqPluginWarning, match="'twice' failed to register its quantizers: ValueError: it registers quantizer 'same' twice"):
+        table = collect(pm, {})
+    assert "same" not in table["quantizer"]

@@ -241,8 +241,8 @@ class VQGANTokenizer(PretrainedMixin, Tokenizer):
             ddconfig, embed_dim, n_embed = params["ddconfig"], params["embed_dim"], params["n_embed"]
         if ddconfig is None or embed_dim is None or n_embed is None:
             raise ConfigError("a taming checkpoint also needs --vqgan-config model.yaml (config= in Python), or give ddconfig, embed_dim and n_embed")
-        self.ddconfig, self.embed_dim, self.n_embed = check_ddconfig(ddconfig, "the vqgan tokenizer's options"), int(embed_dim), int(n_embed)
-        ddconfig = self.ddconfig
+        ddconfig = check_ddconfig(ddconfig, "the vqgan tokenizer's options")
+        self.ddconfig, self.embed_dim, self.n_embed = ddconfig, int(embed_dim), int(n_embed)
         try:  # a ddconfig with a key missing or of the wrong type fails somewhere inside the networks
             self.encoder = Encoder(**ddconfig)
             self.decoder = Decoder(**ddconfig)
