@@ -24,6 +24,14 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
+def shutdown_distributed() -> None:
+    """Destroys the process group, if one was initialised. A process that exits with gloo's threads still
+    running aborts at interpreter teardown ("terminate called without an active exception", SIGABRT) and
+    turns a finished command into a failure; every command ends here once all ranks are done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def device_of(module: torch.nn.Module) -> torch.device:
     """Where ``module``'s parameters are (the CPU for one without any)."""
     return next(module.parameters(), torch.empty(0)).device

@@ -104,3 +104,18 @@ def test_every_stvq_command_readme_documents_parses_with_its_flags_and_values():
         for word in shlex.split(line):
             if word.endswith(".py") and "/" in word and not word.startswith("-"):
                 assert (root / word.split("::")[0]).is_file(), (line, word)
+
+
+@pytest.mark.parametrize("args,code", [(["plugins"], 0), (["info", "--preset", "huge"], 1)])
+def test_a_command_destroys_the_process_group_it_ran_under(tmp_path, runner, args, code):
+    """A process left with gloo's threads aborts at exit (SIGABRT, a failed torchrun); every command that
+    ends, with its result or with one line, destroys the group first."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert runner.invoke(main, args).exit_code == code
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

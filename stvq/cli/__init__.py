@@ -27,13 +27,19 @@ class StvqGroup(click.Group):
     folder should be, a full disk), into one line on stderr and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from stvq.distributed import shutdown_distributed
+
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            shutdown_distributed()  # under torchrun: on success, and below on errors every rank raises alike
+            return result
         except OptionRangeError as err:
             raise click.UsageError(str(err)) from None  # exit status 2, one line
         except StvqError as err:
+            shutdown_distributed()
             raise click.ClickException(str(err)) from None
         except OSError as err:
+            shutdown_distributed()
             raise click.ClickException(f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)) from None
 
 
