@@ -21,6 +21,7 @@ from stvq.data import first_images, make_dataset, save_image_grid
 from stvq.distributed import device_of
 from stvq.errors import OptionRangeError, StvqError
 from stvq.evaluate import in_batches, pyplot
+from stvq.flops import count_flops
 from stvq.interfaces import Prior, Tokenizer
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir
@@ -148,12 +149,14 @@ class PriorTrainer(BaseTrainer):
         return prior.to(self.device), Subset(self.shards, range(train_count)), heldout
 
     def prepare(self, prior: Prior, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
-        if self.cfg.compile:
-            prior.compile()
         return dataset, {
             "shards": str(self.shards.dir), "vocab_size": self.shards.vocab_size, "num_tokens": self.shards.num_tokens,
             "train_images": len(dataset), "heldout_images": len(val), "parameters": sum(p.numel() for p in prior.parameters()),
         }
+
+    def flops_per_item(self, prior: Prior) -> int:
+        """Forward and backward over one image's ids."""
+        return count_flops(prior, torch.zeros(1, self.shards.num_tokens, dtype=torch.long))
 
     def step(self, net, batch: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         loss = next_id_loss(net, batch.to(self.device)).mean()

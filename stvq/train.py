@@ -6,8 +6,9 @@ owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import time
+import warnings
+from dataclasses import replace
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from stvq.config import LoopConfig, TrainConfig, make_config
 from stvq.data import ShapesDataset, first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
+from stvq.flops import count_flops, device_peak, meta_output, mfu
 from stvq.interfaces import CodeTokenizer, Decoder, Discriminator
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
@@ -343,13 +345,22 @@ class BaseTrainer:
         raise NotImplementedError
 
     def prepare(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> tuple[Dataset, dict[str, Any]]:
-        """After restoring: modes, compilation; returns the data set to train on and summary entries."""
+        """After restoring: modes, cached inputs; returns the data set to train on and summary entries."""
         return dataset, {}
+
+    def compile(self, model: torch.nn.Module) -> None:
+        """``--compile``: compile the model in place (parameter names, and so checkpoints, stay the same)."""
+        model.compile()
 
     def companions(self) -> dict[str, torch.nn.Module]:
         """Modules trained beside the model (a discriminator), by name, built in :meth:`build`: each has its
         own optimizer, and its weights and optimizer state live in the checkpoint, not in the model's files."""
         return {}
+
+    def flops_per_item(self, model: torch.nn.Module) -> int:
+        """The model FLOPs of one training item, forward and backward (:func:`stvq.flops.count_flops`),
+        for MFU; counted after :meth:`prepare`, before :meth:`compile`."""
+        raise NotImplementedError
 
     def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         """Forward and losses of one batch at ``step``: ({"model": loss, companion: its loss, ...} to
@@ -385,6 +396,10 @@ class BaseTrainer:
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
         start, logged_seconds = self._restore(parts, opts, data_generator)
         dataset, extras = self.prepare(model, dataset, val)
+        flops = self._flops(model)
+        peak, peak_source = device_peak(self.device, cfg.bf16)
+        if cfg.compile:
+            self.compile(model)
         batches, stream = self._batches(dataset, start, data_generator)
         self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
 
@@ -406,6 +421,7 @@ class BaseTrainer:
                     evaluation = self.evaluate(model, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
                     last_eval = evaluation or last_eval
                     record = {"step": done, "loss": losses["model"].item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
+                    record["mfu"] = mfu(flops, record["images_per_s"], peak, self.world)
                     if self.is_main:
                         self.dir.log(record)
                         if board:
@@ -417,11 +433,22 @@ class BaseTrainer:
                         save_checkpoint(self.dir.checkpoint, parts, opts, done, data_generator, readers)
                         model.save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
+        images_per_s = clock.images / max(clock.elapsed(), 1e-9)
         summary = {
-            "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(),
-            "images_per_s": clock.images / max(clock.elapsed(), 1e-9), **extras, **last_eval,
+            "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(), "images_per_s": images_per_s,
+            "flops_per_item": flops, "peak_flops": peak, "peak_source": peak_source, "mfu": mfu(flops, images_per_s, peak, self.world),
+            **extras, **last_eval,
         }
         return self._finish(parts, summary)
+
+    def _flops(self, model: torch.nn.Module) -> int | None:
+        """:meth:`flops_per_item`, or None with one warning for a model that cannot run on the meta device
+        (a third party's, say): MFU is then not reported, and training goes on."""
+        try:
+            return self.flops_per_item(model)
+        except Exception as err:  # a plugin's model may fail on meta tensors in any way
+            warnings.warn(f"model FLOPs not counted, so no MFU is reported ({first_line(err)})", stacklevel=2)
+            return None
 
     def _batches(self, dataset: Dataset, start: int, data_generator: torch.Generator) -> tuple[Any, StreamState | None]:
         """The batches from ``start`` on: by index (:class:`StepBatches`), or from a stream, whose readers'
@@ -550,9 +577,6 @@ class Trainer(BaseTrainer):
 
     def prepare(self, model: CodeTokenizer, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
         self.stage.set_modes(model)
-        if self.cfg.compile:
-            model.encoder.compile()  # in place: parameter names, and so checkpoints, stay the same
-            model.decoder.compile()
         baseline = mean_image_psnr(dataset, val)
         dataset, cached = self.stage.with_cached_codes(self.cfg, model, dataset)
         self.cached = cached is not None
@@ -561,8 +585,21 @@ class Trainer(BaseTrainer):
             "grid": str(self.dir.sample(self.cfg.steps)), "cached_codes": cached,
         }
 
+    def compile(self, model: CodeTokenizer) -> None:
+        model.encoder.compile()  # the parts, so that the decoder alone compiles where codes are cached
+        model.decoder.compile()
+
     def companions(self) -> dict[str, torch.nn.Module]:
         return self.objective.companions()
+
+    def flops_per_item(self, model: CodeTokenizer) -> int:
+        """Stage 1: encoder and decoder, forward and backward; stage 2: the decoder's, and the frozen
+        encoder's forward unless the codes are cached (the quantizer's nearest-code search is not counted)."""
+        images = torch.empty(1, 3, model.config.image_size, model.config.image_size)
+        if self.cfg.stage == 1:
+            return count_flops(model, images)
+        decoder = count_flops(model.decoder, meta_output(model.encoder, images))
+        return decoder if self.cached else decoder + count_flops(model.encoder, images, backward=False)
 
     def step(self, net, batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         images, codes = (batch[0], batch[1].to(self.device)) if self.cached else (batch, None)

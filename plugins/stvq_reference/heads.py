@@ -49,10 +49,41 @@ class PixelHead(nn.Module):
         return self.mlp(x + self.mix(F.gelu(x)))
 
 
-def make_head(kind: str, width: int, channels: int) -> nn.Module | None:
+class UpsamplingCNN(nn.Sequential):
+    """The token grid (B, D, h, w) to (B, C, h * 2**n, w * 2**n): n stages of a nearest x2 upsampling and a
+    3x3 convolution, channels halving from D down to C. Unlike a bilinear upsampling, what it draws between
+    token centres is learned, and a corner drawn in one place is drawn alike everywhere (equivariance)."""
+
+    def __init__(self, width: int, channels: int, stages: int) -> None:
+        layers: list[nn.Module] = []
+        c = width
+        for _ in range(stages):
+            out = max(channels, c // 2)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, out, 3, padding=1), nn.GELU()]
+            c = out
+        layers.append(nn.Conv2d(c, channels, 1))
+        super().__init__(*layers)
+
+
+class CNNHead(PixelHead):
+    """The pixel head with a learned upsampling of the token grid (:class:`UpsamplingCNN`) in place of the
+    bilinear one (the ``cnn`` head)."""
+
+    def __init__(self, width: int, channels: int, patch_size: int) -> None:
+        super().__init__(width, channels)
+        self.smooth = UpsamplingCNN(width, channels, patch_size.bit_length() - 1)
+
+    def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        x = pixels + self.smooth(grid)
+        return self.mlp(x + self.mix(F.gelu(x)))
+
+
+def make_head(kind: str, width: int, channels: int, patch_size: int) -> nn.Module | None:
     """The head after out_conv (None for ``linear``: out_conv writes RGB itself)."""
     if kind == "linear":
         return None
     if kind == "conv":
         return ConvHead(channels)
+    if kind == "cnn":
+        return CNNHead(width, channels, patch_size)
     return PixelHead(width, channels)

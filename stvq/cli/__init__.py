@@ -91,9 +91,10 @@ def plugins() -> None:
 @set_option
 @click.option("--tokenizer", default=TrainConfig.tokenizer, show_default=True, help="The registered tokenizer to build.")
 def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
-    """Parameter counts per part, token count, code_dim and sequence lengths of a preset.
+    """Parameter counts per part, FLOPs per image, token count, code_dim and sequence lengths of a preset.
 
-    No real weights are allocated (the model is built on torch's meta device).
+    No real weights are allocated and nothing is computed (the model is built on torch's meta device;
+    torch's FLOP counter counts its matrix products, convolutions and attention).
 
     \b
     Example:
@@ -104,6 +105,7 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
 
     from stvq.config import make_config
     from stvq.describe import parameter_rows, shape_rows
+    from stvq.flops import tokenizer_flops
     from stvq.registry import create
 
     cfg = make_config(preset=preset, **parse_overrides(overrides))
@@ -115,6 +117,13 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
     for part, modules, count, total in parameter_rows(model):
         table.add_row(*((f"[bold]{part}[/]", "", f"[bold]{count:,}[/]") if total else (part, modules, f"{count:,}")))
     console.print(table)
+    flops = Table(title="FLOPs per image")
+    for column, justify in (("pass", "left"), ("GFLOPs", "right")):
+        flops.add_column(column, justify=justify)
+    counted = tokenizer_flops(model, cfg.image_size)
+    for name, what in (("forward", "forward (encode + decode)"), ("train", "training step, stage 1 (forward + backward)"), ("decoder", "decode (decoder forward)")):
+        flops.add_row(what, f"{counted[name] / 1e9:,.3f}")
+    console.print(flops)
     shape = Table(title="shapes", show_header=False)
     for key, value in shape_rows(cfg):
         shape.add_row(key, value)

@@ -11,6 +11,7 @@ from rich.table import Table
 from stvq.cli.options import LOOP_FLAGS, SEED, FiniteFloat, config_options, console, parse_pairs
 from stvq.cli.train import fit, resume_config
 from stvq.config import PriorTrainConfig
+from stvq.flops import mfu_text
 
 #: The PriorTrainConfig fields that are flags of ``stvq prior train``; others: --train KEY=VALUE.
 PRIOR_FLAGS = {
@@ -69,6 +70,7 @@ def train_prior(ctx: click.Context, run_dir, resume_dir, no_progress, train_fiel
             f"data           {summary['train_images']:,} images x {summary['num_tokens']} ids over {summary['vocab_size']:,} ({summary['heldout_images']:,} held out)",
             f"prior          {summary['parameters']:,} parameters, {summary['steps']} steps (resumed from {summary['resumed_from']})",
             f"time           {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} sequences/s",
+            f"compute        {mfu_text(summary, 'sequence')}",
             f"held-out       {summary.get('val_bits_per_image', float('nan')):.1f} bits/image ({summary.get('val_nll', float('nan')):.3f} nats/token)",
         ]
         console.print(Panel("\n".join(lines), title="stvq prior train: done", expand=False))

@@ -13,6 +13,7 @@ from rich.table import Table
 from stvq.cli.options import LOOP_FLAGS, SEED, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs, workers_option
 from stvq.config import TrainConfig
 from stvq.errors import ConfigError
+from stvq.flops import mfu_text
 
 #: The TrainConfig fields that are flags of ``stvq train``, in the order --help lists them; every other field
 #: is set with ``--train KEY=VALUE``. Types and defaults come from TrainConfig.
@@ -123,6 +124,7 @@ def _summary_panel(summary: dict) -> Panel:
         f"run            {summary['run']}",
         f"steps          {summary['steps']} (stage {summary['stage']}, resumed from {summary['resumed_from']})",
         f"time           {summary['seconds']:.1f} s, {summary['images_per_s']:.1f} images/s",
+        f"compute        {mfu_text(summary)}",
         f"val PSNR       {val:.2f} dB" if val is not None else "val PSNR       (no step run)",
         f"mean image     {summary['mean_image_psnr']:.2f} dB (baseline)",
         f"grid           {summary['grid']}",

@@ -1,0 +1,96 @@
+"""FLOPs counted by torch on the meta device, device peaks, and MFU in training logs and summaries."""
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import stvq
+from stvq.cli import main
+from stvq.config import PriorTrainConfig, TrainConfig
+from stvq.flops import PEAK_ENV, count_flops, cpu_peak, device_peak, mfu, tokenizer_flops
+from stvq.prior import PriorTrainer
+from stvq.train import Trainer
+
+SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
+
+
+def test_count_flops_counts_the_products_of_forward_and_backward_and_touches_nothing():
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(3, 10)
+    rng = torch.get_rng_state()
+    assert count_flops(model, x, backward=False) == 2 * 3 * (10 * 20 + 20 * 5)
+    # backward: both weight gradients, and the input gradient of the second layer only (x needs none)
+    assert count_flops(model, x) == 2 * 3 * (10 * 20 + 20 * 5) + 2 * 3 * (10 * 20 + 2 * 20 * 5)
+    assert all(p.grad is None for p in model.parameters()) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.equal(rng, torch.get_rng_state())  # a run's exact resume is unaffected
+
+
+def test_a_tokenizer_costs_what_its_parts_cost_at_the_reference_size():
+    with torch.device("meta"):
+        model = stvq.create("tokenizer", "styled", preset="reference")
+    counted = tokenizer_flops(model, 256)
+    # the decoder's plain layers alone: 6 blocks over 292 tokens of width 1024 (QKV, proj, MLP 4x: 12 w^2 per
+    # token) and attention (2 products of 292 x 292 x 1024), forward
+    plain = 6 * (2 * 292 * 12 * 1024**2 + 2 * 2 * 292**2 * 1024)
+    assert counted["decoder"] > 4 * plain  # 18 condition layers cost more than 6 plain ones, each
+    assert 2.9 < counted["train"] / counted["forward"] < 3.1  # backward: about twice the forward
+    assert counted["forward"] == pytest.approx(370.52e9, rel=1e-3)
+
+
+def test_info_shows_the_counted_flops(runner):
+    result = runner.invoke(main, ["info", "--preset", "tiny"])
+    assert result.exit_code == 0, result.output
+    counted = tokenizer_flops(stvq.create("tokenizer", "styled", preset="tiny"), 64)
+    assert re.search(rf"training step, stage 1 \(forward \+ backward\)\s*│\s*{counted['train'] / 1e9:.3f}", result.output)
+    assert re.search(rf"decode \(decoder forward\)\s*│\s*{counted['decoder'] / 1e9:.3f}", result.output)
+
+
+CPUINFO = "processor : 0\nmodel name : Some CPU\ncpu MHz : 2600.000\nflags : fpu sse2 {}\n"
+
+
+@pytest.mark.parametrize(
+    "flags,bf16,per_cycle",
+    [("avx2 fma avx512f", False, 64), ("avx2 fma", False, 32), ("sse4_2", False, 8), ("avx2 fma avx512f avx512_bf16", True, 128),
+     ("avx2 fma avx512f avx512_bf16 amx_bf16", True, 1024), ("avx2 fma avx512f amx_bf16", False, 64)],
+)
+def test_the_cpu_peak_is_an_estimate_from_cores_clock_and_flags(flags, bf16, per_cycle):
+    peak, source = cpu_peak(2, bf16, CPUINFO.format(flags))
+    assert peak == 2 * 2.6e9 * per_cycle and source.startswith("estimate: 2 cores x 2.60 GHz")
+
+
+def test_the_peak_can_be_overridden_and_a_bad_override_is_one_line(monkeypatch):
+    monkeypatch.setenv(PEAK_ENV, "989.4")
+    assert device_peak(torch.device("cpu"), bf16=True) == (989.4e12, PEAK_ENV)
+    for bad in ("fast", "-3", "nan"):
+        monkeypatch.setenv(PEAK_ENV, bad)
+        with pytest.raises(stvq.StvqError, match=f"{PEAK_ENV}="):
+            device_peak(torch.device("cpu"), bf16=False)
+    assert mfu(None, 100.0, 1e12) is None and mfu(10**9, 100.0, 0.0) is None and mfu(10**9, 100.0, 1e12, world=2) == 0.05
+
+
+def test_training_logs_mfu_and_its_summary_gives_flops(tmp_path, monkeypatch):
+    monkeypatch.setenv(PEAK_ENV, "0.5")
+    cfg = TrainConfig(preset="tiny", model=SMALL, steps=4, batch_size=4, log_every=2, eval_every=4)
+    summary = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    expected = count_flops(stvq.create("tokenizer", "styled", preset="tiny", **SMALL), torch.empty(1, 3, 64, 64))
+    assert summary["flops_per_item"] == expected and summary["peak_flops"] == 0.5e12 and summary["peak_source"] == PEAK_ENV
+    assert summary["mfu"] == pytest.approx(expected * summary["images_per_s"] / 0.5e12)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] == pytest.approx(expected * r["images_per_s"] / 0.5e12) for r in records)
+
+
+def test_a_model_that_cannot_be_counted_trains_without_mfu_and_one_warning(tmp_path, shards):
+    class Uncountable(PriorTrainer):
+        def flops_per_item(self, prior):
+            raise RuntimeError("meta tensors are not supported here\nsecond line")
+
+    cfg = PriorTrainConfig(shards=str(shards / "shards"), model={"width": 32, "layers": 1, "heads": 2}, steps=2, batch_size=8, eval_every=2)
+    with pytest.warns(UserWarning, match=r"^model FLOPs not counted, so no MFU is reported \(meta tensors are not supported here\)$"):
+        summary = Uncountable(cfg, tmp_path / "run", progress=False).fit()
+    assert summary["flops_per_item"] is None and summary["mfu"] is None and summary["val_nll"] > 0
+    counted = PriorTrainer(cfg, tmp_path / "counted", progress=False).fit()
+    assert counted["flops_per_item"] > 0 and counted["mfu"] > 0
