@@ -12,7 +12,7 @@ from stvq.errors import ConfigError, StvqError
 ATTN_MASKS = ("none", "causal-placeholders")
 ENCODER_INITS = ("vit", "lecun-sincos")
 POS_INITS = ("normal", "sincos")
-HEADS = ("linear", "conv", "pixel", "cnn")  # what follows out_conv (stvq_reference.heads)
+HEADS = ("linear", "conv", "pixel", "film")  # what follows out_conv (stvq_reference.heads)
 
 
 @dataclass(frozen=True)

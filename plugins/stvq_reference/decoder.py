@@ -85,7 +85,7 @@ class StyledDecoder(Decoder):
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
         self.out_conv = nn.ConvTranspose2d(cfg.width, cfg.head_channels or 3, cfg.patch_size, stride=cfg.patch_size)
-        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.patch_size)
+        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)

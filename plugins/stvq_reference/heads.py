@@ -49,41 +49,50 @@ class PixelHead(nn.Module):
         return self.mlp(x + self.mix(F.gelu(x)))
 
 
-class UpsamplingCNN(nn.Sequential):
-    """The token grid (B, D, h, w) to (B, C, h * 2**n, w * 2**n): n stages of a nearest x2 upsampling and a
-    3x3 convolution, channels halving from D down to C. Unlike a bilinear upsampling, what it draws between
-    token centres is learned, and a corner drawn in one place is drawn alike everywhere (equivariance)."""
-
-    def __init__(self, width: int, channels: int, stages: int) -> None:
-        layers: list[nn.Module] = []
-        c = width
-        for _ in range(stages):
-            out = max(channels, c // 2)
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, out, 3, padding=1), nn.GELU()]
-            c = out
-        layers.append(nn.Conv2d(c, channels, 1))
-        super().__init__(*layers)
+def coordinate_features(size: int, frequencies: int, device=None) -> torch.Tensor:
+    """(1, 2 + 4F, size, size): each pixel's centre (x, y) in [-1, 1] and sin, cos of 2^k pi x and y for
+    k < F (Fourier features, against the spectral bias of a coordinate MLP)."""
+    line = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    ys, xs = torch.meshgrid(line, line, indexing="ij")
+    out = [xs, ys]
+    for k in range(frequencies):
+        out += [f(2**k * torch.pi * c) for c in (xs, ys) for f in (torch.sin, torch.cos)]
+    return torch.stack(out)[None]
 
 
-class CNNHead(PixelHead):
-    """The pixel head with a learned upsampling of the token grid (:class:`UpsamplingCNN`) in place of the
-    bilinear one (the ``cnn`` head)."""
+class FiLMHead(nn.Module):
+    """The pixel head whose per-pixel MLP reads the pixel's coordinates, modulated by its features (the
+    ``film`` head; CIPS and LIIF draw pixels so). A rotated square is |cos a dx + sin a dy| <= r: products
+    of what the tokens say (angle, centre, size) with where the pixel is, which one FiLM layer computes
+    exactly and an unmodulated MLP of the features must approximate."""
 
-    def __init__(self, width: int, channels: int, patch_size: int) -> None:
-        super().__init__(width, channels)
-        self.smooth = UpsamplingCNN(width, channels, patch_size.bit_length() - 1)
+    def __init__(self, width: int, channels: int, image_size: int, frequencies: int = 4) -> None:
+        super().__init__()
+        hidden = 2 * channels
+        self.smooth = nn.Conv2d(width, channels, 1)  # as the pixel head's: features continuous across patches
+        self.mix = nn.Conv2d(channels, channels, 3, padding=1)
+        self.register_buffer("coords", coordinate_features(image_size, frequencies), persistent=False)
+        self.coord = nn.Conv2d(self.coords.shape[1], hidden, 1)
+        self.film_1 = nn.Conv2d(channels, 2 * hidden, 1)
+        self.hidden = nn.Conv2d(hidden, hidden, 1)
+        self.film_2 = nn.Conv2d(channels, 2 * hidden, 1)
+        self.out = nn.Conv2d(hidden, 3, 1)  # registered last: the decoder's last layer (adaptive weight)
 
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        x = pixels + self.smooth(grid)
-        return self.mlp(x + self.mix(F.gelu(x)))
+        x = pixels + F.interpolate(self.smooth(grid), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        x = x + self.mix(F.gelu(x))  # (B, C, H, W): the pixel's features
+        scale, shift = self.film_1(x).chunk(2, dim=1)
+        h = F.gelu(self.coord(self.coords) * (1 + scale) + shift)
+        scale, shift = self.film_2(x).chunk(2, dim=1)
+        return self.out(F.gelu(self.hidden(h) * (1 + scale) + shift))
 
 
-def make_head(kind: str, width: int, channels: int, patch_size: int) -> nn.Module | None:
+def make_head(kind: str, width: int, channels: int, image_size: int) -> nn.Module | None:
     """The head after out_conv (None for ``linear``: out_conv writes RGB itself)."""
     if kind == "linear":
         return None
     if kind == "conv":
         return ConvHead(channels)
-    if kind == "cnn":
-        return CNNHead(width, channels, patch_size)
+    if kind == "film":
+        return FiLMHead(width, channels, image_size)
     return PixelHead(width, channels)
