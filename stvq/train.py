@@ -178,7 +178,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
             scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
             groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0), []).append(p)
     params = [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (scale, decay), ps in groups.items()]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2))
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cfg.fused_optimizer or None)
 
 
 def make_optimizers(parts: dict[str, torch.nn.Module], cfg: LoopConfig) -> dict[str, torch.optim.AdamW]:

@@ -94,3 +94,39 @@ def test_a_model_that_cannot_be_counted_trains_without_mfu_and_one_warning(tmp_p
     assert summary["flops_per_item"] is None and summary["mfu"] is None and summary["val_nll"] > 0
     counted = PriorTrainer(cfg, tmp_path / "counted", progress=False).fit()
     assert counted["flops_per_item"] > 0 and counted["mfu"] > 0
+
+
+def test_the_throughput_benchmark_runs_on_cpu_and_reports_each_variant(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from train_throughput import main as benchmark
+
+    monkeypatch.setenv(PEAK_ENV, "1")
+    out = tmp_path / "rows.json"
+    rows = benchmark(["--presets", "tiny", "--variants", "fp32,fused,bf16", "--batches", "4", "--steps", "1", "--warmup", "1",
+                      "--workers", "0", "--data-batches", "1", "--json", str(out)])
+    train = [r for r in rows if "variant" in r]
+    assert [r["variant"] for r in train] == ["fp32", "fused", "bf16"] and all(r["images_per_s"] > 0 and r["batch"] == 4 for r in train)
+    expected = tokenizer_flops(stvq.create("tokenizer", "styled", preset="tiny"), 64)["train"]
+    assert all(r["mfu"] == pytest.approx(expected * r["images_per_s"] / 1e12) for r in train)
+    assert [r["data"] for r in rows if "data" in r] == ["shapes (rendered)", "JPEG folder (512 px, decoded)"]
+    assert json.loads(out.read_text())["device"] == "cpu"
+    with pytest.raises(SystemExit):
+        benchmark(["--variants", "fp64"])
+
+
+def test_a_fused_optimizer_takes_the_same_step():
+    from stvq.train import make_optimizer
+
+    steps = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 4)
+        opt = make_optimizer(model, TrainConfig(fused_optimizer=fused))
+        assert opt.defaults["fused"] is (True if fused else None)
+        model(torch.randn(5, 8)).square().mean().backward()
+        opt.step()
+        steps.append(model.weight.detach().clone())
+    assert torch.allclose(steps[0], steps[1], atol=1e-7)
