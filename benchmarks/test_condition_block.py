@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import DEVICES, SIZES, sync
+from stvq_reference.config import StyledConfig
 from stvq_reference.literal_block import LiteralConditionBlock
-from stvq.config import PRESETS
 from stvq_reference.decoder import ConditionBlock
 
 
 def make(preset: str, batch: int, device: str, dtype=torch.float32):
-    cfg = PRESETS[preset]
+    cfg = StyledConfig.PRESETS[preset]
     block = ConditionBlock(5, cfg.width, cfg.heads, cfg.mlp_ratio).to(device, dtype)
     literal = LiteralConditionBlock.from_block(block)
     x = torch.randn(batch, cfg.seq_len, cfg.width, device=device, dtype=dtype)

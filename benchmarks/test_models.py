@@ -8,7 +8,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 import stvq
 from benchmarks.conftest import DEVICES, SIZES, sync
-from stvq.config import PRESETS
+
+from stvq_reference.config import StyledConfig
 
 
 def timm_peer(cfg, depth: int) -> VisionTransformer:
@@ -37,7 +38,7 @@ def timed(benchmark, fn, device, rounds):
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("preset,_,batch", SIZES, ids=[s[0] for s in SIZES])
 def test_model_forward(benchmark, preset, _, batch, part, impl, device):
-    cfg = PRESETS[preset]
+    cfg = StyledConfig.PRESETS[preset]
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     if impl == "timm":
         depth = cfg.encoder_layers if part == "encoder" else cfg.condition_layers + cfg.plain_layers
@@ -57,7 +58,7 @@ def test_model_forward(benchmark, preset, _, batch, part, impl, device):
 
 @pytest.mark.parametrize("preset,_,batch", SIZES[:2], ids=[s[0] for s in SIZES[:2]])
 def test_encode_quantize_throughput(benchmark, preset, _, batch):
-    cfg = PRESETS[preset]
+    cfg = StyledConfig.PRESETS[preset]
     tok = stvq.create("tokenizer", "styled", config=cfg, quantizer={"name": "kmeans", "codebook_size": 1024}).eval()
     tok.quantizer.fit(torch.randn(4096, cfg.code_dim))
     images = torch.rand(batch * 4, 3, cfg.image_size, cfg.image_size) * 2 - 1
@@ -68,7 +69,7 @@ def test_encode_quantize_throughput(benchmark, preset, _, batch):
 
 @pytest.mark.parametrize("impl", ["eager", "compiled"])
 def test_decoder_compile_tiny(benchmark, impl):
-    cfg = PRESETS["tiny"]
+    cfg = StyledConfig.PRESETS["tiny"]
     decoder = stvq.create("decoder", "styled", config=cfg).eval()
     if impl == "compiled":
         decoder.compile()
@@ -85,7 +86,7 @@ def test_decoder_compile_tiny(benchmark, impl):
 def test_stage2_step(benchmark, preset, _, batch, impl):
     """One stage-2 training step (frozen encoder, k-means codes, decoder updated), the encoder run every
     step against codes that `stvq quantize` cached."""
-    cfg = PRESETS[preset]
+    cfg = StyledConfig.PRESETS[preset]
     model = stvq.create("tokenizer", "styled", config=cfg, quantizer={"name": "kmeans", "codebook_size": 256})
     model.quantizer.fit(torch.randn(4096, cfg.code_dim))
     for p in model.encoder.parameters():

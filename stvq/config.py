@@ -1,144 +1,50 @@
-"""Model and training configuration as dataclasses; model presets are named instances of ModelConfig."""
+"""Training configuration as dataclasses, and the base of a plugin's own model config (:class:`PluginConfig`:
+fields, presets and overrides by name live with the plugin that builds the model)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from stvq.errors import ConfigError, StvqError
 
-ATTN_MASKS = ("none", "causal-placeholders")
-ENCODER_INITS = ("vit", "lecun-sincos")
-POS_INITS = ("normal", "sincos")
-HEADS = ("linear", "conv", "pixel", "film")  # what follows out_conv (stvq_reference.heads)
-
-
 @dataclass(frozen=True)
-class ModelConfig:
-    """The Styled VQ architecture (SPEC section 3). Defaults are the ``reference`` preset."""
+class PluginConfig:
+    """Base of a plugin's own architecture config (a frozen dataclass of its fields): named presets, and
+    :meth:`make` from a config, a dict of fields (a ``config.json``'s) or a preset name, with overrides by
+    field name. A tokenizer, encoder or decoder class names its config as ``config_class``; the commands
+    find it through the registry (:func:`stvq.registry.config_class`) to type ``--set KEY=VALUE``, and the
+    core reads no field of it but ``image_size``."""
 
-    image_size: int = 256  # square input and output resolution
-    patch_size: int = 16  # input_conv kernel and stride; out_conv inverts it
-    width: int = 1024  # transformer width D, encoder and decoder
-    heads: int = 16  # attention heads; width must divide by it
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * width
-    encoder_layers: int = 24
-    condition_layers: int = 18  # layer i consumes codes 2i and 2i+1: num_tokens = 2 * condition_layers
-    plain_layers: int = 6  # plain transformer layers after the condition layers
-    code_dim: int = 16  # width of each continuous code c_i (the quantizer's input)
-    attn_mask: str = "none"  # decoder attention: "none", or "causal-placeholders" (no peeking at later ones)
-    qk_norm: bool = False  # LayerNorm on queries and keys in every attention (a stabiliser for higher learning rates)
-    # What follows out_conv: "linear" (none: out_conv un-patchifies straight to RGB, the SPEC's structure),
-    # "conv" (out_conv to head_channels C, then two 3x3 convs) or "pixel" (to C channels, plus the token grid
-    # upsampled bilinearly, a 3x3 conv and a per-pixel MLP: no patch seams). head_channels > 0 with "linear"
-    # is the earlier spelling of "conv".
-    head: str = "linear"
-    head_channels: int = 0
-    zero_init: bool = False  # decoder blocks start as the identity (adaLN-Zero style)
-    pos_init: str = "normal"  # position embeddings start as "normal" (ViT, std 0.02) or "sincos" (2D sin-cos)
-    # How the encoder starts: "vit" (std 0.02 weights and positions, as ViT) or "lecun-sincos" (weights std
-    # 1/sqrt(fan_in), 2D sin-cos positions): a fresh encoder whose codes already tell where the object is
-    # (README, "The background plateau").
-    encoder_init: str = "vit"
-    encoder: str = "styled"  # registered encoder plugin
-    decoder: str = "styled"  # registered decoder plugin
+    PRESETS: ClassVar[dict[str, PluginConfig]] = {}
+    DEFAULT_PRESET: ClassVar[str] = "reference"
 
-    @property
-    def num_tokens(self) -> int:
-        return 2 * self.condition_layers
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    @property
-    def seq_len(self) -> int:
-        """Encoder and decoder sequence length: patches + tokens."""
-        return self.num_patches + self.num_tokens
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if f.type == "int" and (not isinstance(getattr(self, f.name), int) or getattr(self, f.name) < 0):
-                raise ConfigError(f"config field {f.name} must be a non-negative integer, got {getattr(self, f.name)!r}")
-        for name in ("image_size", "patch_size", "width", "heads", "code_dim"):  # sizes that divide or allocate
-            if getattr(self, name) < 1:
-                raise ConfigError(f"config field {name} must be at least 1, got {getattr(self, name)}")
-        if not (isinstance(self.mlp_ratio, (int, float)) and math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
-            raise ConfigError(f"config field mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; pick sizes that divide"
-            )
-        if self.width % self.heads:
-            raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.condition_layers < 1:
-            raise ConfigError("condition_layers must be at least 1 (it sets the number of tokens)")
-        if self.attn_mask not in ATTN_MASKS:
-            raise ConfigError(f"attn_mask {self.attn_mask!r} is not one of {', '.join(ATTN_MASKS)}")
-        if self.pos_init not in POS_INITS:
-            raise ConfigError(f"pos_init {self.pos_init!r} is not one of {', '.join(POS_INITS)}")
-        if self.head not in HEADS:
-            raise ConfigError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
-        if self.head == "linear" and self.head_channels:
-            object.__setattr__(self, "head", "conv")  # configs written before the head field
-        if self.head != "linear" and not self.head_channels:
-            raise ConfigError(f"head {self.head!r} needs head_channels > 0 (the channels out_conv writes), e.g. --set head_channels=16")
-        if self.encoder_init not in ENCODER_INITS:
-            raise ConfigError(f"encoder_init {self.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}")
+    @classmethod
+    def make(cls, config: PluginConfig | dict | str | None = None, **overrides: Any) -> Any:
+        preset = overrides.pop("preset", None)
+        if isinstance(config, str):
+            config, preset = None, config
+        if isinstance(config, dict):
+            overrides, config = {**config, **overrides}, None
+        if config is None:
+            name = preset or cls.DEFAULT_PRESET
+            if name not in cls.PRESETS:
+                raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(cls.PRESETS)}")
+            config = cls.PRESETS[name]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return replace(config, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-PRESETS: dict[str, ModelConfig] = {
-    # Exactly SPEC section 3: 256 px, width 1024, 24 encoder layers, 18 condition + 6 plain decoder layers.
-    "reference": ModelConfig(),
-    # Between the two: 128 px, width 512; still 36 tokens.
-    "small": ModelConfig(image_size=128, width=512, heads=8, encoder_layers=8, plain_layers=2),
-    # CPU preset: 64 px, 16 px patches (16 positions), width 64. Chosen by the decoder oracle at equal wall
-    # time on 2 cores (README, "The background plateau"): 3.6x the images per second of width 128 with
-    # 8 px patches, and the better PSNR after 5 minutes. Its encoder starts "lecun-sincos": with ViT's start
-    # a narrow encoder's codes carry no position, and stage 1 never leaves the background plateau. Its
-    # decoder ends in the pixel head: no patch seams, +1.5 dB in the oracle at 1,400 steps (README).
-    "tiny": ModelConfig(
-        image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", head="pixel", head_channels=16
-    ),
-    # The ablation of SPEC section 6: tiny with the unordered decoder (same size, no per-layer code pairs).
-    "tiny-unordered": ModelConfig(
-        image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", head="pixel", head_channels=16,
-        decoder="unordered",
-    ),
-}
-
-
-def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
-def make_config(config: ModelConfig | dict | str | None = None, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a config, a dict of fields, a preset name (default ``reference``),
-    with ``overrides`` applied by field name. ``preset=NAME`` may be given as an override too."""
-    preset = overrides.pop("preset", None)
-    if isinstance(config, str):
-        config, preset = None, config
-    if isinstance(config, dict):
-        config = dict(config)
-        overrides = {**config, **overrides}
-        config = None
-    base = config if config is not None else get_preset(preset or "reference")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
-    return replace(base, **overrides)
+    def describe(self) -> list[tuple[str, str]]:
+        """(what, value) rows for ``stvq info``: every field, unless a plugin says it in fewer words."""
+        return [(f.name, str(getattr(self, f.name))) for f in fields(self)]
 
 
 #: The largest seed: torch and NumPy take any 63-bit integer.
@@ -219,7 +125,7 @@ class TrainConfig(LoopConfig):
     stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
     tokenizer: str = "styled"  # stage 1: the registered CodeTokenizer to train (stage 2 takes from_run's)
     preset: str = "tiny"  # model preset (stage 1); stage 2 takes the model of from_run
-    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides by field name
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the tokenizer's config fields, by name
     data: str = "shapes"  # "shapes" (built in) or an image folder
     # The encoder learns at a tenth of the rate, so that where the object is, which a fresh `lecun-sincos`
     # encoder already tells, survives until the decoder uses it.
@@ -294,3 +200,19 @@ class PriorTrainConfig(LoopConfig):
             raise StvqError('model must be a JSON object of the prior\'s options, e.g. model={"width": 256}')
         if self.heldout < 1:
             raise StvqError(f"heldout must be at least 1 image, got {self.heldout}")
+
+
+def __getattr__(name: str) -> Any:
+    """``stvq.config.ModelConfig`` and ``make_config`` from before the model's fields moved to the plugin
+    that builds it (issue 22): the registered ``styled`` tokenizer's config class and its ``make``, found
+    through the registry, with a DeprecationWarning naming the new home."""
+    if name not in ("ModelConfig", "make_config"):
+        raise AttributeError(f"module 'stvq.config' has no attribute {name!r}")
+    import warnings
+
+    from stvq.registry import config_class
+
+    cls = config_class("tokenizer", "styled")
+    new = f"{cls.__module__}.{cls.__name__}" + (".make" if name == "make_config" else "")
+    warnings.warn(f"stvq.config.{name} moved to the plugin that owns the model's fields: use {new}", DeprecationWarning, stacklevel=2)
+    return cls if name == "ModelConfig" else cls.make

@@ -1,4 +1,4 @@
-"""What ``stvq info`` shows: a model's parameter counts per part, and its config's shapes."""
+"""What ``stvq info`` shows of a model: its parameter counts per part (its config describes itself)."""
 
 from __future__ import annotations
 
@@ -20,16 +20,3 @@ def parameter_rows(model: torch.nn.Module) -> list[tuple[str, str, int, bool]]:
         rows.append((top_name, "", sum(p.numel() for p in top.parameters()), True))
     rows.append(("total", "", sum(p.numel() for p in model.parameters()), True))
     return rows
-
-
-def shape_rows(cfg: Any) -> list[tuple[str, str]]:
-    """The sizes of a :class:`stvq.config.ModelConfig` in words."""
-    return [
-        ("image", f"3 x {cfg.image_size} x {cfg.image_size}, patch {cfg.patch_size}"),
-        ("tokens", f"{cfg.num_tokens} (2 x {cfg.condition_layers} condition layers)"),
-        ("code_dim", str(cfg.code_dim)),
-        ("encoder sequence", f"{cfg.seq_len} = {cfg.num_patches} patches + {cfg.num_tokens} special tokens"),
-        ("decoder sequence", f"{cfg.seq_len} = {cfg.num_tokens} placeholders + {cfg.num_patches} positions"),
-        ("width / heads", f"{cfg.width} / {cfg.heads}"),
-        ("layers", f"encoder {cfg.encoder_layers}, decoder {cfg.condition_layers} condition + {cfg.plain_layers} plain"),
-    ]

@@ -139,7 +139,8 @@ class CodeTokenizer(Tokenizer):
     """A tokenizer built as encoder -> continuous codes (B, N, code_dim) -> optional quantizer -> decoder:
     what ``stvq train`` trains (stage 1 on continuous codes, stage 2 on quantized ones with the encoder
     frozen), ``stvq quantize`` gives a codebook and ``stvq eval`` measures. Built by the registry with
-    ``config=`` a :class:`stvq.config.ModelConfig`."""
+    ``preset=`` and its config's fields, or ``config=`` its config (a
+    :class:`stvq.config.PluginConfig`, or the dict a ``config.json`` holds)."""
 
     config: Any  # the model's config dataclass; the core reads image_size
     encoder: Encoder

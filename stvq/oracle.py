@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from stvq.config import TrainConfig, make_config
+from stvq.config import TrainConfig
 from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
 from stvq.losses import psnr
 from stvq.registry import create
@@ -99,8 +99,8 @@ def run_oracle(
     device: str | None = None,
     recognise: bool = False,
 ) -> OracleResult:
-    """Train the oracle of ``decoder`` (a registered name) at ``preset`` with ModelConfig overrides
-    ``model`` and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
+    """Train the oracle of ``decoder`` (a registered name) at ``preset`` with overrides ``model`` of its
+    config's fields and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
     is not counted. ``device`` defaults to CUDA where there is one. ``recognise`` adds the factor
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
@@ -108,18 +108,18 @@ def run_oracle(
     from stvq.train import ImageObjective, make_optimizers, set_lr, update
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
-    config = make_config(preset=preset, decoder=decoder, **(model or {}))
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = OracleModel(create("decoder", decoder, config=config)).to(device)
-    objective = ImageObjective(cfg, config.image_size)  # stage 1's: reconstruction, and a discriminator where asked
+    net = OracleModel(create("decoder", decoder, preset=preset, **(model or {}))).to(device)
+    image_size = net.decoder.image_size
+    objective = ImageObjective(cfg, image_size)  # stage 1's: reconstruction, and a discriminator where asked
     parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}
     opts = make_optimizers(parts, cfg)
     if cfg.compile:
         net.decoder.compile()
-    val = FactorShapes(config.image_size, "val", seed)
+    val = FactorShapes(image_size, "val", seed)
     val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
-    train_set = FactorShapes(config.image_size, "train", seed)
+    train_set = FactorShapes(image_size, "train", seed)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
     def point(step: int, seconds: float) -> dict[str, float]:
@@ -134,7 +134,7 @@ def run_oracle(
     if recognise:
         from stvq.judge import reading_accuracy, recogniser
 
-        reader, truth = recogniser(config.image_size)[0], val.shapes.factor_table(val_count)
+        reader, truth = recogniser(image_size)[0], val.shapes.factor_table(val_count)
     result = OracleResult()
     result.curve.append(point(0, 0.0))
     elapsed, images_seen = 0.0, 0
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decoder", default="styled")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="ModelConfig field")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a field of the decoder's config")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field (JSON value)")
     parser.add_argument("--seconds", type=float, default=300.0)
     parser.add_argument("--eval-every", type=int, default=60)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
     args = parser.parse_args(argv)
     train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
-    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides)), train, args.seconds, args.eval_every, device=args.device, recognise=args.recognise)
+    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides), "decoder", args.decoder), train, args.seconds, args.eval_every, device=args.device, recognise=args.recognise)
     for point in result.curve:
         print(json.dumps(point))
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))

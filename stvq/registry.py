@@ -70,6 +70,13 @@ def require_subclass(kind: str, name: str, base: type, why: str) -> None:
         raise ConfigError(f"{kind} {name!r} ({factory.__name__}) is not a {base.__name__}: {why}")
 
 
+def config_class(kind: str, name: str) -> type | None:
+    """The config dataclass the plugin ``kind``/``name`` declares as ``config_class`` (a
+    :class:`stvq.config.PluginConfig`: its fields type ``--set KEY=VALUE``, its presets ``--preset``), or
+    None for a plugin that takes plain options."""
+    return getattr(get(kind, name).resolve(), "config_class", None)
+
+
 def list_plugins(kind: str | None = None) -> dict[str, list[str]]:
     """``{kind: [name, ...]}`` over every kind (or only ``kind``), names sorted."""
     if kind is not None:

@@ -22,11 +22,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
-from stvq.config import LoopConfig, TrainConfig, make_config
+from stvq.config import LoopConfig, TrainConfig
 from stvq.data import ShapesDataset, first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
-from stvq.flops import count_flops, device_peak, meta_output, mfu
+from stvq.flops import count_flops, device_peak, mfu
 from stvq.interfaces import CodeTokenizer, Decoder, Discriminator
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
@@ -113,7 +113,7 @@ class ContinuousStage(Stage):
 
     def build(self, cfg: TrainConfig) -> CodeTokenizer:
         require_subclass("tokenizer", cfg.tokenizer, CodeTokenizer, "stvq train trains tokenizers with continuous codes (encoder, codes, decoder)")
-        return _code_tokenizer(create("tokenizer", cfg.tokenizer, config=make_config(preset=cfg.preset, **cfg.model)))
+        return _code_tokenizer(create("tokenizer", cfg.tokenizer, preset=cfg.preset, **cfg.model))
 
     def forward_options(self, cfg: TrainConfig, step: int | None) -> dict[str, Any]:
         if step is None:
@@ -598,7 +598,7 @@ class Trainer(BaseTrainer):
         images = torch.empty(1, 3, model.config.image_size, model.config.image_size)
         if self.cfg.stage == 1:
             return count_flops(model, images)
-        decoder = count_flops(model.decoder, meta_output(model.encoder, images))
+        decoder = count_flops(model.decoder, torch.empty(1, model.decoder.num_tokens, model.decoder.code_dim))
         return decoder if self.cached else decoder + count_flops(model.encoder, images, backward=False)
 
     def step(self, net, batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:

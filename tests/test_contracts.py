@@ -5,9 +5,9 @@ import pytest
 
 import stvq
 from stvq import registry
-from stvq.config import make_config
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.testing import CodeTokenizerContract, ComposerContract, DatasetContract, DiscriminatorContract, EncoderDecoderContract, PriorContract, TokenizerContract
+from stvq_reference.config import make_config
 from stvq_reference.vqgan import VQGANTokenizer
 
 SMALL = make_config("tiny", width=32, heads=2)

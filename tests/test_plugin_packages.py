@@ -3,6 +3,7 @@ a fresh interpreter: a working one, a broken one, and two kinds of name clash.""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,10 @@ def test_a_third_party_tokenizer_trains_quantizes_fine_tunes_and_evaluates_throu
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["val_psnr"] is not None
     assert json.loads((run / "config.json").read_text())["name"] == "example-conv"
+    info = stvq("info", "--tokenizer", "example-conv", "--preset", "wide", "--set", "code_dim=8").stdout  # the plugin's own options
+    assert re.search(r"width\s*│\s*64", info) and re.search(r"code_dim\s*│\s*8", info) and "condition_layers" not in info
+    wrong = subprocess.run([sys.executable, "-m", "stvq.cli", "info", "--tokenizer", "example-conv", "--set", "heads=2"], env=env, capture_output=True, text=True)
+    assert wrong.returncode == 1 and "--set heads: unknown config field; known fields: code_dim, image_size, num_tokens, patch_size, width" in wrong.stderr
     stvq("quantize", "--run", str(run), "--k", "16", "--max-images", "32")
     stvq("train", "--stage", "2", "--from", str(run), "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--run-dir", str(tmp_path / "s2"), "--no-progress")
     stvq("eval", "--run", str(tmp_path / "s2"), "--images", "8", "--prefix-images", "4", "--probe-images", "100", "--no-perceptual")

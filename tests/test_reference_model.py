@@ -2,22 +2,23 @@
 condition layer reads, equivalence with the literal original block, and save/load."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import stvq
+from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.literal_block import LiteralConditionBlock
 from stvq.checkpoint import load_pretrained
-from stvq.config import PRESETS, ModelConfig, make_config
 from stvq.data import ShapesDataset
 from stvq.evaluate import _probe_score
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
 from stvq_reference.encoder import StyledEncoder
 
 
-def expected_parameters(cfg: ModelConfig) -> int:
+def expected_parameters(cfg: StyledConfig) -> int:
     """The architecture's parameter count, written out independently of the modules."""
     d, n, p, c, h = cfg.width, cfg.num_tokens, cfg.num_patches, cfg.code_dim, int(cfg.width * cfg.mlp_ratio)
     ln = 2 * d
@@ -42,7 +43,7 @@ def expected_parameters(cfg: ModelConfig) -> int:
 @pytest.mark.slow
 def test_reference_forward_shapes_and_parameter_count():
     model = stvq.create("tokenizer", "styled", preset="reference").eval()
-    assert sum(p.numel() for p in model.parameters()) == expected_parameters(PRESETS["reference"]) == 720_185_363
+    assert sum(p.numel() for p in model.parameters()) == expected_parameters(StyledConfig.PRESETS["reference"]) == 720_185_363
     with torch.no_grad():
         out = model(torch.rand(1, 3, 256, 256) * 2 - 1)
     assert out.codes.shape == (1, 36, 16)
@@ -50,9 +51,9 @@ def test_reference_forward_shapes_and_parameter_count():
     assert torch.isfinite(out.reconstruction).all()
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(StyledConfig.PRESETS))
 def test_every_preset_has_two_tokens_per_condition_layer_and_counts_match(preset):
-    cfg = PRESETS[preset]
+    cfg = StyledConfig.PRESETS[preset]
     assert cfg.num_tokens == 2 * cfg.condition_layers == 36
     with torch.device("meta"):
         model = stvq.create("tokenizer", "styled", config=cfg)
@@ -375,8 +376,49 @@ def test_tail_drop_decodes_each_image_from_a_prefix_with_the_rest_at_the_batch_m
 
 
 def test_a_config_written_before_the_head_field_loads_with_the_head_it_had():
-    old = PRESETS["tiny"].to_dict()
+    old = StyledConfig.PRESETS["tiny"].to_dict()
     del old["head"]
     assert make_config({**old, "head_channels": 0}).head == "linear"  # out_conv straight to RGB, as then
     assert make_config({**old, "head_channels": 16}).head == "conv"  # the two 3x3 convolutions, as then
-    assert PRESETS["tiny"].head == "pixel" and PRESETS["reference"].head == "linear"  # the SPEC's structure, exactly
+    assert StyledConfig.PRESETS["tiny"].head == "pixel" and StyledConfig.PRESETS["reference"].head == "linear"  # the SPEC's structure, exactly
+
+
+def test_a_model_saved_before_its_fields_moved_to_the_plugin_still_loads(tmp_path):
+    """tests/data/saved-before-issue22/config.json was written by save_pretrained while the fields were
+    the core's ModelConfig; it loads as the plugin's StyledConfig, with its quantizer."""
+    import shutil
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from stvq.config import PluginConfig
+
+    saved = Path(__file__).parent / "data" / "saved-before-issue22" / "config.json"
+    shutil.copy(saved, tmp_path / "config.json")
+    options = json.loads(saved.read_text())["options"]
+    weights = stvq.create("tokenizer", "styled", config=options["config"], quantizer=options["quantizer"]).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
+    model = stvq.load_tokenizer(tmp_path)
+    assert isinstance(model.config, StyledConfig) and isinstance(model.config, PluginConfig)
+    assert model.config.to_dict() == options["config"] and model.quantizer_spec == options["quantizer"]
+    assert (tmp_path / "config.json").read_text() == saved.read_text()  # loading rewrites nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from stvq.config import ModelConfig, make_config as old_make_config
+    assert ModelConfig is StyledConfig and old_make_config("tiny", width=32) == make_config("tiny", width=32)
+    assert [str(w.message) for w in caught] == [
+        "stvq.config.ModelConfig moved to the plugin that owns the model's fields: use stvq_reference.config.StyledConfig",
+        "stvq.config.make_config moved to the plugin that owns the model's fields: use stvq_reference.config.StyledConfig.make",
+    ]
+
+
+def test_the_core_holds_no_field_of_a_plugins_model():
+    from dataclasses import fields
+
+    import stvq.config
+
+    assert [f.name for f in fields(stvq.config.PluginConfig)] == []
+    source = Path(stvq.config.__file__).read_text()
+    assert "condition_layers" not in source and "head_channels" not in source
+    with pytest.raises(AttributeError):
+        stvq.config.PRESETS

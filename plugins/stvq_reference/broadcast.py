@@ -5,7 +5,7 @@ The codes go through an MLP to one latent vector, which is tiled over the image 
 channels; stride-1 3x3 convolutions render the image. No patches, so no seams; every pixel sees the whole
 latent and where it is. Registered as the ``broadcast`` decoder: the anchor of the decoder oracle (how fast
 a small convolutional renderer learns the ``shapes`` factors) and a baseline decoder for any tokenizer
-that builds its decoder from a :class:`stvq.config.ModelConfig`.
+that builds its decoder from a :class:`stvq_reference.config.StyledConfig`.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from stvq.config import ModelConfig, make_config
 from stvq.interfaces import Decoder
+
+from stvq_reference.config import StyledConfig, make_config
 
 
 class BroadcastDecoder(Decoder):
     """codes (B, N, code_dim) -> MLP -> latent (B, L), tiled over (H, W) with x, y in [-1, 1] -> ``convs``
     3x3 convolutions of ``channels`` -> a 1x1 convolution to RGB."""
 
-    def __init__(self, config: ModelConfig | dict | str | None = None, channels: int = 32, convs: int = 4, latent: int = 64, **overrides) -> None:
+    config_class = StyledConfig
+
+    def __init__(self, config: StyledConfig | dict | str | None = None, channels: int = 32, convs: int = 4, latent: int = 64, **overrides) -> None:
         super().__init__()
         cfg = self.config = make_config(config, **overrides)
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size

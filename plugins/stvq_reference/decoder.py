@@ -14,9 +14,9 @@ from einops import rearrange
 from timm.layers import Attention, Mlp
 from torch import nn
 
-from stvq.config import ModelConfig, make_config
 from stvq.interfaces import Decoder
 
+from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.heads import make_head
 from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, position_tokens, vit_block
 
@@ -74,7 +74,9 @@ def placeholder_mask(num_tokens: int, seq_len: int) -> torch.Tensor:
 class StyledDecoder(Decoder):
     """Placeholders + position tokens, 2N/2 condition layers, plain ViT layers, out_conv (un-patchify)."""
 
-    def __init__(self, config: ModelConfig | dict | str | None = None, **overrides) -> None:
+    config_class = StyledConfig
+
+    def __init__(self, config: StyledConfig | dict | str | None = None, **overrides) -> None:
         super().__init__()
         cfg = self.config = make_config(config, **overrides)
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size
@@ -109,7 +111,7 @@ class StyledDecoder(Decoder):
         last = self.out_conv if self.out_head is None else [m for m in self.out_head.modules() if isinstance(m, nn.Conv2d)][-1]
         return last.weight
 
-    def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
+    def make_block(self, index: int, cfg: StyledConfig) -> nn.Module:
         return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:

@@ -7,16 +7,18 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from stvq.config import ModelConfig, make_config
 from stvq.interfaces import Encoder
 
+from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, lecun_init, position_tokens, vit_block
 
 
 class StyledEncoder(Encoder):
     """input_conv (patchify) + positions, 36 special tokens appended, ViT layers, projection head."""
 
-    def __init__(self, config: ModelConfig | dict | str | None = None, **overrides) -> None:
+    config_class = StyledConfig
+
+    def __init__(self, config: StyledConfig | dict | str | None = None, **overrides) -> None:
         super().__init__()
         cfg = self.config = make_config(config, **overrides)
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size

@@ -9,9 +9,10 @@ import torch
 
 from stvq import registry
 from stvq.checkpoint import PretrainedMixin
-from stvq.config import ModelConfig, make_config
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, drop_tail
+
+from stvq_reference.config import StyledConfig, make_config
 
 StyledOutput = CodeTokenizerOutput  # the name earlier versions exported
 
@@ -22,8 +23,9 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
 
     plugin_kind = "tokenizer"
     plugin_name = "styled"
+    config_class = StyledConfig
 
-    def __init__(self, config: ModelConfig | dict | str | None = None, quantizer: dict | None = None, **overrides) -> None:
+    def __init__(self, config: StyledConfig | dict | str | None = None, quantizer: dict | None = None, **overrides) -> None:
         super().__init__()
         cfg = self.config = make_config(config, **overrides)
         self.num_tokens, self.image_size = cfg.num_tokens, cfg.image_size

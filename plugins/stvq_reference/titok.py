@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stvq.config import ModelConfig, make_config
-
+from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.decoder import StyledDecoder
 from stvq_reference.layers import vit_block
 from stvq_reference.model import StyledVQ
@@ -27,7 +26,7 @@ from stvq_reference.model import StyledVQ
 class TiTokDecoder(StyledDecoder):
     """Codes in context, then plain ViT layers; ``condition_layers`` + ``plain_layers`` of them."""
 
-    def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
+    def make_block(self, index: int, cfg: StyledConfig) -> nn.Module:
         return vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -45,5 +44,7 @@ class TiTokVQ(StyledVQ):
 
     plugin_name = "titok"
 
-    def __init__(self, config: ModelConfig | dict | str | None = None, quantizer: dict | None = None, **overrides) -> None:
-        super().__init__(make_config(config if config is not None else "tiny", **{**overrides, "decoder": "titok"}), quantizer)
+    def __init__(self, config: StyledConfig | dict | str | None = None, quantizer: dict | None = None, **overrides) -> None:
+        if config is None:
+            overrides.setdefault("preset", "tiny")
+        super().__init__(make_config(config, **{**overrides, "decoder": "titok"}), quantizer)

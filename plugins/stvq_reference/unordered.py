@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stvq.config import ModelConfig
-
+from stvq_reference.config import StyledConfig
 from stvq_reference.decoder import ConditionBlock, StyledDecoder
 
 
@@ -28,7 +27,7 @@ class UnorderedConditionBlock(ConditionBlock):
 
 
 class UnorderedDecoder(StyledDecoder):
-    def make_block(self, index: int, cfg: ModelConfig) -> nn.Module:
+    def make_block(self, index: int, cfg: StyledConfig) -> nn.Module:
         return UnorderedConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.num_tokens)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:

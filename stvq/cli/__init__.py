@@ -103,14 +103,13 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
     """
     import torch
 
-    from stvq.config import make_config
-    from stvq.describe import parameter_rows, shape_rows
+    from stvq.describe import parameter_rows
     from stvq.flops import tokenizer_flops
     from stvq.registry import create
 
-    cfg = make_config(preset=preset, **parse_overrides(overrides))
     with torch.device("meta"):
-        model = create("tokenizer", tokenizer, config=cfg)
+        model = create("tokenizer", tokenizer, preset=preset, **parse_overrides(overrides, "tokenizer", tokenizer))
+    cfg = model.config
     table = Table(title=f"preset {preset}: parameters")
     for column, justify in (("part", "left"), ("modules", "right"), ("parameters", "right")):
         table.add_column(column, justify=justify)
@@ -125,7 +124,7 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
         flops.add_row(what, f"{counted[name] / 1e9:,.3f}")
     console.print(flops)
     shape = Table(title="shapes", show_header=False)
-    for key, value in shape_rows(cfg):
+    for key, value in cfg.describe():
         shape.add_row(key, value)
     console.print(shape)
 

@@ -50,11 +50,13 @@ def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, e
     return out
 
 
-def parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``("width=256", "attn_mask=causal-placeholders")`` -> typed ModelConfig overrides."""
-    from stvq.config import ModelConfig
+def parse_overrides(pairs: tuple[str, ...], kind: str = "tokenizer", name: str = "styled") -> dict[str, Any]:
+    """``("width=256", "attn_mask=causal-placeholders")`` -> overrides of the config fields of the plugin
+    ``kind``/``name``, typed by its ``config_class`` (:func:`stvq.registry.config_class`); a plugin that
+    declares none takes them as JSON values or strings."""
+    from stvq.registry import config_class
 
-    return parse_pairs(pairs, "--set", ModelConfig, "width=256")
+    return parse_pairs(pairs, "--set", config_class(kind, name) if pairs else None, "width=256")
 
 
 def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:

@@ -75,7 +75,7 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
         if quantizer_options and not quantizer:
             raise ConfigError("--quantizer-option needs --quantizer NAME")
         q = {"name": quantizer, **parse_options(quantizer_options, "--quantizer-option")} if quantizer else None
-        options = {**flags, "model": parse_overrides(flags["model"]), "quantizer": q}
+        options = {**flags, "model": parse_overrides(flags["model"], "tokenizer", flags["tokenizer"]), "quantizer": q}
         cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
         run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run).name)
     summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)

@@ -1,16 +1,36 @@
 """A whole tokenizer from a third party: its own encoder and decoder (a patchify convolution and its
 transpose around one linear map to and from the codes), trained, quantized and evaluated by the stock
 `stvq train --tokenizer example-conv`, `stvq quantize` and `stvq eval`, which reach it only through
-:class:`stvq.interfaces.CodeTokenizer`."""
+:class:`stvq.interfaces.CodeTokenizer`. Its options are its own (:class:`ConvConfig`): `--preset` and
+`--set KEY=VALUE` reach them through the class's ``config_class``."""
+
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from stvq.checkpoint import PretrainedMixin
-from stvq.config import make_config
+from stvq.config import PluginConfig
 from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Encoder, check_ids, drop_tail
 from stvq.registry import create
+
+
+@dataclass(frozen=True)
+class ConvConfig(PluginConfig):
+    image_size: int = 64
+    patch_size: int = 16
+    width: int = 16  # channels of the patch grid
+    num_tokens: int = 36
+    code_dim: int = 16
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+ConvConfig.PRESETS = {"tiny": ConvConfig(), "wide": ConvConfig(width=64)}
+ConvConfig.DEFAULT_PRESET = "tiny"
 
 
 class ConvEncoder(Encoder):
@@ -41,10 +61,11 @@ class ConvDecoder(Decoder):
 
 class ConvTokenizer(PretrainedMixin, CodeTokenizer):
     plugin_kind, plugin_name = "tokenizer", "example-conv"
+    config_class = ConvConfig
 
     def __init__(self, config=None, quantizer: dict | None = None, **overrides) -> None:
         super().__init__()
-        self.config = make_config(config, **overrides)
+        self.config = ConvConfig.make(config, **overrides)
         self.num_tokens, self.image_size = self.config.num_tokens, self.config.image_size
         self.encoder, self.decoder = ConvEncoder(self.config), ConvDecoder(self.config)
         self.quantizer, self.quantizer_spec = None, None

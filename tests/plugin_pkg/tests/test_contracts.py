@@ -1,12 +1,11 @@
 """The example package's own tests: stvq's contracts, subclassed as any third-party package would."""
 
 import stvq
-from stvq.config import make_config
 from stvq.testing import CodeTokenizerContract, EncoderDecoderContract, QuantizerContract
 from stvq_plugin_example import SignQuantizer
-from stvq_plugin_example.tokenizer import ConvDecoder, ConvEncoder
+from stvq_plugin_example.tokenizer import ConvConfig, ConvDecoder, ConvEncoder
 
-SMALL = make_config("tiny", width=8)
+SMALL = ConvConfig.make("tiny", width=8)
 
 
 class TestSignQuantizer(QuantizerContract):
