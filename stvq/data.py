@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
 from stvq.errors import StvqError
-from stvq.interfaces import ImageDataset, ImageStream
+from stvq.interfaces import FactorDataset, ImageDataset, ImageStream
 
 # Eight well-separated colours shared by the background and the object.
 PALETTE = np.array(
@@ -63,7 +63,7 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     return (v <= r / 2) & (math.sqrt(3) * u - v <= r) & (-math.sqrt(3) * u - v <= r)  # image v points down
 
 
-class ShapesDataset(ImageDataset):
+class ShapesDataset(FactorDataset):
     """Procedural RGB images of one object on a plain background, deterministic from (seed, split, index).
 
     Factors (see :data:`FACTORS`): background colour, object shape, object colour, size, position (x, y),
@@ -72,6 +72,7 @@ class ShapesDataset(ImageDataset):
     """
 
     endless = True  # a pass over it names a count (--max-images)
+    factor_classes = FACTORS
 
     def __init__(self, image_size: int = 64, split: str = "train", seed: int = 0, length: int = 1_000_000, noise: float = 0.02) -> None:
         if split not in SPLITS:
@@ -133,6 +134,15 @@ class ShapesDataset(ImageDataset):
         """Factors of the first ``count`` items as arrays, for probes."""
         rows = [self.factors(i) for i in range(count or len(self))]
         return {name: np.array([row[name] for row in rows]) for name in FACTORS}
+
+    def recogniser(self):
+        """The factor recogniser (:func:`stvq.judge.recogniser`: trained once, then cached)."""
+        from stvq.judge import recogniser
+
+        return recogniser(self.image_size)[0]
+
+    def heldout_scenes(self) -> DrawnScenes:
+        return DrawnScenes(self.image_size, self.seed)
 
 
 class DrawnScenes(Dataset):

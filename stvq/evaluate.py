@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from stvq.checkpoint import write_json
-from stvq.data import FACTORS, DrawnScenes, ShapesDataset, first_images, make_dataset
+from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, gather_rows, is_main, slice_of
 from stvq.errors import StvqError
+from stvq.interfaces import FactorDataset
 from stvq.losses import features, masked_psnr, mean_image_psnr, psnr
 
 
@@ -150,23 +151,25 @@ def _probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
     return _fit_score(xtr, ytr, xte, yte, classes, lam)
 
 
-def probe_scores(train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray]) -> dict[str, Any]:
+def probe_scores(
+    train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray], classes: dict[str, int],
+) -> dict[str, Any]:
     """How well each factor can be read from each token alone, by a linear probe on that token's code,
     and from the first n tokens together (``cumulative``: a factor spread over several tokens is found).
 
     Scores are clipped to [0, 1] (0 = chance, 1 = perfect); rows = factors (global to local), columns =
     token positions (``scores``) or n - 1 tokens known (``cumulative``).
     """
-    names = [f for f in FACTORS if f in train_factors]
+    names = [f for f in classes if f in train_factors]
     n = train_codes.shape[1]
     scores, cumulative = np.zeros((len(names), n)), np.zeros((len(names), n))
     for i, name in enumerate(names):
         ytr, yte = train_factors[name], test_factors[name]
         for j in range(n):
-            scores[i, j] = _probe_score(train_codes[:, j], ytr, test_codes[:, j], yte, FACTORS[name])
+            scores[i, j] = _probe_score(train_codes[:, j], ytr, test_codes[:, j], yte, classes[name])
         cumulative[i, 0] = scores[i, 0]  # the first token alone: the same probe
         for j in range(1, n):
-            cumulative[i, j] = _probe_score(train_codes[:, : j + 1].reshape(len(ytr), -1), ytr, test_codes[:, : j + 1].reshape(len(yte), -1), yte, FACTORS[name])
+            cumulative[i, j] = _probe_score(train_codes[:, : j + 1].reshape(len(ytr), -1), ytr, test_codes[:, : j + 1].reshape(len(yte), -1), yte, classes[name])
     scores, cumulative = scores.clip(0, 1), cumulative.clip(0, 1)
     return {"factors": names, "scores": scores.tolist(), "cumulative": cumulative.tolist(), **ordering_score(scores)}
 
@@ -258,9 +261,11 @@ def evaluate(
     seed: int = 0, name: str = "model", num_workers: int = 0, recognise: bool = True,
 ) -> dict[str, Any]:
     """Everything SPEC section 6 asks for, written to ``out`` (eval.json, prefix_curve.png and, on
-    shapes, factor_probe.png); returns the results. ``num_workers`` DataLoader workers read the images.
-    On shapes, ``recognise`` also reads originals and reconstructions with the factor recogniser
-    (:mod:`stvq.judge`; trained once, about 6 CPU-minutes, then cached)."""
+    data with known factors, factor_probe.png); returns the results. ``num_workers`` DataLoader workers
+    read the images. On a :class:`stvq.interfaces.FactorDataset` (``shapes``) the codes are probed for its
+    factors, ``recognise`` reads originals and reconstructions with its recogniser (shapes': the factor
+    recogniser of :mod:`stvq.judge`, trained once, about 6 CPU-minutes, then cached), and its held-out
+    scenes are reconstructed."""
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
@@ -283,27 +288,29 @@ def evaluate(
     result["prefix"]["fill"] = "per-position mean code over the evaluated images"
     if is_main():  # under torchrun the ranks share the encoding and decoding; rank 0 writes
         plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
-    if data == "shapes":
-        train_ds, val_ds = ShapesDataset(size, "train", seed), ShapesDataset(size, "val", seed)
+    if isinstance(val, FactorDataset):  # what the data declares decides what is measured
+        train_ds = make_dataset(data, size, "train", seed)
         train_imgs = first_images(train_ds, probe_images, num_workers)
         train_codes = in_batches(model.encode_codes, train_imgs, device=device_of(model)).numpy()
-        probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), val_ds.factor_table(count))
+        truth = val.factor_table(count)
+        probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), truth, val.factor_classes)
         result["probe"] = probe
         if is_main():
             plot_probe(probe, out / "factor_probe.png", name)
-        if recognise:
-            from stvq.judge import reading_accuracy, recogniser
+        reader = val.recogniser() if recognise else None
+        if reader is not None:
+            from stvq.judge import reading_accuracy
 
-            reader, _ = recogniser(size)
-            truth = val_ds.factor_table(count)
             result["recognised"] = {"originals": reading_accuracy(reader, originals, truth), "reconstructions": reading_accuracy(reader, recon.clamp(-1, 1), truth)}
-        scenes = [DrawnScenes(size, seed)[i] for i in range(count)]
-        drawn, masks = torch.stack([image for image, _ in scenes]), torch.stack([mask for _, mask in scenes])
-        drawn_recon = reconstruct(model, drawn)[3].clamp(-1, 1)
-        result["heldout"] = {
-            "generator": "DrawnScenes: one object drawn by PIL's ImageDraw", "images": count,
-            "psnr": psnr(drawn_recon, drawn).mean().item(), "object_psnr": masked_psnr(drawn_recon, drawn, masks).mean().item(),
-        }
+        heldout = val.heldout_scenes()
+        if heldout is not None:
+            scenes = [heldout[i] for i in range(min(count, len(heldout)))]
+            drawn, masks = torch.stack([image for image, _ in scenes]), torch.stack([mask for _, mask in scenes])
+            drawn_recon = reconstruct(model, drawn)[3].clamp(-1, 1)
+            result["heldout"] = {
+                "generator": type(heldout).__name__, "images": len(scenes),
+                "psnr": psnr(drawn_recon, drawn).mean().item(), "object_psnr": masked_psnr(drawn_recon, drawn, masks).mean().item(),
+            }
     if is_main():
         write_json(out / "eval.json", result)
     return result

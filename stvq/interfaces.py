@@ -213,6 +213,30 @@ class ImageDataset(Dataset, ABC):
         to resume into shards of other images."""
 
 
+class FactorDataset(ImageDataset):
+    """Images with known generating factors (the built-in ``shapes``): ``stvq eval`` probes the codes for
+    each factor and, where the data has them, reads the reconstructions with a recogniser and measures
+    held-out scenes of another generator; ``--train recognise=true`` logs the reading while training. What
+    a data set declares here, not its name, decides what is measured."""
+
+    #: Factor name -> number of classes (0: a continuous factor), ordered from global to local.
+    factor_classes: dict[str, int]
+
+    @abstractmethod
+    def factor_table(self, count: int | None = None) -> dict[str, Any]:
+        """The factors of the first ``count`` items (all by default): name -> array (count,)."""
+
+    def recogniser(self) -> nn.Module | None:
+        """A model that reads the factors back from images (as :func:`stvq.judge.reading_accuracy` takes
+        it), or None where the data has none."""
+        return None
+
+    def heldout_scenes(self) -> Dataset | None:
+        """Items (image, object mask (1, S, S) bool) of the same kind of scene drawn by another generator,
+        for the object-pixel PSNR of ``stvq eval``; None where the data has none."""
+        return None
+
+
 class ImageStream(IterableDataset, ABC):
     """Images read in order, piece by piece (the tar shards of a webdataset), not by index: what a
     ``dataset`` plugin returns for a source that cannot be indexed. :mod:`stvq.streams` splits the pieces

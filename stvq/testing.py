@@ -9,6 +9,7 @@ method; stvq's own suite runs each for every registered plugin of the kind (test
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -336,6 +337,25 @@ class DatasetContract:
         tail = list(islice(train.read(piece, skip=2), 2))
         assert [(m, k) for m, k, _ in tail] == [(m, k) for m, k, _ in whole[2:]]
         assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(tail, whole[2:]))
+
+    def test_declared_factors_are_a_table_per_image(self):
+        """A :class:`FactorDataset` (what ``stvq eval`` probes): one value per image for every declared
+        factor, class ids within the declared count; held-out scenes, where it has them, as (image, mask)."""
+        from stvq.interfaces import FactorDataset
+
+        val = self.make_dataset("val", self.image_size)
+        if not isinstance(val, FactorDataset):
+            return
+        table = val.factor_table(5)
+        assert list(table) == list(val.factor_classes) and all(len(np.asarray(v)) == 5 for v in table.values())
+        for name, classes in val.factor_classes.items():
+            if classes:
+                assert set(np.asarray(table[name]).tolist()) <= set(range(classes)), name
+        scenes = val.heldout_scenes()
+        if scenes is not None:
+            image, mask = scenes[0]
+            self.check(image, self.image_size)
+            assert mask.shape == (1, self.image_size, self.image_size) and mask.dtype == torch.bool
 
 
 class DiscriminatorContract:

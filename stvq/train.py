@@ -23,11 +23,11 @@ from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig
-from stvq.data import ShapesDataset, first_images, is_stream, make_dataset, save_image_grid
+from stvq.data import first_images, is_stream, make_dataset, save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.flops import count_flops, device_peak, mfu
-from stvq.interfaces import CodeTokenizer, Decoder, Discriminator
+from stvq.interfaces import CodeTokenizer, Decoder, Discriminator, FactorDataset
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
@@ -568,11 +568,10 @@ class Trainer(BaseTrainer):
         val = make_dataset(cfg.data, image_size, "val", cfg.seed)
         self.reader = None
         if cfg.recognise:
-            if not isinstance(val, ShapesDataset):
-                raise StvqError(f"--train recognise=true reads the factors of shapes images; --data {cfg.data} has no known factors")
-            from stvq.judge import recogniser
-
-            self.reader, self.val_factors = recogniser(image_size)[0], val.factor_table(VAL_IMAGES)
+            self.reader = val.recogniser() if isinstance(val, FactorDataset) else None
+            if self.reader is None:
+                raise StvqError(f"--train recognise=true reads the factors of the images back; --data {cfg.data} has no known factors and no recogniser (shapes has both)")
+            self.val_factors = val.factor_table(VAL_IMAGES)
         return model, dataset, first_images(val, VAL_IMAGES).to(self.device)
 
     def prepare(self, model: CodeTokenizer, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:

@@ -86,7 +86,7 @@ def synthetic_codes(n, rng):
 def test_probe_finds_a_planted_factor_where_it_is_and_nowhere_else():
     rng = np.random.default_rng(0)
     (train, ftrain), (test, ftest) = synthetic_codes(2000, rng), synthetic_codes(500, rng)
-    probe = probe_scores(train, ftrain, test, ftest)
+    probe = probe_scores(train, ftrain, test, ftest, FACTORS)
     scores = np.array(probe["scores"])
     shape, x = probe["factors"].index("shape"), probe["factors"].index("x")
     assert scores[shape].argmax() == 2 and scores[shape, 2] > 0.9
@@ -108,7 +108,7 @@ def test_cumulative_probe_finds_a_factor_split_over_two_tokens():
         return codes, factors
 
     (train, ftrain), (test, ftest) = split_codes(2000), split_codes(500)
-    probe = probe_scores(train, ftrain, test, ftest)
+    probe = probe_scores(train, ftrain, test, ftest, FACTORS)
     x = probe["factors"].index("x")
     alone, together = np.array(probe["scores"])[x], np.array(probe["cumulative"])[x]
     assert alone.max() < 0.05

@@ -433,7 +433,7 @@ def test_validation_reads_reconstructions_with_the_recogniser(tmp_path, runner):
     assert all(0 <= m["val_shape_accuracy"] <= 1 and m["val_x_mae"] >= 0 for m in evaluated)
     assert "val_shape_accuracy" in json.loads((run / "summary.json").read_text())
     result = runner.invoke(main, ["train", "--data", "photos", "--train", "recognise=true", "--run-dir", str(tmp_path / "f")])
-    assert result.exit_code == 1 and "reads the factors of shapes images; --data photos has no known factors" in result.stderr
+    assert result.exit_code == 1 and "reads the factors of the images back; --data photos has no known factors and no recogniser (shapes has both)" in result.stderr
 
 
 README_TEXT = (Path(__file__).parents[1] / "README.md").read_text()
