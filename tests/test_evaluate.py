@@ -3,6 +3,7 @@ planted factor, the offline perceptual network, and `stvq eval` end to end."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,3 +173,22 @@ def test_eval_errors(runner, tmp_path):
     assert "name a run to evaluate" in runner.invoke(main, ["eval"]).stderr
     assert "--compare needs at least two runs" in runner.invoke(main, ["eval", "--compare", str(tmp_path)]).stderr
     assert "is not a directory" in runner.invoke(main, ["eval", str(tmp_path / "nope")]).stderr
+
+
+@pytest.mark.slow
+def test_the_comparison_benchmark_rebuilds_its_table_from_nothing(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from compare import main as compare
+
+    out = tmp_path / "cmp"
+    args = ["--out", str(out), "--tokenizers", "styled,titok", "--steps", "4", "--k", "8", "--quantize-images", "32", "--images", "8", "--oracle-steps", "2"]
+    report = compare(args)
+    table = (out / "compare.md").read_text()
+    assert table.startswith("| measure | styled | titok |") and "| quantized: PSNR (dB) |" in table and "decoder oracle, 2 steps" in table
+    assert "Rebuilt in" in table and report["wall_seconds"] > 0 and set(report["oracle"]) == {"styled", "titok"}
+    assert json.loads((out / "compare.json").read_text())["eval"]["titok"]["quantized"] is True
+    assert set(report["seconds"]["styled"]) == {"train", "quantize"}
+    again = compare(args)  # finished runs are reused, not trained again
+    assert again["seconds"]["styled"] == {} and (out / "eval" / "prefix_compare.png").is_file()
