@@ -2,8 +2,8 @@
 FLOPs per second of the device it trains on, for model FLOPs utilisation (MFU) in training logs.
 
 Counting runs the model's forward (and backward) on meta tensors in place of its weights: nothing is
-computed or allocated, no random number generator advances, and the model itself is not touched, so a
-run's exact resume is unaffected. The count is the matrix products and convolutions torch's counter
+computed or allocated, no random number generator advances, and the model's weights and gradients are
+not touched (its forward hooks do see a pass on the meta device), so a run's exact resume is unaffected. The count is the matrix products and convolutions torch's counter
 knows (attention included); normalisations and activations are not counted, as is usual for MFU.
 """
 
@@ -82,13 +82,14 @@ def device_peak(device: torch.device, bf16: bool) -> tuple[float, str]:
 
 def cpu_peak(threads: int, bf16: bool = False, cpuinfo: str | None = None) -> tuple[float, str]:
     """An estimate of a CPU's peak FLOP/s over ``threads`` cores: cores x clock x FLOPs per cycle, the
-    last from the vector flags (AVX-512: 2 FMA units x 16 fp32 lanes x 2 = 64; AVX2 with FMA: 32; else
+    last from the vector flags (AVX-512: taken as 2 FMA units x 16 fp32 lanes x 2 = 64; AVX2 with FMA: 32; else
     8; bf16 doubles it with AVX512_BF16 and takes AMX's 1024 where the CPU has AMX). ``cpuinfo`` is the
     text of /proc/cpuinfo (read when not given; without it the clock is taken as 2 GHz)."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.is_file() else ""
-    flags = set(re.search(r"^flags\s*:(.*)$", cpuinfo, re.M).group(1).split()) if re.search(r"^flags\s*:", cpuinfo, re.M) else set()
+    listed = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    flags = set(listed.group(1).split()) if listed else set()
     clock = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
     ghz = float(clock.group(1)) / 1000 if clock else 2.0
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from dataclasses import replace
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 

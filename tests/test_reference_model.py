@@ -35,6 +35,8 @@ def expected_parameters(cfg: StyledConfig) -> int:
         "linear": d * patch + 3,
         "conv": unpatchify + (k * k * 9 + k) + (k * 3 * 9 + 3),
         "pixel": unpatchify + (d * k + k) + (k * k * 9 + k) + (k * 2 * k + 2 * k) + (2 * k * 3 + 3),  # smooth, mix, MLP
+        # smooth, mix, the coordinates' layer (x, y and 4 octaves of sin, cos: 18 channels), two FiLMs, hidden, out
+        "film": unpatchify + (d * k + k) + (k * k * 9 + k) + (18 * 2 * k + 2 * k) + 2 * (k * 4 * k + 4 * k) + (2 * k * 2 * k + 2 * k) + (2 * k * 3 + 3),
     }[cfg.head]
     decoder = c * d + d + n * d + p * d + cfg.condition_layers * condition + cfg.plain_layers * vit + ln + out
     return encoder + decoder
@@ -239,7 +241,8 @@ def test_bad_config_values_are_clear_errors(overrides, message):
 
 
 @pytest.mark.parametrize(
-    "options", [{"qk_norm": True}, {"head_channels": 16}, {"qk_norm": True, "head_channels": 8, "patch_size": 16}, {"head": "pixel", "head_channels": 8}, {"head": "linear"}]
+    "options", [{"qk_norm": True}, {"head_channels": 16}, {"qk_norm": True, "head_channels": 8, "patch_size": 16}, {"head": "pixel", "head_channels": 8}, {"head": "film", "head_channels": 8},
+                {"head": "linear"}]
 )
 def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options):
     cfg = make_config(preset="tiny", **options)
@@ -422,3 +425,15 @@ def test_the_core_holds_no_field_of_a_plugins_model():
     assert "condition_layers" not in source and "head_channels" not in source
     with pytest.raises(AttributeError):
         stvq.config.PRESETS
+
+
+def test_the_film_head_reads_the_coordinates_and_ends_in_its_own_last_layer():
+    from stvq_reference.heads import coordinate_features
+
+    coords = coordinate_features(8, 2)
+    assert coords.shape == (1, 10, 8, 8) and torch.allclose(coords[0, 0, 3], (torch.arange(8) + 0.5) / 4 - 1)  # x along a row
+    assert torch.allclose(coords[0, 3], torch.cos(torch.pi * coords[0, 0])) and torch.allclose(coords[0, 9], torch.cos(2 * torch.pi * coords[0, 1]))
+    decoder = stvq.create("decoder", "styled", preset="tiny", head="film")
+    assert decoder.last_layer() is decoder.out_head.out.weight  # the adaptive weight reads the RGB layer
+    codes = torch.randn(2, 36, 16)
+    assert decoder(codes).shape == (2, 3, 64, 64)

@@ -35,8 +35,9 @@ class StyledConfig(PluginConfig):
     qk_norm: bool = False  # LayerNorm on queries and keys in every attention (a stabiliser for higher learning rates)
     # What follows out_conv: "linear" (none: out_conv un-patchifies straight to RGB, the SPEC's structure),
     # "conv" (out_conv to head_channels C, then two 3x3 convs) or "pixel" (to C channels, plus the token grid
-    # upsampled bilinearly, a 3x3 conv and a per-pixel MLP: no patch seams). head_channels > 0 with "linear"
-    # is the earlier spelling of "conv".
+    # upsampled bilinearly, a 3x3 conv and a per-pixel MLP: no patch seams) or "film" (the pixel head with a
+    # coordinate MLP FiLM-modulated by the pixel's features). head_channels > 0 with "linear" is the earlier
+    # spelling of "conv".
     head: str = "linear"
     head_channels: int = 0
     zero_init: bool = False  # decoder blocks start as the identity (adaLN-Zero style)
