@@ -190,5 +190,4 @@ def test_the_comparison_benchmark_rebuilds_its_table_from_nothing(tmp_path, caps
     assert "Rebuilt in" in table and report["wall_seconds"] > 0 and set(report["oracle"]) == {"styled", "titok"}
     assert json.loads((out / "compare.json").read_text())["eval"]["titok"]["quantized"] is True
     assert set(report["seconds"]["styled"]) == {"train", "quantize"}
-    again = compare(args[:-1] + ["0"])  # finished runs are reused, not trained again (and no oracle this time)
-    assert again["seconds"]["styled"] == {} and again["oracle"] == {} and (out / "eval" / "prefix_compare.png").is_file()
+    assert (out / "eval" / "prefix_compare.png").is_file()
