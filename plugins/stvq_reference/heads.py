@@ -42,17 +42,20 @@ class PixelHead(nn.Module):
         self.mix = nn.Conv2d(channels, channels, 3, padding=1)
         self.mlp = nn.Sequential(nn.GELU(), nn.Conv2d(channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 3, 1))
 
+    def features(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """pixels (B, C, H, W) from out_conv; grid (B, D, h, w) the tokens -> each pixel's C features."""
+        x = pixels + F.interpolate(self.smooth(grid), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+        return x + self.mix(F.gelu(x))
+
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, H, W) from out_conv; grid (B, D, h, w) the tokens -> images (B, 3, H, W)."""
-        smooth = F.interpolate(self.smooth(grid), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        x = pixels + smooth
-        return self.mlp(x + self.mix(F.gelu(x)))
+        return self.mlp(self.features(pixels, grid))
 
 
-def coordinate_features(size: int, frequencies: int, device=None) -> torch.Tensor:
+def coordinate_features(size: int, frequencies: int) -> torch.Tensor:
     """(1, 2 + 4F, size, size): each pixel's centre (x, y) in [-1, 1] and sin, cos of 2^k pi x and y for
     k < F (Fourier features, against the spectral bias of a coordinate MLP)."""
-    line = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
+    line = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
     ys, xs = torch.meshgrid(line, line, indexing="ij")
     out = [xs, ys]
     for k in range(frequencies):
@@ -60,17 +63,16 @@ def coordinate_features(size: int, frequencies: int, device=None) -> torch.Tenso
     return torch.stack(out)[None]
 
 
-class FiLMHead(nn.Module):
+class FiLMHead(PixelHead):
     """The pixel head whose per-pixel MLP reads the pixel's coordinates, modulated by its features (the
     ``film`` head; CIPS and LIIF draw pixels so). A rotated square is |cos a dx + sin a dy| <= r: products
     of what the tokens say (angle, centre, size) with where the pixel is, which one FiLM layer computes
     exactly and an unmodulated MLP of the features must approximate."""
 
     def __init__(self, width: int, channels: int, image_size: int, frequencies: int = 4) -> None:
-        super().__init__()
+        super().__init__(width, channels)
+        del self.mlp  # the pixel head's features stay; the FiLM layers below replace its MLP
         hidden = 2 * channels
-        self.smooth = nn.Conv2d(width, channels, 1)  # as the pixel head's: features continuous across patches
-        self.mix = nn.Conv2d(channels, channels, 3, padding=1)
         self.register_buffer("coords", coordinate_features(image_size, frequencies), persistent=False)
         self.coord = nn.Conv2d(self.coords.shape[1], hidden, 1)
         self.film_1 = nn.Conv2d(channels, 2 * hidden, 1)
@@ -79,8 +81,7 @@ class FiLMHead(nn.Module):
         self.out = nn.Conv2d(hidden, 3, 1)  # registered last: the decoder's last layer (adaptive weight)
 
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        x = pixels + F.interpolate(self.smooth(grid), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        x = x + self.mix(F.gelu(x))  # (B, C, H, W): the pixel's features
+        x = self.features(pixels, grid)  # (B, C, H, W)
         scale, shift = self.film_1(x).chunk(2, dim=1)
         h = F.gelu(self.coord(self.coords) * (1 + scale) + shift)
         scale, shift = self.film_2(x).chunk(2, dim=1)
