@@ -106,16 +106,32 @@ def test_every_stvq_command_readme_documents_parses_with_its_flags_and_values():
                 assert (root / word.split("::")[0]).is_file(), (line, word)
 
 
-@pytest.mark.parametrize("args,code", [(["plugins"], 0), (["info", "--preset", "huge"], 1)])
+@pytest.mark.parametrize("args,code", [(["plugins"], 0), (["info", "--preset", "huge"], 1), (["out-of-range"], 2), (["unreadable"], 1)])
 def test_a_command_destroys_the_process_group_it_ran_under(tmp_path, runner, args, code):
     """A process left with gloo's threads aborts at exit (SIGABRT, a failed torchrun); every command that
-    ends, with its result or with one line, destroys the group first."""
+    ends, with its result or with one line (a usage error and an OS error included), destroys the group first."""
+    import click
     import torch.distributed as dist
 
+    from stvq.errors import OptionRangeError
+
+    @click.command("out-of-range")
+    def out_of_range():
+        raise OptionRangeError("--keep 37 is more than the 36 ids")
+
+    @click.command("unreadable")
+    def unreadable():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+
+    for command in (out_of_range, unreadable):
+        main.add_command(command)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        assert runner.invoke(main, args).exit_code == code
+        result = runner.invoke(main, args)
+        assert result.exit_code == code, result.output
         assert not dist.is_initialized()
     finally:
+        for command in (out_of_range, unreadable):
+            main.commands.pop(command.name)
         if dist.is_initialized():
             dist.destroy_process_group()

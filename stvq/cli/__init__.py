@@ -31,16 +31,21 @@ class StvqGroup(click.Group):
 
         try:
             result = super().invoke(ctx)
-            shutdown_distributed()  # under torchrun: on success, and below on errors every rank raises alike
-            return result
-        except OptionRangeError as err:
-            raise click.UsageError(str(err)) from None  # exit status 2, one line
-        except StvqError as err:
-            shutdown_distributed()
-            raise click.ClickException(str(err)) from None
-        except OSError as err:
-            shutdown_distributed()
-            raise click.ClickException(f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)) from None
+        except (StvqError, OSError) as err:
+            shutdown_distributed()  # under torchrun every rank raises alike (stvq.distributed.raise_on_any)
+            raise _one_line(err) from None
+        shutdown_distributed()
+        return result
+
+
+def _one_line(err: StvqError | OSError) -> click.ClickException:
+    """Our error as click's: a range known only after loading is a usage error (exit status 2), any other
+    exit status 1; an OS error names its file."""
+    if isinstance(err, OptionRangeError):
+        return click.UsageError(str(err))
+    if isinstance(err, OSError):
+        return click.ClickException(f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err))
+    return click.ClickException(str(err))
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
