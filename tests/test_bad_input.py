@@ -5,7 +5,9 @@ import io
 import json
 import pickle
 import shutil
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -57,6 +59,10 @@ def files(tmp_path_factory):
     (root / "garbage.tar").write_bytes(b"not a tar file" * 50)
     (root / "tagged.yaml").write_text(text.replace("ddconfig:", "evil: !!python/object/apply:os.system ['touch planted']\n    ddconfig:", 1))
     torch.save({"state_dict": {"encoder.conv_in.weight": 5}}, root / "int_state.ckpt")
+    Image.new("RGB", (64, 64), "red").save(root / "red.png")
+    (root / "truncated.png").write_bytes((root / "red.png").read_bytes()[:60])
+    chunks = [b"IHDR" + struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0), b"IDAT", b"IEND"]  # 30000 x 30000 RGB pixels, claimed
+    (root / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(struct.pack(">I", len(c) - 4) + c + struct.pack(">I", zlib.crc32(c)) for c in chunks))
     (root / "torn_ids").mkdir()
     (root / "torn_ids" / "manifest.json").write_text('{"num_images": 4, "num_sh')
     (root / "list_ids").mkdir()
@@ -123,6 +129,8 @@ CASES = [
     ("decode --tokenizer {root}/int64_weights {root}/uint8.npy -o {root}/out", 1, "dtype mismatch: decoder.out_conv.weight: checkpoint torch.int64 vs model torch.float32"),
     ("decode --tokenizer {root}/tok {root}/huge_header.npy -o {root}/out", 1, "is not a NumPy .npy array of ids (mmap length is greater than file size)"),
     ("encode --tokenizer {root}/tok {root}/text.npy -o {root}/e.npy", 1, "cannot read the image {root}/text.npy: UnidentifiedImageError: cannot identify image file"),
+    ("encode --tokenizer {root}/tok {root}/truncated.png -o {root}/e.npy", 1, "cannot read the image {root}/truncated.png: "),
+    ("encode --tokenizer {root}/tok {root}/bomb.png -o {root}/e.npy", 1, "cannot read the image {root}/bomb.png: DecompressionBombError: Image size (900000000 pixels)"),
     ("tokenize --tokenizer {root}/tok --data wds:{root}/garbage.tar -o {root}/z", 1, "read no image from the data"),
     ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/torn_ids", 1, "torn_ids/manifest.json is not valid JSON"),
     ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/list_ids", 1, "list_ids/manifest.json holds a JSON array, not the object stvq writes"),

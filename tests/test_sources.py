@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -198,19 +199,26 @@ def test_quantize_samples_a_streams_first_images_whatever_the_workers(tmp_path):
     assert len(encode_dataset(model, stream, 1000, batch_size=4, progress=False)) == 29  # the whole stream, one member unreadable
 
 
-def test_bad_stream_input_is_one_line(tmp_path, runner):
+def test_bad_stream_input_is_one_line(tmp_path, runner, capfd):
     spec = write_shards(tmp_path / "w", shards=2, per_shard=4)
     cases = [
         (["train", "--data", f"wds:{tmp_path}/none-{{0..3}}.tar", "--steps", "1"], "no shard file"),
         (["train", "--data", spec, "--num-workers", "3", "--steps", "1", "--run", str(tmp_path / "r")], "too few for 1 process(es) x 3 reader(s)"),
         (["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", spec, "--max-images", "3", "-o", str(tmp_path / "o")], "is a stream and is tokenized whole"),
         (["train", "--data", f"hf:{tmp_path}/missing", "--steps", "1"], "does not exist"),
+        (["train", "--data", f"wds:{tmp_path}/w/train-{{000..002}}.tar", "--steps", "1"], "train-002.tar, the last shard of wds:"),
+        (["train", "--data", f"hf:{tmp_path}/pq", "--steps", "1"], "cannot load it as a Hugging Face dataset (ArrowInvalid: Parquet magic bytes not found"),
     ]
+    with tarfile.open(tmp_path / "w" / "train-002.tar", "w"):
+        pass  # an empty last shard: no validation images
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "train-0.parquet").write_bytes(bytes(range(256)) * 20)  # datasets logs this one before it raises
     stvq.create("tokenizer", "styled", config=make_config("tiny", **SMALL), quantizer={"name": "fsq", "levels": [4, 4, 4]}).save_pretrained(tmp_path / "tok")
     for args, message in cases:
         result = runner.invoke(main, args)
         assert result.exit_code != 0 and message in result.stderr, (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert capfd.readouterr().err == ""  # nor a library's log line past click's streams
 
 
 # ------------------------------------------------------------------------------------- Hugging Face

@@ -91,6 +91,9 @@ class WebDatasetSource(ImageStream):
                 images.append(image)
             if len(images) == VAL_IMAGES:
                 break
+        if not images:
+            raise StvqError(f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image; validation reads its first "
+                            f"{VAL_IMAGES} images: end the pattern at a shard that holds images")
         return ImageList(images, f"the first {len(images)} images of {self.urls[-1]}")
 
 
@@ -128,7 +131,7 @@ class ImageList(ImageDataset):
 
     def __init__(self, images: list[torch.Tensor], source: str) -> None:
         if not images:
-            raise StvqError(f"no readable image for the validation split in {source}")
+            raise StvqError(f"no image in {source}")
         self.images, self.source = images, source
 
     def fingerprint(self) -> str:
@@ -214,7 +217,10 @@ def _load_hf(path: Path) -> dict:
         raise StvqError("--data hf:... reads Hugging Face datasets with the datasets package: pip install 'stvq[data]'") from None
     online, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
     datasets.disable_progress_bars()
-    datasets.utils.logging.set_verbosity_error()  # its log lines would come before our one line
+    # Its log lines (errors included: a damaged parquet file is logged, then raised) would come before our
+    # one line, which carries the error's own message.
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL + 1)
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
@@ -226,6 +232,7 @@ def _load_hf(path: Path) -> dict:
         raise StvqError(f"hf:{path}: cannot load it as a Hugging Face dataset ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     finally:
         datasets.config.HF_HUB_OFFLINE = online
+        datasets.utils.logging.set_verbosity(verbosity)
         for key, value in saved.items():
             if value is None:
                 del os.environ[key]
