@@ -14,7 +14,8 @@ import argparse
 import torch
 from torchvision.transforms.functional import gaussian_blur
 
-from stvq.data import ShapesDataset, first_images
+from stvq.data import first_images
+from stvq_reference.shapes import ShapesDataset
 from stvq.judge import reading_accuracy, recogniser
 from stvq.losses import psnr
 

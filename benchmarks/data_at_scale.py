@@ -5,7 +5,7 @@ images/s on a wds: stream against the same images in a folder.
     python benchmarks/data_at_scale.py [--images 2000] [--out /tmp/stvq-data-bench]
 
 The images are 512 x 512 JPEGs (quality 90) cut from the photos scikit-image ships (random crops and
-flips, :class:`stvq.data.PhotosDataset`), written once as a folder and as webdataset shards of 100.
+flips, :class:`stvq_reference.folders.PhotosDataset`), written once as a folder and as webdataset shards of 100.
 Run it alone: two torch jobs on 2 cores slow each other many times over.
 """
 
@@ -25,7 +25,9 @@ from PIL import Image
 
 import stvq
 from stvq.compose import tokenize_dataset
-from stvq.data import PhotosDataset, make_dataset, to_uint8
+from stvq.data import make_dataset
+from stvq.images import to_uint8
+from stvq_reference.folders import PhotosDataset
 from stvq.prior import TokenShards
 
 
@@ -56,7 +58,7 @@ def todays_loop_rate(tokenizer, folder: Path) -> float:
     the main process, with that version's image reading (EXIF transpose and RGB conversion as copies)."""
     from PIL import ImageOps
 
-    from stvq.data import from_pil
+    from stvq.images import from_pil
 
     def load(path: Path) -> torch.Tensor:
         with Image.open(path) as img:

@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader, Subset
 
 import stvq
 from stvq.config import TrainConfig
-from stvq.data import PhotosDataset, make_dataset, to_uint8
+from stvq.data import make_dataset
+from stvq.images import to_uint8
+from stvq_reference.folders import PhotosDataset
 from stvq.flops import count_flops, device_peak
 from stvq.train import make_optimizer, update
 

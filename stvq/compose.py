@@ -11,7 +11,8 @@ import torch
 from rich.progress import Progress
 
 from stvq.checkpoint import load_tokenizer, ranks_lock, read_json, save_npy, weights_fingerprint, write_json
-from stvq.data import codec_message, is_stream
+from stvq.data import is_stream
+from stvq.images import codec_message
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
 from stvq.registry import create, plugin_table
@@ -53,7 +54,7 @@ def compose(spec: str, parts: dict[str, dict[str, Any]], composer: str = "concat
 
 def read_images(paths: list[str], image_size: int) -> torch.Tensor:
     """Image files -> (B, 3, image_size, image_size) in [-1, 1], in the order given."""
-    from stvq.data import load_image
+    from stvq.images import load_image
 
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
@@ -88,7 +89,7 @@ def write_pngs(images: torch.Tensor, out: str | Path) -> Path:
     """(B, 3, H, W) in [-1, 1] -> out/000000.png, 000001.png, ..."""
     from PIL import Image
 
-    from stvq.data import to_uint8
+    from stvq.images import to_uint8
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

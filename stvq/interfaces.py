@@ -236,6 +236,11 @@ class FactorDataset(ImageDataset):
         for the object-pixel PSNR of ``stvq eval``; None where the data has none."""
         return None
 
+    def factor_vector(self, index: int) -> torch.Tensor | None:
+        """Item ``index``'s factors as one float vector (one-hots, values), what the decoder oracle
+        (:mod:`stvq.oracle`) maps to codes in place of an encoder; None where the data has none."""
+        return None
+
 
 class ImageStream(IterableDataset, ABC):
     """Images read in order, piece by piece (the tar shards of a webdataset), not by index: what a

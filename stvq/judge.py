@@ -18,9 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from stvq.checkpoint import load_tensors, save_tensors
-from stvq.data import FACTORS, ShapesDataset, first_images
+from stvq.data import first_images, make_dataset
+from stvq.errors import StvqError
+from stvq.interfaces import FactorDataset
 
-CLASSES = {name: n for name, n in FACTORS.items() if n}  # background, shape, color, texture
+#: The data set the recogniser learns to read, through the registry.
+DATA = "shapes"
+#: What it reads (its heads): the class factors with their class counts, and the regressed ones. Checked
+#: against what the data set declares (``factor_classes``) before it trains.
+CLASSES = {"background": 8, "shape": 5, "color": 8, "texture": 3}
 REGRESSED = ("size", "x", "y")
 #: Survival tolerances for the regressed factors (about a tenth of their range).
 TOLERANCE = {"size": 0.03, "x": 0.1, "y": 0.1}
@@ -62,7 +68,16 @@ class FactorRecogniser(nn.Module):
         return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _factor_targets(data: ShapesDataset, count: int) -> dict[str, torch.Tensor]:
+def factor_data(image_size: int, split: str, seed: int = 0) -> FactorDataset:
+    """:data:`DATA` at ``image_size``, refused in one line unless it declares the factors the recogniser reads."""
+    data = make_dataset(DATA, image_size, split, seed)
+    declared = getattr(data, "factor_classes", {})
+    if not isinstance(data, FactorDataset) or {n: declared.get(n) for n in CLASSES} != CLASSES or not set(REGRESSED) <= set(declared):
+        raise StvqError(f"the factor recogniser reads {', '.join([*CLASSES, *REGRESSED])}; --data {DATA} declares {dict(declared) or 'no factors'}")
+    return data
+
+
+def _factor_targets(data: FactorDataset, count: int) -> dict[str, torch.Tensor]:
     table = data.factor_table(count)
     return {name: torch.as_tensor(table[name], dtype=torch.long if name in CLASSES else torch.float32) for name in (*CLASSES, *REGRESSED)}
 
@@ -76,7 +91,7 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
     from stvq.train import make_optimizers, set_lr, update
 
     torch.manual_seed(seed)
-    train = ShapesDataset(image_size, "train", seed=seed + 1)  # another stream than the tokenizers' training images
+    train = factor_data(image_size, "train", seed + 1)  # another stream than the tokenizers' training images
     x = first_images(train, images)
     y = _factor_targets(train, images)
     model = FactorRecogniser()
@@ -106,7 +121,7 @@ def reading_accuracy(model: FactorRecogniser, images: torch.Tensor, truth: dict[
 
 def recogniser_accuracy(model: FactorRecogniser, image_size: int = 64) -> dict[str, float]:
     """:func:`reading_accuracy` on the 512 real validation images."""
-    val = ShapesDataset(image_size, "val")
+    val = factor_data(image_size, "val")
     return reading_accuracy(model, first_images(val, len(val)), val.factor_table())
 
 
@@ -115,7 +130,8 @@ def recogniser(image_size: int = 64, cache: str | Path | None = None, **train_op
     :func:`train_recogniser`) and kept in the cache directory (``$STVQ_CACHE``, default ``~/.cache/stvq``)
     as safetensors beside its accuracy."""
     root = Path(cache or os.environ.get("STVQ_CACHE", Path.home() / ".cache" / "stvq"))
-    key = hashlib.sha256(json.dumps([image_size, sorted(FACTORS.items()), "v3"]).encode()).hexdigest()[:12]
+    factors = factor_data(image_size, "val").factor_classes
+    key = hashlib.sha256(json.dumps([image_size, sorted(factors.items()), "v3"]).encode()).hexdigest()[:12]
     weights, report = root / f"recogniser-{image_size}-{key}.safetensors", root / f"recogniser-{image_size}-{key}.json"
     if weights.is_file() and report.is_file():
         model = FactorRecogniser()

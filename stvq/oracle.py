@@ -12,7 +12,6 @@ recipe that speeds the oracle carries over.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,46 +21,38 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from stvq.config import TrainConfig
-from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
+from stvq.data import make_dataset
+from stvq.errors import StvqError
+from stvq.interfaces import FactorDataset
 from stvq.losses import psnr
 from stvq.registry import create
 
-#: Length of the factor vector: one-hots (background, shape, colour, texture), size, x, y, sin/cos of 4x rotation.
-FACTOR_DIM = 2 * len(PALETTE) + len(SHAPES) + len(TEXTURES) + 3 + 2
+#: The data set whose factors the oracle reads (a :class:`stvq.interfaces.FactorDataset` with factor vectors).
+DATA = "shapes"
 
 
-def factor_vector(f: dict[str, float]) -> torch.Tensor:
-    """The factors of one ``shapes`` image as a (FACTOR_DIM,) float vector."""
-    out = torch.zeros(FACTOR_DIM)
-    offset = 0
-    for name, classes in (("background", len(PALETTE)), ("shape", len(SHAPES)), ("color", len(PALETTE)), ("texture", len(TEXTURES))):
-        out[offset + int(f[name])] = 1.0
-        offset += classes
-    angle = math.radians(4 * f["rotation"])
-    out[offset:] = torch.tensor([f["size"], f["x"], f["y"], math.sin(angle), math.cos(angle)])
-    return out
+class FactorItems(Dataset):
+    """A factor data set's items as (factor vector, image)."""
 
-
-class FactorShapes(Dataset):
-    """``shapes`` items as (factor vector, image)."""
-
-    def __init__(self, image_size: int, split: str = "train", seed: int = 0) -> None:
-        self.shapes = ShapesDataset(image_size, split=split, seed=seed)
+    def __init__(self, image_size: int, split: str = "train", seed: int = 0, data: str = DATA) -> None:
+        self.data = make_dataset(data, image_size, split, seed)
+        if not isinstance(self.data, FactorDataset) or self.data.factor_vector(0) is None:
+            raise StvqError(f"the decoder oracle reads factor vectors; --data {data} declares none (an stvq.interfaces.FactorDataset with factor_vector does)")
 
     def __len__(self) -> int:
-        return len(self.shapes)
+        return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return factor_vector(self.shapes.factors(index)), self.shapes[index]
+        return self.data.factor_vector(index), self.data[index]
 
 
 class OracleModel(nn.Module):
-    """factor vector (B, FACTOR_DIM) -> linear map -> codes (B, N, code_dim) -> decoder -> images."""
+    """factor vector (B, factor_dim) -> linear map -> codes (B, N, code_dim) -> decoder -> images."""
 
-    def __init__(self, decoder: nn.Module) -> None:
+    def __init__(self, decoder: nn.Module, factor_dim: int) -> None:
         super().__init__()
         self.decoder = decoder
-        self.codes = nn.Linear(FACTOR_DIM, decoder.num_tokens * decoder.code_dim)
+        self.codes = nn.Linear(factor_dim, decoder.num_tokens * decoder.code_dim)
 
     def forward(self, factors: torch.Tensor) -> torch.Tensor:
         codes = self.codes(factors).view(len(factors), self.decoder.num_tokens, self.decoder.code_dim)
@@ -110,16 +101,16 @@ def run_oracle(
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = OracleModel(create("decoder", decoder, preset=preset, **(model or {}))).to(device)
-    image_size = net.decoder.image_size
+    built = create("decoder", decoder, preset=preset, **(model or {}))
+    image_size = built.image_size
+    val, train_set = FactorItems(image_size, "val", seed), FactorItems(image_size, "train", seed)
+    net = OracleModel(built, len(val[0][0])).to(device)
     objective = ImageObjective(cfg, image_size)  # stage 1's: reconstruction, and a discriminator where asked
     parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}
     opts = make_optimizers(parts, cfg)
     if cfg.compile:
         net.decoder.compile()
-    val = FactorShapes(image_size, "val", seed)
     val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
-    train_set = FactorShapes(image_size, "train", seed)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
     def point(step: int, seconds: float) -> dict[str, float]:
@@ -132,9 +123,9 @@ def run_oracle(
 
     reader = None
     if recognise:
-        from stvq.judge import reading_accuracy, recogniser
+        from stvq.judge import reading_accuracy
 
-        reader, truth = recogniser(image_size)[0], val.shapes.factor_table(val_count)
+        reader, truth = val.data.recogniser(), val.data.factor_table(val_count)
     result = OracleResult()
     result.curve.append(point(0, 0.0))
     elapsed, images_seen = 0.0, 0
@@ -165,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     from stvq.cli.options import parse_options, parse_overrides
-    from stvq.data import save_image_grid
+    from stvq.images import save_image_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decoder", default="styled")

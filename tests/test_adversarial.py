@@ -157,7 +157,7 @@ def test_stage_2_fine_tunes_the_decoder_against_the_discriminator(adversarial_ru
 
 
 def test_a_blurring_patchgan_barely_sees_pixel_noise():
-    from stvq.data import ShapesDataset
+    from stvq_reference.shapes import ShapesDataset
 
     torch.manual_seed(0)
     sharp, blurred = (stvq.create("discriminator", "patchgan", image_size=32, blur_sigma=s, **CRITIC).eval() for s in (0.0, 1.5))

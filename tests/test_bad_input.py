@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 import stvq
 from stvq.cli import main
-from stvq.data import ImageFolderDataset, load_image, make_dataset
+from stvq.data import make_dataset
+from stvq.images import load_image
 from stvq.train import TrainConfig, Trainer
 from test_tokenizers import NotATensor, write_taming
 

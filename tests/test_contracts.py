@@ -129,7 +129,8 @@ class TestDatasets(DatasetContract):
 def write_folder(root):
     from PIL import Image
 
-    from stvq.data import make_dataset, to_uint8
+    from stvq.data import make_dataset
+    from stvq.images import to_uint8
 
     images = make_dataset("shapes", 64, "train")
     for i in range(21):

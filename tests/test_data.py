@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from stvq.data import FACTORS, PALETTE, SHAPES, TEXTURES, DrawnScenes, PhotosDataset, ShapesDataset, make_dataset
+from stvq.data import make_dataset
 from stvq.errors import StvqError
+from stvq_reference.folders import PhotosDataset
+from stvq_reference.shapes import FACTORS, PALETTE, SHAPES, TEXTURES, DrawnScenes, ShapesDataset
 
 
 def test_shapes_is_deterministic_and_splits_differ():
@@ -72,7 +74,7 @@ def test_make_dataset_errors():
 def test_load_image_applies_the_exif_orientation_and_reads_every_mode(tmp_path):
     from PIL import Image
 
-    from stvq.data import load_image, to_uint8
+    from stvq.images import load_image, to_uint8
 
     upright = to_uint8(make_dataset("shapes", 32, "train")[0])
     exif = Image.Exif()
@@ -87,7 +89,7 @@ def test_load_image_applies_the_exif_orientation_and_reads_every_mode(tmp_path):
 
 
 def load_image_of(array):
-    from stvq.data import from_pil
+    from stvq.images import from_pil
     from PIL import Image
 
     return from_pil(Image.fromarray(array))
@@ -97,7 +99,7 @@ def _literal_render(f: dict, image_size: int, noise: float, noise_seed: int) -> 
     """The shapes renderer as first written (float64 coordinates, a 5-D mean for the supersampling)."""
     import math
 
-    from stvq.data import PALETTE, SHAPES, TEXTURES, _inside
+    from stvq_reference.shapes import _inside
 
     n = 2 * image_size
     coords = (np.arange(n, dtype=np.float64) + 0.5) / n
@@ -126,3 +128,18 @@ def test_the_shapes_renderer_draws_what_the_literal_one_draws(split):
         seed = data.seed * 1_000_003 + 2 * i + {"train": 0, "val": 1}[split]
         literal = _literal_render(data.factors(i), 64, data.noise, seed)
         assert (data[i] - literal).abs().max() < 2e-6  # float32 coordinates: an edge pixel may differ by one ulp of a mean
+
+
+def test_names_from_before_the_split_still_import_with_a_deprecation_warning():
+    import stvq.data
+    from stvq.images import load_image
+
+    with pytest.warns(DeprecationWarning, match="stvq.data.ShapesDataset moved to stvq_reference.shapes.ShapesDataset"):
+        assert stvq.data.ShapesDataset is ShapesDataset
+    with pytest.warns(DeprecationWarning, match="stvq.data.PhotosDataset moved to stvq_reference.folders.PhotosDataset"):
+        assert stvq.data.PhotosDataset is PhotosDataset
+    with pytest.warns(DeprecationWarning, match="stvq.data.load_image moved to stvq.images.load_image"):
+        from stvq.data import load_image as old
+    assert old is load_image
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        stvq.data.nope

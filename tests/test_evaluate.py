@@ -11,10 +11,12 @@ import torch
 
 import stvq
 from stvq.cli import main
-from stvq.data import FACTORS, load_image, photo_paths
+from stvq.images import load_image
 from stvq.evaluate import frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
 from stvq.losses import efficientnet_lite0, features, masked_psnr, psnr
 from stvq.train import TrainConfig, Trainer
+from stvq_reference.folders import photo_paths
+from stvq_reference.shapes import FACTORS
 
 
 def test_psnr_of_a_known_error():

@@ -7,14 +7,16 @@ import math
 import pytest
 import torch
 
-from stvq.data import PALETTE, SHAPES, TEXTURES, ShapesDataset
-from stvq.oracle import FACTOR_DIM, factor_vector, run_oracle
+from stvq.data import make_dataset
+from stvq.errors import StvqError
+from stvq.oracle import FactorItems, run_oracle
 from stvq.registry import list_plugins
+from stvq_reference.shapes import FACTOR_DIM, PALETTE, SHAPES, TEXTURES
 
 
 def test_factor_vector_holds_every_factor():
-    f = ShapesDataset(64).factors(3)
-    v = factor_vector(f)
+    shapes = make_dataset("shapes", 64)
+    f, v = shapes.factors(3), shapes.factor_vector(3)
     assert v.shape == (FACTOR_DIM,) == (29,)
     hot = [len(PALETTE), len(SHAPES), len(PALETTE), len(TEXTURES)]
     chunks = torch.split(v[: sum(hot)], hot)
@@ -23,6 +25,11 @@ def test_factor_vector_holds_every_factor():
     size, x, y, s, c = v[sum(hot):].tolist()
     assert (size, x, y) == pytest.approx((f["size"], f["x"], f["y"]))
     assert math.degrees(math.atan2(s, c)) % 360 == pytest.approx((4 * f["rotation"]) % 360, abs=1e-3)
+
+
+def test_the_oracle_refuses_data_without_factor_vectors():
+    with pytest.raises(StvqError, match="the decoder oracle reads factor vectors; --data photos declares none"):
+        FactorItems(64, "val", data="photos")
 
 
 @pytest.mark.slow

