@@ -71,8 +71,8 @@ class FactorRecogniser(nn.Module):
 def factor_data(image_size: int, split: str, seed: int = 0) -> FactorDataset:
     """:data:`DATA` at ``image_size``, refused in one line unless it declares the factors the recogniser reads."""
     data = make_dataset(DATA, image_size, split, seed)
-    declared = getattr(data, "factor_classes", {})
-    if not isinstance(data, FactorDataset) or {n: declared.get(n) for n in CLASSES} != CLASSES or not set(REGRESSED) <= set(declared):
+    declared = data.factor_classes if isinstance(data, FactorDataset) else {}
+    if {n: declared.get(n) for n in CLASSES} != CLASSES or not set(REGRESSED) <= set(declared):
         raise StvqError(f"the factor recogniser reads {', '.join([*CLASSES, *REGRESSED])}; --data {DATA} declares {dict(declared) or 'no factors'}")
     return data
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import stvq
 from stvq import judge
 from stvq.cli import main
 from stvq.config import PriorTrainConfig
@@ -91,3 +92,10 @@ def test_the_blur_calibration_readme_shows_runs_and_blur_costs_psnr_and_reading(
     assert rows[0]["color"] >= rows[2]["color"]  # the quick test recogniser: colours blur away too
     main(["--images", "16"])
     assert capsys.readouterr().out.count("\n") == 2 + 7  # header, rule, one row per sigma
+
+
+def test_the_recogniser_refuses_data_that_does_not_declare_its_factors(monkeypatch):
+    assert judge.factor_data(16, "val").factor_classes["shape"] == judge.CLASSES["shape"]  # shapes declares them
+    monkeypatch.setattr(judge, "DATA", "photos")
+    with pytest.raises(stvq.StvqError, match="the factor recogniser reads background, shape, color, texture, size, x, y; --data photos declares no factors"):
+        judge.factor_data(16, "val")
