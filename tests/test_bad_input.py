@@ -20,6 +20,7 @@ from stvq.cli import main
 from stvq.data import make_dataset
 from stvq.images import load_image
 from stvq.train import TrainConfig, Trainer
+from stvq_reference.folders import ImageFolderDataset
 from test_tokenizers import NotATensor, write_taming
 
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
