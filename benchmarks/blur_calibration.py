@@ -15,9 +15,9 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from stvq.data import first_images
-from stvq_reference.shapes import ShapesDataset
 from stvq.judge import reading_accuracy, recogniser
 from stvq.losses import psnr
+from stvq_reference.shapes import ShapesDataset
 
 SIGMAS = (0.0, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 

@@ -27,8 +27,8 @@ import stvq
 from stvq.compose import tokenize_dataset
 from stvq.data import make_dataset
 from stvq.images import to_uint8
-from stvq_reference.folders import PhotosDataset
 from stvq.prior import TokenShards
+from stvq_reference.folders import PhotosDataset
 
 
 def write_images(root: Path, count: int, per_shard: int = 100) -> tuple[Path, str]:

@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, Subset
 import stvq
 from stvq.config import TrainConfig
 from stvq.data import make_dataset
-from stvq.images import to_uint8
-from stvq_reference.folders import PhotosDataset
 from stvq.flops import count_flops, device_peak
+from stvq.images import to_uint8
 from stvq.train import make_optimizer, update
+from stvq_reference.folders import PhotosDataset
 
 VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+compile", "fused")
 

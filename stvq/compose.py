@@ -12,9 +12,9 @@ from rich.progress import Progress
 
 from stvq.checkpoint import load_tokenizer, ranks_lock, read_json, save_npy, weights_fingerprint, write_json
 from stvq.data import is_stream
-from stvq.images import codec_message
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
+from stvq.images import codec_message
 from stvq.registry import create, plugin_table
 from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 

@@ -18,11 +18,11 @@ from torch.utils.data import Dataset, Subset
 from stvq.checkpoint import load_pretrained, load_tokenizer, save_npy, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
 from stvq.data import first_images, make_dataset
-from stvq.images import save_image_grid
 from stvq.distributed import device_of
 from stvq.errors import OptionRangeError, StvqError
 from stvq.evaluate import in_batches, pyplot
 from stvq.flops import count_flops
+from stvq.images import save_image_grid
 from stvq.interfaces import Prior, Tokenizer
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir

@@ -24,10 +24,10 @@ from torch.utils.data import Dataset
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig
 from stvq.data import first_images, is_stream, make_dataset
-from stvq.images import save_image_grid
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.flops import count_flops, device_peak, mfu
+from stvq.images import save_image_grid
 from stvq.interfaces import CodeTokenizer, Decoder, Discriminator, FactorDataset
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
 from stvq.registry import create, require_subclass

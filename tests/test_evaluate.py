@@ -11,8 +11,8 @@ import torch
 
 import stvq
 from stvq.cli import main
-from stvq.images import load_image
 from stvq.evaluate import frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
+from stvq.images import load_image
 from stvq.losses import efficientnet_lite0, features, masked_psnr, psnr
 from stvq.train import TrainConfig, Trainer
 from stvq_reference.folders import photo_paths

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import stvq
-from stvq_reference.config import StyledConfig, make_config
-from stvq_reference.literal_block import LiteralConditionBlock
 from stvq.checkpoint import load_pretrained
 from stvq.evaluate import _probe_score
+from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
 from stvq_reference.encoder import StyledEncoder
+from stvq_reference.literal_block import LiteralConditionBlock
 from stvq_reference.shapes import ShapesDataset
 
 

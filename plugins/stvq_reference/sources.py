@@ -12,8 +12,8 @@ from typing import Iterator
 
 import torch
 
-from stvq.images import IMAGE_SUFFIXES, codec_message, fit_image, load_image
 from stvq.errors import StvqError
+from stvq.images import IMAGE_SUFFIXES, codec_message, fit_image, load_image
 from stvq.interfaces import ImageDataset, ImageStream
 
 #: Images of a ``wds:`` source's validation split: the first members of its last shard.
