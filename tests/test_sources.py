@@ -339,3 +339,14 @@ def test_torchrun_quantize_tokenize_and_eval_match_one_process(tmp_path, runner)
     again = torchrun("tokenize", "--tokenizer", str(run), "--data", str(folder), "--shard-size", "16", "--num-workers", "1", "-o", str(two), port=29534)
     assert "90 images -> 6 shard(s)" in again.stdout and "(4 already there)" in again.stdout
     assert torch.equal(TokenShards(two).rows(0, 90), TokenShards(tmp_path / "folder-one").rows(0, 90))
+
+
+def test_an_empty_or_foreign_shard_among_good_ones_is_passed_over(tmp_path):
+    spec = write_shards(tmp_path / "w", shards=3, per_shard=2)
+    middle = tmp_path / "w" / "train-001.tar"
+    with tarfile.open(middle, "w"):
+        pass  # empty: nothing to read, nothing to warn about
+    assert len(list(make_dataset(spec, 64, "all"))) == 4
+    middle.write_bytes(b"not a tar file" * 50)
+    with pytest.warns(UserWarning, match="train-001.tar is not a readable tar file"):
+        assert len(list(make_dataset(spec, 64, "all"))) == 4
