@@ -104,7 +104,7 @@ def run_oracle(
     built = create("decoder", decoder, preset=preset, **(model or {}))
     image_size = built.image_size
     val, train_set = FactorItems(image_size, "val", seed), FactorItems(image_size, "train", seed)
-    net = OracleModel(built, len(val[0][0])).to(device)
+    net = OracleModel(built, len(val.data.factor_vector(0))).to(device)
     objective = ImageObjective(cfg, image_size)  # stage 1's: reconstruction, and a discriminator where asked
     parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}
     opts = make_optimizers(parts, cfg)

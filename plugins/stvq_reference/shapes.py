@@ -34,8 +34,8 @@ FACTORS = {
     "rotation": 0,
     "texture": len(TEXTURES),
 }
-#: Length of :meth:`ShapesDataset.factor_vector`.
-FACTOR_DIM = 2 * len(PALETTE) + len(SHAPES) + len(TEXTURES) + 3 + 2
+#: Length of :meth:`ShapesDataset.factor_vector`: a one-hot per class factor, size, x, y, and two for rotation.
+FACTOR_DIM = sum(FACTORS.values()) + 3 + 2
 SPLITS = {"train": 0, "val": 1, "all": 0}  # "all": the endless training stream (tokenize reads its start)
 VAL_SIZE = 512
 
@@ -150,9 +150,10 @@ class ShapesDataset(FactorDataset):
         f = self.factors(index)
         out = torch.zeros(FACTOR_DIM)
         offset = 0
-        for name in ("background", "shape", "color", "texture"):
-            out[offset + int(f[name])] = 1.0
-            offset += FACTORS[name]
+        for name, classes in FACTORS.items():
+            if classes:
+                out[offset + int(f[name])] = 1.0
+                offset += classes
         angle = math.radians(4 * f["rotation"])
         out[offset:] = torch.tensor([f["size"], f["x"], f["y"], math.sin(angle), math.cos(angle)])
         return out
