@@ -106,6 +106,23 @@ def test_every_stvq_command_readme_documents_parses_with_its_flags_and_values():
                 assert (root / word.split("::")[0]).is_file(), (line, word)
 
 
+@pytest.mark.parametrize("args,code", [(["plugins"], 0), (["info", "--preset", "huge"], 1), (["info", "--bogus"], 2)])
+def test_under_torchrun_a_command_ends_without_the_interpreter_teardown(args, code):
+    """gloo's worker threads can outlive destroy_process_group and abort the teardown (SIGABRT after the
+    work is done): under torchrun (WORLD_SIZE > 1) the process ends with the command's exit status, its
+    output flushed, and no teardown (an atexit hook does not run)."""
+    import os
+    import subprocess
+    import sys
+
+    script = "import atexit, sys; atexit.register(lambda: print('TEARDOWN')); from stvq.cli import main; main(sys.argv[1:], prog_name='stvq')"
+    for world, teardown in (("2", False), ("1", True))[: 2 if code == 0 else 1]:  # "1": the hook does run
+        done = subprocess.run([sys.executable, "-c", script, *args], env={**os.environ, "WORLD_SIZE": world}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == code, done.stderr
+        assert ("TEARDOWN" in done.stdout) is teardown, done.stdout
+        assert (done.stdout if code == 0 else done.stderr).strip(), "the output is flushed"
+
+
 @pytest.mark.parametrize("args,code", [(["plugins"], 0), (["info", "--preset", "huge"], 1), (["out-of-range"], 2), (["unreadable"], 1)])
 def test_a_command_destroys_the_process_group_it_ran_under(tmp_path, runner, args, code):
     """A process left with gloo's threads aborts at exit (SIGABRT, a failed torchrun); every command that

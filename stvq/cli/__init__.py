@@ -6,6 +6,7 @@ plugins`` stay fast."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -36,6 +37,19 @@ class StvqGroup(click.Group):
             raise _one_line(err) from None
         shutdown_distributed()
         return result
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Under torchrun, the process ends with the command's exit status without the interpreter's
+        teardown (:func:`stvq.distributed.exit_process`); otherwise click's ``main``."""
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # before importing torch: `stvq --help` stays fast
+            return super().main(*args, **kwargs)
+        from stvq.distributed import exit_process
+
+        try:
+            super().main(*args, **kwargs)
+        except SystemExit as done:
+            exit_process(done.code if isinstance(done.code, int) else int(done.code is not None))
+        exit_process(0)
 
 
 def _one_line(err: StvqError | OSError) -> click.ClickException:
