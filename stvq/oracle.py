@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -89,13 +89,15 @@ def run_oracle(
     seed: int = 0,
     device: str | None = None,
     recognise: bool = False,
+    on_point: Callable[[dict[str, float]], None] | None = None,
 ) -> OracleResult:
     """Train the oracle of ``decoder`` (a registered name) at ``preset`` with overrides ``model`` of its
     config's fields and TrainConfig overrides ``train`` (lr, steps, batch_size, warmup...). Stops after
     ``train["steps"]`` steps or ``seconds`` of training wall time, whichever comes first; evaluation time
     is not counted. ``device`` defaults to CUDA where there is one. ``recognise`` adds the factor
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
-    draws the shape, which PSNR does not tell). Returns the validation curve."""
+    draws the shape, which PSNR does not tell). ``on_point`` is called with every point as it is measured
+(a long run shows its curve as it goes). Returns the validation curve."""
     from stvq.train import ImageObjective, make_optimizers, set_lr, update
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
@@ -127,7 +129,13 @@ def run_oracle(
 
         reader, truth = val.data.recogniser(), val.data.factor_table(val_count)
     result = OracleResult()
-    result.curve.append(point(0, 0.0))
+
+    def record(step: int, seconds: float) -> None:
+        result.curve.append(point(step, seconds))
+        if on_point:
+            on_point(result.curve[-1])
+
+    record(0, 0.0)
     elapsed, images_seen = 0.0, 0
     started = time.perf_counter()
     for step, (factors, images) in enumerate(loader):
@@ -142,7 +150,7 @@ def run_oracle(
         last = done >= cfg.steps or (seconds is not None and now >= seconds)
         if done % eval_every == 0 or last:
             elapsed += time.perf_counter() - started
-            result.curve.append(point(done, elapsed))
+            record(done, elapsed)
             started = time.perf_counter()
         if last:
             break
@@ -170,9 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
     args = parser.parse_args(argv)
     train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
-    result = run_oracle(args.decoder, args.preset, parse_overrides(tuple(args.overrides), "decoder", args.decoder), train, args.seconds, args.eval_every, device=args.device, recognise=args.recognise)
-    for point in result.curve:
-        print(json.dumps(point))
+    overrides = parse_overrides(tuple(args.overrides), "decoder", args.decoder)
+    result = run_oracle(
+        args.decoder, args.preset, overrides, train, args.seconds, args.eval_every, device=args.device, recognise=args.recognise,
+        on_point=lambda point: print(json.dumps(point), flush=True),  # as it is measured
+    )
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
     if args.grid:
         from pathlib import Path

@@ -46,8 +46,10 @@ def test_oracle_runs_every_registered_decoder_and_the_styled_one_learns(decoder)
 
 
 def test_oracle_stops_at_its_time_budget():
-    result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 10**6, "batch_size": 4}, seconds=1.0, eval_every=10**6, val_count=4)
+    seen = []
+    result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 10**6, "batch_size": 4}, seconds=1.0, eval_every=10**6, val_count=4, on_point=seen.append)
     assert len(result.curve) == 2 and 1.0 <= result.curve[1]["seconds"] < 5.0
+    assert seen == result.curve  # every point reported as it is measured
 
 
 @pytest.mark.slow
