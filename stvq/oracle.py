@@ -143,7 +143,8 @@ def run_oracle(
         now = elapsed + time.perf_counter() - started
         for opt in opts.values():
             set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
-        losses, _ = objective(net(factors), images, None, step, net.decoder)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):  # as stage 1 steps
+            losses, _ = objective(net(factors), images, None, step, net.decoder)
         update(opts, losses, cfg.grad_clip)
         images_seen += len(images)
         done = step + 1

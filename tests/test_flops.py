@@ -130,3 +130,21 @@ def test_a_fused_optimizer_takes_the_same_step():
         opt.step()
         steps.append(model.weight.detach().clone())
     assert torch.allclose(steps[0], steps[1], atol=1e-7)
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_session_runs_every_part_on_cpu(tmp_path):
+    """benchmarks/gpu_session.py, README's command for a lent GPU, with --smoke: every part writes its files."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from gpu_session import main as session
+
+    got = session(["--out", str(tmp_path), "--smoke"])
+    assert json.loads((tmp_path / "session.json").read_text())["train_tiny"]["steps"] == 2 == got["train_tiny"]["steps"]
+    for name in ("oracle_mse", "oracle_adversarial"):
+        curve = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        assert curve[0]["step"] == 0 and "val_shape_accuracy" in curve[-1] and (tmp_path / f"{name}.png").is_file()
+    assert got["oracle_adversarial"]["steps"] == got["oracle_mse"]["steps"]  # the adversarial run at equal steps
+    assert (tmp_path / "throughput.json").is_file() and (tmp_path / "train_tiny" / "summary.json").is_file()
