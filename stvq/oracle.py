@@ -97,7 +97,7 @@ def run_oracle(
     is not counted. ``device`` defaults to CUDA where there is one. ``recognise`` adds the factor
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
     draws the shape, which PSNR does not tell). ``on_point`` is called with every point as it is measured
-(a long run shows its curve as it goes). Returns the validation curve."""
+    (a long run shows its curve as it goes). Returns the validation curve."""
     from stvq.train import ImageObjective, make_optimizers, set_lr, update
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
