@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import main as throughput  # noqa: E402
 
 from stvq.checkpoint import write_json  # noqa: E402
-from stvq.images import save_image_grid  # noqa: E402
 from stvq.oracle import run_oracle  # noqa: E402
 from stvq.train import TrainConfig, Trainer  # noqa: E402
 
@@ -42,7 +41,7 @@ def oracle(out: Path, name: str, train: dict, seconds: float | None, eval_every:
     with open(out / f"{name}.jsonl", "w") as log:
         result = run_oracle("styled", "tiny", model, train, seconds, eval_every, recognise=True,
                             on_point=lambda point: print(json.dumps(point), file=log, flush=True))
-    save_image_grid(out / f"{name}.png", result.samples.flatten(0, 1), per_row=result.samples.shape[1])  # originals above
+    result.save_grid(out / f"{name}.png")
     return {"steps": result.curve[-1]["step"], "images_per_s": result.images_per_s, "last": result.curve[-1]}
 
 

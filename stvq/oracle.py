@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -68,6 +69,12 @@ class OracleResult:
     @property
     def final_psnr(self) -> float:
         return self.curve[-1]["val_psnr"]
+
+    def save_grid(self, path: str | Path) -> None:
+        """The last validation renderings as one PNG, the originals in the row above."""
+        from stvq.images import save_image_grid
+
+        save_image_grid(Path(path), self.samples.flatten(0, 1), per_row=self.samples.shape[1])
 
 
 @torch.no_grad()
@@ -165,7 +172,6 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     from stvq.cli.options import parse_options, parse_overrides
-    from stvq.images import save_image_grid
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decoder", default="styled")
@@ -186,9 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
     if args.grid:
-        from pathlib import Path
-
-        save_image_grid(Path(args.grid), result.samples.flatten(0, 1), per_row=result.samples.shape[1])  # originals above
+        result.save_grid(args.grid)
 
 
 if __name__ == "__main__":
