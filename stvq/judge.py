@@ -88,8 +88,9 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
     (class factors: share right; regressed: mean absolute error). The defaults read the shape right 95 % of
     the time (20,000 images and 1,500 steps: 80 %; README); about 6 minutes on 2 CPU cores."""
     from stvq.config import LoopConfig
-    from stvq.train import make_optimizers, set_lr, update
+    from stvq.train import keep_freed_memory, make_optimizers, set_lr, update
 
+    keep_freed_memory()
     torch.manual_seed(seed)
     train = factor_data(image_size, "train", seed + 1)  # another stream than the tokenizers' training images
     x = first_images(train, images)

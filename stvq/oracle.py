@@ -105,9 +105,10 @@ def run_oracle(
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
     draws the shape, which PSNR does not tell). ``on_point`` is called with every point as it is measured
     (a long run shows its curve as it goes). Returns the validation curve."""
-    from stvq.train import ImageObjective, make_optimizers, set_lr, update
+    from stvq.train import ImageObjective, keep_freed_memory, make_optimizers, set_lr, update
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
+    keep_freed_memory()
     torch.manual_seed(seed)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     built = create("decoder", decoder, preset=preset, **(model or {}))

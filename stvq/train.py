@@ -5,7 +5,9 @@ owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on 
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -166,6 +168,25 @@ def _code_tokenizer(model: Any) -> CodeTokenizer:
 def build_model(cfg: TrainConfig) -> CodeTokenizer:
     """The model stage ``cfg.stage`` trains (:class:`ContinuousStage`, :class:`QuantizedStage`)."""
     return STAGES[cfg.stage].build(cfg)
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process (glibc): by default every freed block over the mmap threshold, and
+    the top of the heap past the trim threshold, go back to the kernel, so each training step's activations
+    are faulted in again page by page (about 16,000 page faults a step at ``tiny``, 35 ms of system time).
+    Raising both thresholds (to 32 MiB, glibc's largest mmap threshold, and 1 GiB) keeps them for the next
+    step: the CPU oracle step 1.09-1.15x faster, measured side by side (README, "Throughput"). A no-op
+    outside Linux or where the C library is not glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_trim_threshold, 1 << 30)
+    mallopt(m_mmap_threshold, 32 << 20)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.AdamW:
@@ -392,6 +413,7 @@ class BaseTrainer:
 
     def _train(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> dict[str, Any]:
         cfg = self.cfg
+        keep_freed_memory()
         parts = {"model": model, **self.companions()}
         opts = make_optimizers(parts, cfg)
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact

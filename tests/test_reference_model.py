@@ -437,3 +437,22 @@ def test_the_film_head_reads_the_coordinates_and_ends_in_its_own_last_layer():
     assert decoder.last_layer() is decoder.out_head.out.weight  # the adaptive weight reads the RGB layer
     codes = torch.randn(2, 36, 16)
     assert decoder(codes).shape == (2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("width,channels,patch,grid", [(1024, 3, 16, 16), (64, 16, 16, 4)], ids=["reference", "tiny-pixel-head"])
+def test_out_conv_computes_the_transposed_convolution_it_replaces(width, channels, patch, grid):
+    """out_conv is a matrix product per token; forward and backward equal ConvTranspose2d(kernel = stride =
+    patch) on the same parameters, at the reference size (to RGB) and tiny's (to the head's channels)."""
+    from stvq_reference.layers import Unpatchify
+
+    torch.manual_seed(0)
+    layer = Unpatchify(width, channels, patch)
+    tokens = torch.randn(2, width, grid, grid, requires_grad=True)
+    ours = layer(tokens)
+    theirs = torch.nn.functional.conv_transpose2d(tokens, layer.weight, layer.bias, stride=patch)
+    assert ours.shape == (2, channels, grid * patch, grid * patch) and ours.is_contiguous(memory_format=torch.channels_last)
+    assert_same(ours, theirs, "output")
+    weight = torch.randn_like(ours)
+    grads = [torch.autograd.grad((y * weight).sum(), (tokens, layer.weight, layer.bias)) for y in (ours, theirs)]
+    for name, a, b in zip(("grid", "weight", "bias"), *grads):
+        assert_same(a, b, f"grad {name}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import trunc_normal_
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
@@ -53,3 +55,19 @@ def position_tokens(grid: int, width: int, init: str) -> nn.Parameter:
     if init == "normal":
         return learned_tokens(grid * grid, width)
     return nn.Parameter(build_sincos2d_pos_embed([grid, grid], width, temperature=float(grid)).unsqueeze(0))
+
+
+class Unpatchify(nn.ConvTranspose2d):
+    """The inverse patchify (the decoder's ``out_conv``): a ConvTranspose2d whose kernel is its stride, so
+    one linear map per token to its patch. Computed as that matrix product, 2.6x faster than the
+    convolution forward and backward on CPU at ``tiny``, and returned in channels-last memory, in which
+    the pixel head's convolutions run 1.5x faster (benchmarks/README.md). Same parameters, same function."""
+
+    def __init__(self, width: int, channels: int, patch: int) -> None:
+        super().__init__(width, channels, patch, stride=patch)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
+        p = self.stride[0]
+        patches = F.linear(rearrange(grid, "b d h w -> b h w d"), self.weight.flatten(1).T, self.bias.repeat_interleave(p * p))
+        return rearrange(patches, "b h w (c p q) -> b (h p) (w q) c", p=p, q=p).permute(0, 3, 1, 2)
