@@ -179,16 +179,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a field of the decoder's config")
     parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field (JSON value)")
-    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--seconds", type=float, default=300.0, help="training wall time; 0: none, the cosine runs over --train steps=N")
     parser.add_argument("--eval-every", type=int, default=60)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
     parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
     args = parser.parse_args(argv)
     train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
+    if not args.seconds and train["steps"] == 10**6:
+        parser.error("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
     overrides = parse_overrides(tuple(args.overrides), "decoder", args.decoder)
     result = run_oracle(
-        args.decoder, args.preset, overrides, train, args.seconds, args.eval_every, device=args.device, recognise=args.recognise,
+        args.decoder, args.preset, overrides, train, args.seconds or None, args.eval_every, device=args.device, recognise=args.recognise,
         on_point=lambda point: print(json.dumps(point), flush=True),  # as it is measured
     )
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))

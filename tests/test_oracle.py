@@ -67,3 +67,18 @@ def test_python_m_stvq_oracle_runs_as_readme_documents_it(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
     assert last["steps"] >= 1 and math.isfinite(last["final_psnr"]) and grid.is_file()
+
+
+def test_the_oracle_without_a_time_budget_runs_its_cosine_over_the_steps(capsys):
+    """`python -m stvq.oracle --seconds 0 --train steps=N` (README's equal-step rows): N steps, the
+    schedule over them; without steps it is refused in one line, not run for a million steps."""
+    import json
+
+    from stvq.oracle import main
+
+    small = ["--set", "width=32", "--set", "heads=2", "--set", "plain_layers=1", "--eval-every", "1000000"]
+    main(["--seconds", "0", "--train", "steps=3", "--train", "batch_size=4", *small])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
+    with pytest.raises(SystemExit) as exit_:
+        main(["--seconds", "0", *small])
+    assert exit_.value.code == 2 and "give them, e.g. --train steps=1400" in capsys.readouterr().err
