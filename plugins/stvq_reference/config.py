@@ -14,7 +14,6 @@ from stvq.errors import ConfigError
 
 ATTN_MASKS = ("none", "causal-placeholders")
 ENCODER_INITS = ("vit", "lecun-sincos")
-DECODER_INITS = ("vit", "lecun")
 POS_INITS = ("normal", "sincos")
 HEADS = ("linear", "conv", "pixel", "film")  # what follows out_conv (stvq_reference.heads)
 
@@ -47,7 +46,6 @@ class StyledConfig(PluginConfig):
     # 1/sqrt(fan_in), 2D sin-cos positions): a fresh encoder whose codes already tell where the object is
     # (README, "The background plateau").
     encoder_init: str = "vit"
-    decoder_init: str = "vit"  # the decoder's linear weights: "vit" (std 0.02) or "lecun" (std 1/sqrt(fan_in))
     encoder: str = "styled"  # registered encoder plugin
     decoder: str = "styled"  # registered decoder plugin
 
@@ -97,8 +95,6 @@ class StyledConfig(PluginConfig):
             raise ConfigError(f"head {self.head!r} needs head_channels > 0 (the channels out_conv writes), e.g. --set head_channels=16")
         if self.encoder_init not in ENCODER_INITS:
             raise ConfigError(f"encoder_init {self.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}")
-        if self.decoder_init not in DECODER_INITS:
-            raise ConfigError(f"decoder_init {self.decoder_init!r} is not one of {', '.join(DECODER_INITS)}")
 
     def describe(self) -> list[tuple[str, str]]:
         """The sizes in words (``stvq info``)."""

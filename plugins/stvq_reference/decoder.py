@@ -18,7 +18,7 @@ from stvq.interfaces import Decoder
 
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.heads import make_head
-from stvq_reference.layers import LayerNorm, Unpatchify, init_weights, learned_tokens, lecun_init, position_tokens, vit_block
+from stvq_reference.layers import LayerNorm, Unpatchify, init_weights, learned_tokens, position_tokens, vit_block
 
 
 class AdaLN(nn.Module):
@@ -90,7 +90,7 @@ class StyledDecoder(Decoder):
         self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
-        self.apply(lecun_init if cfg.decoder_init == "lecun" else init_weights)
+        self.apply(init_weights)
         if cfg.zero_init:
             self.zero_residual_branches()
 
