@@ -80,7 +80,7 @@ class LoopConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     bf16: bool = False  # autocast matrix work to bfloat16
     compile: bool = False  # torch.compile the model's parts (checkpoints are unchanged)
-    fused_optimizer: bool = True  # AdamW's fused kernel (one per step in place of a loop over parameters; 3.7x faster on CPU)
+    fused_optimizer: bool = True  # AdamW's fused kernel (one per step in place of a loop over parameters; 3.7x at tiny on CPU)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 300

@@ -59,9 +59,10 @@ def position_tokens(grid: int, width: int, init: str) -> nn.Parameter:
 
 class Unpatchify(nn.ConvTranspose2d):
     """The inverse patchify (the decoder's ``out_conv``): a ConvTranspose2d whose kernel is its stride, so
-    one linear map per token to its patch. Computed as that matrix product, 2.6x faster than the
-    convolution forward and backward on CPU at ``tiny``, and returned in channels-last memory, in which
-    the pixel head's convolutions run 1.5x faster (benchmarks/README.md). Same parameters, same function."""
+    one linear map per token to its patch. Computed as that matrix product: forward and backward 2.6x faster
+    than the convolution's on CPU at ``tiny`` (8.8 against 23.3 ms for a batch of 24). Same parameters,
+    same function; the output is in channels-last memory, as the convolution gave it for the decoder's
+    token grid, the layout in which the pixel head's convolutions run fastest."""
 
     def __init__(self, width: int, channels: int, patch: int) -> None:
         super().__init__(width, channels, patch, stride=patch)
