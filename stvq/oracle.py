@@ -185,9 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
     parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
     args = parser.parse_args(argv)
-    train = {"steps": 10**6, **parse_options(tuple(args.train), "--train")}
-    if not args.seconds and train["steps"] == 10**6:
+    options = parse_options(tuple(args.train), "--train")
+    if not args.seconds and "steps" not in options:
         parser.error("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
+    train = {"steps": 10**6, **options}
     overrides = parse_overrides(tuple(args.overrides), "decoder", args.decoder)
     result = run_oracle(
         args.decoder, args.preset, overrides, train, args.seconds or None, args.eval_every, device=args.device, recognise=args.recognise,

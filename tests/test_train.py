@@ -459,7 +459,8 @@ def test_the_gpu_recipes_readme_documents_start_on_a_cpu(command, runner, tmp_pa
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_training_keeps_freed_activation_memory_instead_of_faulting_it_in_every_step():
     """The pattern of a training step (several large activations made, then all freed) costs page faults on
-    every repeat with glibc's defaults, and none once the loops have called keep_freed_memory."""
+    every repeat with glibc's defaults, and under a tenth of them once the loops have called keep_freed_memory
+    (measured: 311,795 against 9,216 under pytest, 612,800 against 0 alone)."""
     code = """
 import resource, sys, torch
 from stvq.train import keep_freed_memory
