@@ -62,6 +62,9 @@ def check_ranges(cfg: Any, nonnegative: tuple[str, ...] = (), fractions: tuple[s
             raise StvqError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass
 class LoopConfig:
     """What every training loop of stvq shares (:class:`stvq.train.BaseTrainer`): optimizer, schedule,
@@ -81,6 +84,10 @@ class LoopConfig:
     bf16: bool = False  # autocast matrix work to bfloat16
     compile: bool = False  # torch.compile the model's parts (checkpoints are unchanged)
     fused_optimizer: bool = True  # AdamW's fused kernel (one per step in place of a loop over parameters; 3.7x at tiny on CPU)
+    # "adamw", or "muon": torch.optim.Muon (its update's RMS matched to AdamW's, so the same lr and weight
+    # decay) on the 2-D weights whose names contain a key of muon_params, AdamW on every other parameter.
+    optimizer: str = "adamw"
+    muon_params: tuple[str, ...] = ("blocks.",)  # the transformer blocks' matrices (encoder and decoder)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 300
@@ -101,6 +108,11 @@ class LoopConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise StvqError(f"--lr must be a positive number, got {self.lr}")
         check_ranges(self, nonnegative=("weight_decay", "grad_clip"), fractions=("lr_scales_until", "min_lr_ratio"))
+        if self.optimizer not in OPTIMIZERS:
+            raise StvqError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not (isinstance(self.muon_params, (list, tuple)) and all(isinstance(k, str) and k for k in self.muon_params)):
+            raise StvqError(f'muon_params must be a list of parameter-name substrings, e.g. ["blocks."]; got {self.muon_params!r}')
+        self.muon_params = tuple(self.muon_params)  # train.json holds a list
 
     def scales_weight_at(self, step: int) -> float:
         """How much of ``lr_scales`` applies at ``step``: 1 until ``lr_scales_until`` of the run, then

@@ -189,24 +189,59 @@ def keep_freed_memory() -> None:
     mallopt(m_mmap_threshold, 32 << 20)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a parameter
-    whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon on the groups marked ``muon``, AdamW on the others: one optimizer to the loop (its
+    ``param_groups`` are both's, its state one dict, so checkpoints, ``set_lr`` and clipping see one)."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None) -> None:
+        muon = [g for g in groups if g["muon"]]
+        adamw = [g for g in groups if not g["muon"]]
+        self._inner = [torch.optim.Muon(muon, lr=lr, adjust_lr_fn="match_rms_adamw")] if muon else []
+        self._inner += [torch.optim.AdamW(adamw, lr=lr, betas=betas, fused=fused)] if adamw else []
+        super().__init__(muon + adamw, {})  # the same group dicts, with each optimizer's defaults filled in
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this one's groups and state (load_state_dict replaces both)."""
+        muon = [g for g in self.param_groups if g["muon"]]
+        for opt in self._inner:
+            opt.param_groups = muon if isinstance(opt, torch.optim.Muon) else [g for g in self.param_groups if not g["muon"]]
+            opt.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for opt in self._inner:
+            opt.step()
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the 2-D weights named by ``cfg.muon_params``
+    (:class:`MuonAdamW`); no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a
+    parameter whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
     ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
-            groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0), []).append(p)
-    params = [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (scale, decay), ps in groups.items()]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=cfg.fused_optimizer or None)
+            muon = cfg.optimizer == "muon" and p.ndim == 2 and any(k in name for k in cfg.muon_params)
+            groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0, muon), []).append(p)
+    params = [{"params": ps, "weight_decay": decay, "lr_scale": scale, "muon": muon} for (scale, decay, muon), ps in groups.items()]
+    fused = cfg.fused_optimizer or None
+    if cfg.optimizer == "muon":
+        return MuonAdamW(params, cfg.lr, (0.9, cfg.beta2), fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
 
 
 def make_optimizers(parts: dict[str, torch.nn.Module], cfg: LoopConfig) -> dict[str, torch.optim.AdamW]:
     """One optimizer per trained part: the model's (:func:`make_optimizer`), and for each companion (a
     discriminator) AdamW at the same rate, without weight decay, with no ``lr_scales``."""
-    return {name: make_optimizer(m, cfg) if name == "model" else make_optimizer(m, replace(cfg, lr_scales={}), weight_decay=0.0) for name, m in parts.items()}
+    companion = replace(cfg, lr_scales={}, optimizer="adamw")
+    return {name: make_optimizer(m, cfg) if name == "model" else make_optimizer(m, companion, weight_decay=0.0) for name, m in parts.items()}
 
 
 def update(opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], grad_clip: float) -> None:

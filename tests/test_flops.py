@@ -10,6 +10,7 @@ from torch import nn
 import stvq
 from stvq.cli import main
 from stvq.config import PriorTrainConfig, TrainConfig
+from stvq.errors import StvqError
 from stvq.flops import PEAK_ENV, count_flops, cpu_peak, device_peak, mfu, tokenizer_flops
 from stvq.prior import PriorTrainer
 from stvq.train import Trainer
@@ -130,6 +131,59 @@ def test_a_fused_optimizer_takes_the_same_step():
         opt.step()
         steps.append(model.weight.detach().clone())
     assert torch.allclose(steps[0], steps[1], atol=1e-7)
+
+
+def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly():
+    """optimizer=muon: each parameter takes exactly the step torch's own Muon (the blocks' matrices) or
+    AdamW (all else) gives it, and a state_dict round trip continues as the uninterrupted optimizer."""
+    from stvq.train import make_optimizer
+
+    def model():
+        torch.manual_seed(0)
+        return nn.ModuleDict({"blocks": nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)), "head": nn.Linear(8, 3)})
+
+    def run(m, opt, steps, start=0):
+        for i in range(start, start + steps):
+            x = torch.randn(5, 8, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            m["head"](m["blocks"](x)).square().mean().backward()
+            opt.step()
+
+    cfg = TrainConfig(optimizer="muon", lr=1e-2, lr_scales={})
+    ours = model()
+    opt = make_optimizer(ours, cfg)
+    assert {p.shape for g in opt.param_groups if g["muon"] for p in g["params"]} == {torch.Size([8, 8])}  # not the head's, not biases
+    run(ours, opt, 3)
+    literal = model()
+    muon = [literal["blocks"][0].weight, literal["blocks"][2].weight]
+    rest = [p for p in literal.parameters() if all(p is not q for q in muon)]
+    decayed = [p for p in rest if p.ndim == 2]
+    opts = [torch.optim.Muon(muon, lr=1e-2, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW([{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": [p for p in rest if p.ndim != 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, cfg.beta2))]
+
+    class Both:
+        def zero_grad(self):
+            for o in opts:
+                o.zero_grad()
+
+        def step(self):
+            for o in opts:
+                o.step()
+
+    run(literal, Both(), 3)
+    for (name, a), b in zip(ours.named_parameters(), literal.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    resumed = model()
+    resumed.load_state_dict(ours.state_dict())
+    again = make_optimizer(resumed, cfg)
+    again.load_state_dict(opt.state_dict())
+    run(ours, opt, 2, start=3)
+    run(resumed, again, 2, start=3)
+    for a, b in zip(ours.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(StvqError, match="optimizer 'sgd' is not one of adamw, muon"):
+        TrainConfig(optimizer="sgd")
 
 
 @pytest.mark.slow
