@@ -32,6 +32,7 @@ from stvq.flops import count_flops, device_peak, mfu
 from stvq.images import save_image_grid
 from stvq.interfaces import CodeTokenizer, Decoder, Discriminator, FactorDataset
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
+from stvq.optim import MuonAdamW
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
 from stvq.streams import StreamBatches, StreamState, loader
@@ -189,38 +190,9 @@ def keep_freed_memory() -> None:
     mallopt(m_mmap_threshold, 32 << 20)
 
 
-class MuonAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon on the groups marked ``muon``, AdamW on the others: one optimizer to the loop (its
-    ``param_groups`` are both's, its state one dict, so checkpoints, ``set_lr`` and clipping see one)."""
-
-    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None) -> None:
-        muon = [g for g in groups if g["muon"]]
-        adamw = [g for g in groups if not g["muon"]]
-        self._inner = [torch.optim.Muon(muon, lr=lr, adjust_lr_fn="match_rms_adamw")] if muon else []
-        self._inner += [torch.optim.AdamW(adamw, lr=lr, betas=betas, fused=fused)] if adamw else []
-        super().__init__(muon + adamw, {})  # the same group dicts, with each optimizer's defaults filled in
-        self._link()
-
-    def _link(self) -> None:
-        """Point the inner optimizers at this one's groups and state (load_state_dict replaces both)."""
-        muon = [g for g in self.param_groups if g["muon"]]
-        for opt in self._inner:
-            opt.param_groups = muon if isinstance(opt, torch.optim.Muon) else [g for g in self.param_groups if not g["muon"]]
-            opt.state = self.state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._link()
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for opt in self._inner:
-            opt.step()
-
-
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
     """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the 2-D weights named by ``cfg.muon_params``
-    (:class:`MuonAdamW`); no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a
+    (:class:`stvq.optim.MuonAdamW`); no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a
     parameter whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
     ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay

@@ -135,13 +135,15 @@ def test_a_fused_optimizer_takes_the_same_step():
 
 
 def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly():
-    """optimizer=muon: each parameter takes exactly the step torch's own Muon (the blocks' matrices) or
-    AdamW (all else) gives it, and a state_dict round trip continues as the uninterrupted optimizer."""
+    """optimizer=muon: each parameter takes the step torch's own Muon (the blocks' matrices; ours batches
+    same-shaped ones) or AdamW (all else) gives it, and a state_dict round trip continues as the
+    uninterrupted optimizer."""
     from stvq.train import make_optimizer
 
     def model():
         torch.manual_seed(0)
-        return nn.ModuleDict({"blocks": nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)), "head": nn.Linear(8, 3)})
+        blocks = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8), nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+        return nn.ModuleDict({"blocks": blocks, "head": nn.Linear(8, 3)})  # three shapes: two batched, one tall, one wide
 
     def run(m, opt, steps, start=0):
         for i in range(start, start + steps):
@@ -153,10 +155,10 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly()
     cfg = TrainConfig(optimizer="muon", lr=1e-2, lr_scales={})
     ours = model()
     opt = make_optimizer(ours, cfg)
-    assert {p.shape for g in opt.param_groups if g["muon"] for p in g["params"]} == {torch.Size([8, 8])}  # not the head's, not biases
+    assert sum(p.ndim for g in opt.param_groups if g["muon"] for p in g["params"]) == 8  # the blocks' 4 matrices: not the head's, not biases
     run(ours, opt, 3)
     literal = model()
-    muon = [literal["blocks"][0].weight, literal["blocks"][2].weight]
+    muon = [literal["blocks"][i].weight for i in (0, 2, 3, 5)]
     rest = [p for p in literal.parameters() if all(p is not q for q in muon)]
     decayed = [p for p in rest if p.ndim == 2]
     opts = [torch.optim.Muon(muon, lr=1e-2, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),

@@ -1,0 +1,81 @@
+"""Muon beside AdamW as one optimizer (``--train optimizer=muon``), for :func:`stvq.train.make_optimizer`.
+
+torch.optim.Muon (Jordan et al., 2024; the RMS-matched rate of Liu et al., 2025, "Muon is scalable for LLM
+training") orthogonalises each matrix's momentum with Newton-Schulz iterations, one small matrix at a
+time; a transformer's blocks hold many matrices of a few shapes, so the step here runs the iterations
+of every same-shaped matrix as one batched product (the same arithmetic, to the bit, as a test checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim._muon import _adjust_lr  # the rate adjustment torch.optim.Muon applies, kept identical
+
+
+def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """torch.optim.Muon's quintic Newton-Schulz orthogonalisation in bfloat16, over a batch (B, m, n)."""
+    a, b, c = coefficients
+    x = updates.bfloat16()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon on the groups marked ``muon``, AdamW on the others: one optimizer to the loop (its
+    ``param_groups`` are both's, its state one dict, so checkpoints, ``set_lr`` and clipping see one)."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None) -> None:
+        muon = [g for g in groups if g["muon"]]
+        adamw = [g for g in groups if not g["muon"]]
+        self._muon = torch.optim.Muon(muon, lr=lr, adjust_lr_fn="match_rms_adamw") if muon else None
+        self._adamw = torch.optim.AdamW(adamw, lr=lr, betas=betas, fused=fused) if adamw else None
+        super().__init__(muon + adamw, {})  # the same group dicts, each optimizer's defaults filled in
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this one's groups and state (load_state_dict replaces both)."""
+        for opt, muon in ((self._muon, True), (self._adamw, False)):
+            if opt is not None:
+                opt.param_groups = [g for g in self.param_groups if g["muon"] is muon]
+                opt.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        if self._muon is not None:
+            self._muon_step()
+        if self._adamw is not None:
+            self._adamw.step()
+
+    def _muon_step(self) -> None:
+        """torch.optim.Muon's step (Nesterov momentum, Newton-Schulz, decoupled weight decay, the adjusted
+        rate), with same-shaped matrices batched."""
+        for group in self._muon.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._muon._init_group(group, params, grads, bufs)
+            if not params:
+                continue
+            torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+            updates = torch._foreach_lerp(grads, bufs, group["momentum"]) if group["nesterov"] else bufs
+            shapes: dict[torch.Size, list[int]] = {}
+            for i, p in enumerate(params):
+                shapes.setdefault(p.shape, []).append(i)
+            lr = group["lr"]
+            for shape, index in shapes.items():
+                ortho = newton_schulz(torch.stack([updates[i] for i in index]), group["ns_coefficients"], group["ns_steps"], group["eps"])
+                same = [params[i] for i in index]
+                torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
+                torch._foreach_add_(same, list(ortho.float().unbind(0)), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
