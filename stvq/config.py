@@ -63,6 +63,8 @@ def check_ranges(cfg: Any, nonnegative: tuple[str, ...] = (), fractions: tuple[s
 
 
 OPTIMIZERS = ("adamw", "muon")
+#: Fields a train.json written before they existed reads at these values, not today's defaults.
+WRITTEN_BEFORE = {"optimizer": "adamw"}
 
 
 @dataclass
@@ -85,7 +87,8 @@ class LoopConfig:
     compile: bool = False  # torch.compile the model's parts (checkpoints are unchanged)
     fused_optimizer: bool = True  # AdamW's fused kernel (one per step in place of a loop over parameters; 3.7x at tiny on CPU)
     # "adamw", or "muon": torch.optim.Muon (its update's RMS matched to AdamW's, so the same lr and weight
-    # decay) on the 2-D weights whose names contain a key of muon_params, AdamW on every other parameter.
+    # decay) on the 2-D weights whose names contain a key of muon_params, AdamW on every other parameter
+    # (stvq.optim.MuonAdamW). A tokenizer trains with Muon (TrainConfig).
     optimizer: str = "adamw"
     muon_params: tuple[str, ...] = ("blocks.",)  # the transformer blocks' matrices (encoder and decoder)
     seed: int = 0
@@ -142,6 +145,9 @@ class TrainConfig(LoopConfig):
     # The encoder learns at a tenth of the rate, so that where the object is, which a fresh `lecun-sincos`
     # encoder already tells, survives until the decoder uses it.
     lr_scales: dict[str, float] = field(default_factory=lambda: {"encoder.": 0.1})
+    # Muon on the transformer blocks: the main job 21.47 dB against AdamW's 20.63 at 1.08x the step time,
+    # the decoder oracle 22.65 against 21.29 dB (README, "Sharp reconstructions").
+    optimizer: str = "muon"
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
     # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder
     # renders the objects; from the start it holds training on the plateau), a share ``tail_drop`` of the

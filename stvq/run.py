@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from stvq.checkpoint import atomic_write, load_tensors, read_json, save_tensors, weights_fingerprint, write_json
-from stvq.config import TrainConfig
+from stvq.config import WRITTEN_BEFORE, TrainConfig
 from stvq.data import FileSpec
 from stvq.errors import StvqError
 
@@ -76,7 +76,7 @@ class RunDir:
         if not path.is_file():
             raise StvqError(f"{self.path} is not a training run (no {self.TRAIN_CONFIG}); pass a directory made by `stvq train`")
         try:
-            cfg = schema(**json.loads(path.read_text()))
+            cfg = schema(**{**WRITTEN_BEFORE, **json.loads(path.read_text())})
         except StvqError as err:  # a field out of range: the file says so, not a flag
             raise StvqError(f"{path} is not a train.json that stvq wrote ({err}); start the run again in another directory") from None
         except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields

@@ -126,7 +126,7 @@ def test_a_fused_optimizer_takes_the_same_step():
     for fused in (False, True):
         torch.manual_seed(0)
         model = nn.Linear(8, 4)
-        opt = make_optimizer(model, TrainConfig(fused_optimizer=fused))
+        opt = make_optimizer(model, TrainConfig(fused_optimizer=fused, optimizer="adamw"))
         assert opt.defaults["fused"] is (True if fused else None)
         model(torch.randn(5, 8)).square().mean().backward()
         opt.step()

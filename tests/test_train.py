@@ -324,6 +324,25 @@ def test_lr_scales_hold_then_ramp_to_the_base_rate():
     assert rates(100) == {(True, 1e-3), (False, 1e-3)}
 
 
+def test_a_tokenizer_trains_with_muon_and_a_run_written_before_the_optimizer_field_resumes_with_adamw(tmp_path):
+    from stvq.optim import MuonAdamW
+    from stvq.run import RunDir
+
+    model = stvq.create("tokenizer", "styled", preset="tiny")
+    opt = make_optimizer(model, TrainConfig())
+    assert isinstance(opt, MuonAdamW)
+    muon = {n for n, p in model.named_parameters() if any(p is q for g in opt.param_groups if g["muon"] for q in g["params"])}
+    assert muon and all("blocks." in n and n.endswith("weight") for n in muon)
+    assert "decoder.code_proj.weight" not in muon and "encoder.blocks.0.attn.qkv.weight" in muon
+    run = RunDir(tmp_path)
+    run.write_train_config(TrainConfig())
+    assert run.read_train_config().optimizer == "muon"
+    old = json.loads((tmp_path / "train.json").read_text())
+    del old["optimizer"], old["muon_params"]
+    (tmp_path / "train.json").write_text(json.dumps(old))
+    assert run.read_train_config().optimizer == "adamw"  # its checkpoint holds AdamW's state
+
+
 def test_tail_drop_starts_at_its_fraction_of_the_run_and_only_in_stage_1(tmp_path, monkeypatch):
     import stvq.train as train
 
