@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         rows = throughput(["--presets", "tiny", "--variants", "fp32,bf16", "--batches", "2", "--steps", "1", "--warmup", "1", "--workers", "0", "--data-batches", "1", "--json", str(out / "throughput.json")])
     else:
-        rows = throughput(["--presets", "tiny,small,reference", "--variants", "fp32,bf16,bf16+fused", "--batches", "32,128", "--steps", "8", "--warmup", "2", "--json", str(out / "throughput.json")])
+        rows = throughput(["--presets", "tiny,small,reference", "--variants", "fp32,bf16,bf16+fused,bf16+fused+adamw", "--batches", "32,128", "--steps", "8", "--warmup", "2", "--json", str(out / "throughput.json")])
     keep("throughput", rows)
 
     batch = 4 if args.smoke else args.oracle_batch

@@ -1,14 +1,15 @@
 """Training throughput per preset (issue 24): images/s, MFU and peak memory of stage-1 training steps for
-fp32, bf16 autocast, ``torch.compile`` and fused AdamW, at batch sizes doubling up to what fits, and the
-data path on its own (the shapes renderer and JPEG decoding through DataLoader workers), so that a run
+fp32, bf16 autocast, ``torch.compile``, fused AdamW and Muon against AdamW alone, at batch sizes doubling
+up to what fits, and the data path on its own (the shapes renderer and JPEG decoding through DataLoader workers), so that a run
 says whether it is data- or compute-bound.
 
     python benchmarks/train_throughput.py                      # on a GPU: tiny, small, reference
     python benchmarks/train_throughput.py --presets tiny --batches 24 --steps 3 --variants fp32,fused
 
 Each row times ``--steps`` steps after ``--warmup`` steps (compilation happens there) of the step stage 1
-runs: the tokenizer's forward with code noise, the MSE, backward, gradient clipping and AdamW
-(:func:`stvq.train.update`). FLOPs per image are torch's count (:mod:`stvq.flops`); MFU is against the
+runs: the tokenizer's forward with code noise, the MSE, backward, gradient clipping and the optimizer
+(:func:`stvq.train.update`): training's default, Muon on the blocks' matrices and AdamW on the rest, or AdamW
+alone in the ``adamw`` variants. FLOPs per image are torch's count (:mod:`stvq.flops`); MFU is against the
 device's peak (bf16 for the bf16 rows). Prints a markdown table; ``--json`` writes the rows too. Run it
 alone: two torch jobs on one machine slow each other.
 """
@@ -34,7 +35,7 @@ from stvq.images import to_uint8
 from stvq.train import make_optimizer, update
 from stvq_reference.folders import PhotosDataset
 
-VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+compile", "fused")
+VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+adamw", "bf16+fused+compile", "fused", "fused+adamw")
 
 
 def sync(device: torch.device) -> None:
@@ -48,7 +49,7 @@ def time_steps(preset: str, variant: str, batch: int, steps: int, warmup: int, d
     model = stvq.create("tokenizer", "styled", preset=preset).to(device).train()
     size = model.config.image_size
     flops = count_flops(model, torch.empty(1, 3, size, size))
-    cfg = TrainConfig(preset=preset, fused_optimizer="fused" in variant)
+    cfg = TrainConfig(preset=preset, fused_optimizer="fused" in variant, optimizer="adamw" if "adamw" in variant else "muon")
     opt = make_optimizer(model, cfg)
     bf16 = "bf16" in variant
     net = torch.compile(model) if "compile" in variant else model
@@ -74,7 +75,7 @@ def time_steps(preset: str, variant: str, batch: int, steps: int, warmup: int, d
     images_per_s = batch * steps / seconds
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
-        "preset": preset, "variant": variant, "batch": batch, "images_per_s": images_per_s, "gflops_per_image": flops / 1e9,
+        "preset": preset, "variant": variant, "optimizer": cfg.optimizer, "batch": batch, "images_per_s": images_per_s, "gflops_per_image": flops / 1e9,
         "mfu": flops * images_per_s / peak if peak else None, "peak_memory_mb": memory, "step_ms": 1000 * seconds / steps,
     }
 

@@ -107,10 +107,11 @@ def test_the_throughput_benchmark_runs_on_cpu_and_reports_each_variant(tmp_path,
 
     monkeypatch.setenv(PEAK_ENV, "1")
     out = tmp_path / "rows.json"
-    rows = benchmark(["--presets", "tiny", "--variants", "fp32,fused,bf16", "--batches", "4", "--steps", "1", "--warmup", "1",
+    rows = benchmark(["--presets", "tiny", "--variants", "fp32,fused,bf16,fused+adamw", "--batches", "4", "--steps", "1", "--warmup", "1",
                       "--workers", "0", "--data-batches", "1", "--json", str(out)])
     train = [r for r in rows if "variant" in r]
-    assert [r["variant"] for r in train] == ["fp32", "fused", "bf16"] and all(r["images_per_s"] > 0 and r["batch"] == 4 for r in train)
+    assert [(r["variant"], r["optimizer"]) for r in train] == [("fp32", "muon"), ("fused", "muon"), ("bf16", "muon"), ("fused+adamw", "adamw")]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 4 for r in train)
     expected = tokenizer_flops(stvq.create("tokenizer", "styled", preset="tiny"), 64)["train"]
     assert all(r["mfu"] == pytest.approx(expected * r["images_per_s"] / 1e12) for r in train)
     assert [r["data"] for r in rows if "data" in r] == ["shapes (rendered)", "JPEG folder (512 px, decoded)"]
