@@ -209,7 +209,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
 
 
-def make_optimizers(parts: dict[str, torch.nn.Module], cfg: LoopConfig) -> dict[str, torch.optim.AdamW]:
+def make_optimizers(parts: dict[str, torch.nn.Module], cfg: LoopConfig) -> dict[str, torch.optim.Optimizer]:
     """One optimizer per trained part: the model's (:func:`make_optimizer`), and for each companion (a
     discriminator) AdamW at the same rate, without weight decay, with no ``lr_scales``."""
     companion = replace(cfg, lr_scales={}, optimizer="adamw")
