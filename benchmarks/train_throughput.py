@@ -1,7 +1,7 @@
 """Training throughput per preset (issue 24): images/s, MFU and peak memory of stage-1 training steps for
 fp32, bf16 autocast, ``torch.compile``, fused AdamW and Muon against AdamW alone, at batch sizes doubling
-up to what fits, and the data path on its own (the shapes renderer and JPEG decoding through DataLoader workers), so that a run
-says whether it is data- or compute-bound.
+up to what fits, and the data path on its own (the shapes renderer and JPEG decoding through DataLoader
+workers), so that a run says whether it is data- or compute-bound.
 
     python benchmarks/train_throughput.py                      # on a GPU: tiny, small, reference
     python benchmarks/train_throughput.py --presets tiny --batches 24 --steps 3 --variants fp32,fused
@@ -49,7 +49,7 @@ def time_steps(preset: str, variant: str, batch: int, steps: int, warmup: int, d
     model = stvq.create("tokenizer", "styled", preset=preset).to(device).train()
     size = model.config.image_size
     flops = count_flops(model, torch.empty(1, 3, size, size))
-    cfg = TrainConfig(preset=preset, fused_optimizer="fused" in variant, optimizer="adamw" if "adamw" in variant else "muon")
+    cfg = TrainConfig(preset=preset, fused_optimizer="fused" in variant, optimizer="adamw" if "adamw" in variant else TrainConfig.optimizer)
     opt = make_optimizer(model, cfg)
     bf16 = "bf16" in variant
     net = torch.compile(model) if "compile" in variant else model
