@@ -11,9 +11,13 @@ from stvq.cli import main
 def test_every_command_has_help_with_an_example(runner):
     result = runner.invoke(main, ["--help"])
     assert result.exit_code == 0 and "Example" in result.output
-    for name in main.commands:
+    for name, command in main.commands.items():
         sub = runner.invoke(main, [name, "--help"])
         assert sub.exit_code == 0 and "Example" in sub.output, name
+        for leaf in getattr(command, "commands", {}) or [None]:
+            args = [name, leaf, "--help"] if leaf else [name, "--help"]
+            text = runner.invoke(main, args).output
+            assert "None" not in text, (args, text)  # a range without bounds once read "x<=None"
 
 
 def test_plugins_lists_kind_name_package_version(runner):

@@ -73,6 +73,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number.", param, ctx)
         return number
 
+    def _describe_range(self) -> str:
+        """What --help shows beside the default (click's reads "x<=None" for a range without bounds)."""
+        return "finite" if self.min is None and self.max is None else super()._describe_range()
+
 
 #: ``--seed``: what torch and NumPy accept.
 SEED = click.IntRange(0, MAX_SEED)
