@@ -80,16 +80,32 @@ def device_peak(device: torch.device, bf16: bool) -> tuple[float, str]:
     return cpu_peak(torch.get_num_threads(), bf16)
 
 
+def _cpuinfo() -> str:
+    path = Path("/proc/cpuinfo")
+    return path.read_text() if path.is_file() else ""
+
+
+def _cpu_flags(cpuinfo: str) -> set[str]:
+    listed = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
+    return set(listed.group(1).split()) if listed else set()
+
+
+def emulates_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
+    """Whether bfloat16 matrix products on ``device`` are emulated: a CPU without AVX512_BF16 or AMX
+    (x86 /proc/cpuinfo flags), where torch runs them about 20x slower than float32 (README, issue 24)."""
+    if device.type != "cpu":
+        return False
+    flags = _cpu_flags(_cpuinfo() if cpuinfo is None else cpuinfo)
+    return bool(flags) and not flags & {"avx512_bf16", "amx_bf16"}
+
+
 def cpu_peak(threads: int, bf16: bool = False, cpuinfo: str | None = None) -> tuple[float, str]:
     """An estimate of a CPU's peak FLOP/s over ``threads`` cores: cores x clock x FLOPs per cycle, the
     last from the vector flags (AVX-512: taken as 2 FMA units x 16 fp32 lanes x 2 = 64; AVX2 with FMA: 32; else
     8; bf16 doubles it with AVX512_BF16 and takes AMX's 1024 where the CPU has AMX). ``cpuinfo`` is the
     text of /proc/cpuinfo (read when not given; without it the clock is taken as 2 GHz)."""
-    if cpuinfo is None:
-        path = Path("/proc/cpuinfo")
-        cpuinfo = path.read_text() if path.is_file() else ""
-    listed = re.search(r"^flags\s*:(.*)$", cpuinfo, re.M)
-    flags = set(listed.group(1).split()) if listed else set()
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
+    flags = _cpu_flags(cpuinfo)
     clock = re.search(r"^cpu MHz\s*:\s*([\d.]+)", cpuinfo, re.M)
     ghz = float(clock.group(1)) / 1000 if clock else 2.0
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8

@@ -105,7 +105,7 @@ def run_oracle(
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
     draws the shape, which PSNR does not tell). ``on_point`` is called with every point as it is measured
     (a long run shows its curve as it goes). Returns the validation curve."""
-    from stvq.train import ImageObjective, keep_freed_memory, make_optimizers, set_lr, update
+    from stvq.train import ImageObjective, keep_freed_memory, make_optimizers, set_lr, update, warn_if_bf16_is_emulated
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     keep_freed_memory()
@@ -118,6 +118,7 @@ def run_oracle(
     objective = ImageObjective(cfg, image_size)  # stage 1's: reconstruction, and a discriminator where asked
     parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}
     opts = make_optimizers(parts, cfg)
+    warn_if_bf16_is_emulated(device, cfg.bf16)
     if cfg.compile:
         net.decoder.compile()
     val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))

@@ -28,7 +28,7 @@ from stvq.config import LoopConfig, TrainConfig
 from stvq.data import first_images, is_stream, make_dataset
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
-from stvq.flops import count_flops, device_peak, mfu
+from stvq.flops import count_flops, device_peak, emulates_bf16, mfu
 from stvq.images import save_image_grid
 from stvq.interfaces import CodeTokenizer, Decoder, Discriminator, FactorDataset
 from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, psnr
@@ -188,6 +188,13 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_trim_threshold, 1 << 30)
     mallopt(m_mmap_threshold, 32 << 20)
+
+
+def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:
+    """One warning when ``bf16`` autocast would run emulated on this CPU (:func:`stvq.flops.emulates_bf16`)."""
+    if bf16 and emulates_bf16(device):
+        warnings.warn("bf16 on this CPU is emulated (it has neither AVX512_BF16 nor AMX): its matrix products run "
+                      "about 20x slower than float32's; train without --bf16", stacklevel=2)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
@@ -428,6 +435,7 @@ class BaseTrainer:
         dataset, extras = self.prepare(model, dataset, val)
         flops = self._flops(model)
         peak, peak_source = device_peak(self.device, cfg.bf16)
+        warn_if_bf16_is_emulated(self.device, cfg.bf16)
         if cfg.compile:
             self.compile(model)
         batches, stream = self._batches(dataset, start, data_generator)

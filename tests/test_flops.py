@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import stvq
 from stvq.cli import main
 from stvq.config import PriorTrainConfig, TrainConfig
 from stvq.errors import StvqError
-from stvq.flops import PEAK_ENV, count_flops, cpu_peak, device_peak, mfu, tokenizer_flops
+from stvq.flops import PEAK_ENV, count_flops, cpu_peak, device_peak, emulates_bf16, mfu, tokenizer_flops
 from stvq.prior import PriorTrainer
 from stvq.train import Trainer
 
@@ -62,6 +63,22 @@ CPUINFO = "processor : 0\nmodel name : Some CPU\ncpu MHz : 2600.000\nflags : fpu
 def test_the_cpu_peak_is_an_estimate_from_cores_clock_and_flags(flags, bf16, per_cycle):
     peak, source = cpu_peak(2, bf16, CPUINFO.format(flags))
     assert peak == 2 * 2.6e9 * per_cycle and source.startswith("estimate: 2 cores x 2.60 GHz")
+
+
+@pytest.mark.parametrize("flags,emulated", [("avx2 fma", True), ("avx2 fma avx512f", True), ("avx512f avx512_bf16", False), ("amx_bf16", False)])
+def test_bf16_is_emulated_on_a_cpu_without_avx512_bf16_or_amx_and_training_says_so(flags, emulated, monkeypatch):
+    from stvq import flops
+    from stvq.train import warn_if_bf16_is_emulated
+
+    assert emulates_bf16(torch.device("cpu"), CPUINFO.format(flags)) is emulated
+    assert not emulates_bf16(torch.device("cpu"), "processor : 0\nFeatures : fp asimd bf16\n")  # no x86 flags: nothing to say
+    assert not emulates_bf16(torch.device("meta"), CPUINFO.format(flags))
+    monkeypatch.setattr(flops, "_cpuinfo", lambda: CPUINFO.format(flags))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_bf16_is_emulated(torch.device("cpu"), bf16=True)
+        warn_if_bf16_is_emulated(torch.device("cpu"), bf16=False)
+    assert [str(w.message).split(":")[0] for w in caught] == (["bf16 on this CPU is emulated (it has neither AVX512_BF16 nor AMX)"] if emulated else [])
 
 
 def test_the_peak_can_be_overridden_and_a_bad_override_is_one_line(monkeypatch):
