@@ -194,7 +194,7 @@ def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:
     """One warning when ``bf16`` autocast would run emulated on this CPU (:func:`stvq.flops.emulates_bf16`)."""
     if bf16 and emulates_bf16(device):
         warnings.warn("bf16 on this CPU is emulated (it has neither AVX512_BF16 nor AMX): its matrix products run "
-                      "about 20x slower than float32's; train without --bf16", stacklevel=2)
+                      "about 20x slower than float32's; leave bf16 off (--bf16, or --train bf16=true in the oracle)", stacklevel=2)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
