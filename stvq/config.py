@@ -87,8 +87,8 @@ class LoopConfig:
     compile: bool = False  # torch.compile the model's parts (checkpoints are unchanged)
     fused_optimizer: bool = True  # AdamW's fused kernel (one per step in place of a loop over parameters; 3.7x at tiny on CPU)
     # "adamw", or "muon": torch.optim.Muon (its update's RMS matched to AdamW's, so the same lr and weight
-    # decay) on the 2-D weights whose names contain a key of muon_params, AdamW on every other parameter
-    # (stvq.optim.MuonAdamW). A tokenizer trains with Muon (TrainConfig).
+    # decay) on the matrices and convolution weights (as the matrix of their linear map) whose names contain
+    # a key of muon_params, AdamW on every other parameter (stvq.optim.MuonAdamW). A tokenizer trains with Muon (TrainConfig).
     optimizer: str = "adamw"
     muon_params: tuple[str, ...] = ("blocks.",)  # the transformer blocks' matrices (encoder and decoder)
     seed: int = 0

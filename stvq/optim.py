@@ -44,7 +44,13 @@ class MuonAdamW(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
         muon = [g for g in groups if g["muon"]]
         adamw = [g for g in groups if not g["muon"]]
-        self._muon = torch.optim.Muon(muon, lr=lr, adjust_lr_fn="match_rms_adamw") if muon else None
+        # torch.optim.Muon checks for 2-D weights; a convolution's weight (out, in, k, k) is orthogonalised as
+        # the matrix (out, in k k) of its linear map, as Jordan's Muon does: so it is built on those views,
+        # and _link hands it the groups themselves
+        flat = [{**g, "params": [p.detach().view(len(p), -1) for p in g["params"]]} for g in muon]
+        self._muon = torch.optim.Muon(flat, lr=lr, adjust_lr_fn="match_rms_adamw") if muon else None
+        for g in muon:
+            g.update({k: v for k, v in self._muon.defaults.items() if k not in g})
         self._adamw = torch.optim.AdamW(adamw, lr=lr, betas=betas, fused=fused) if adamw else None
         super().__init__(muon + adamw, {})  # the same group dicts, each optimizer's defaults filled in
         self._link()
@@ -85,7 +91,9 @@ class MuonAdamW(torch.optim.Optimizer):
             lr = group["lr"]
             dtype = self.ns_dtype or (torch.bfloat16 if params[0].is_cuda else torch.float32)
             for shape, index in shapes.items():
-                ortho = newton_schulz(torch.stack([updates[i] for i in index]), group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                matrix = torch.Size((shape[0], shape[1:].numel()))
+                stacked = torch.stack([updates[i].reshape(matrix) for i in index])
+                ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
                 same = [params[i] for i in index]
                 torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
-                torch._foreach_add_(same, list(ortho.float().unbind(0)), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], shape))
+                torch._foreach_add_(same, list(ortho.float().view(-1, *shape).unbind(0)), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], matrix))

@@ -198,8 +198,8 @@ def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the 2-D weights named by ``cfg.muon_params``
-    (:class:`stvq.optim.MuonAdamW`); no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a
+    """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the matrices and convolution weights
+    named by ``cfg.muon_params`` (:class:`stvq.optim.MuonAdamW`); no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a
     parameter whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
     ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay
@@ -207,7 +207,7 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
     for name, p in model.named_parameters():
         if p.requires_grad:
             scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
-            muon = cfg.optimizer == "muon" and p.ndim == 2 and any(k in name for k in cfg.muon_params)
+            muon = cfg.optimizer == "muon" and p.ndim in (2, 4) and any(k in name for k in cfg.muon_params)
             groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0, muon), []).append(p)
     params = [{"params": ps, "weight_decay": decay, "lr_scale": scale, "muon": muon} for (scale, decay, muon), ps in groups.items()]
     fused = cfg.fused_optimizer or None

@@ -230,6 +230,35 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly()
         TrainConfig(optimizer="sgd")
 
 
+def test_muon_steps_a_convolution_as_the_matrix_of_its_linear_map():
+    """A convolution's weight (out, in, k, k) named in muon_params takes the step that the (out, in k k)
+    matrix with its gradients takes, at that matrix's adjusted rate, and its momentum keeps the weight's shape."""
+    from stvq.train import make_optimizer
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, bias=False)
+    linear = nn.Linear(36, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.flatten(1))
+    cfg = TrainConfig(optimizer="muon", lr=1e-2, lr_scales={}, muon_params=("blocks",))
+    nets = nn.ModuleDict({"blocks_conv": conv}), nn.ModuleDict({"blocks_linear": linear})
+    opts = [make_optimizer(net, cfg) for net in nets]
+    start = conv.weight.detach().clone()
+    assert [sum(len(g["params"]) for g in o.param_groups if g["muon"]) for o in opts] == [1, 1]
+    for step in range(3):
+        x = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(step))
+        patches = nn.functional.unfold(x, 3).mT  # (2, 9, 36): what the convolution multiplies
+        for o in opts:
+            o.zero_grad()
+        conv(x).square().mean().backward()
+        linear(patches).square().mean().backward()
+        for o in opts:
+            o.step()
+        assert torch.allclose(conv.weight.flatten(1), linear.weight, atol=1e-6), step
+    assert opts[0].state_dict()["state"][0]["momentum_buffer"].shape == (8, 4, 3, 3)
+    assert not torch.allclose(conv.weight, start, atol=1e-3)
+
+
 @pytest.mark.slow
 def test_the_prepared_gpu_session_runs_every_part_on_cpu(tmp_path):
     """benchmarks/gpu_session.py, README's command for a lent GPU, with --smoke: every part writes its files."""
