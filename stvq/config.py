@@ -91,6 +91,10 @@ class LoopConfig:
     # a key of muon_params, AdamW on every other parameter (stvq.optim.MuonAdamW). A tokenizer trains with Muon (TrainConfig).
     optimizer: str = "adamw"
     muon_params: tuple[str, ...] = ("blocks.",)  # the transformer blocks' matrices (encoder and decoder)
+    # Exponential moving average of the model's weights (timm's ModelEmaV3, its decay warmed up as
+    # 1 - (1 + step) ** -0.75 up to ema_decay): validation reads it, model.safetensors holds it, the
+    # checkpoint holds both; 0: off.
+    ema_decay: float = 0.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 300
@@ -111,6 +115,8 @@ class LoopConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise StvqError(f"--lr must be a positive number, got {self.lr}")
         check_ranges(self, nonnegative=("weight_decay", "grad_clip"), fractions=("lr_scales_until", "min_lr_ratio"))
+        if not 0 <= self.ema_decay < 1:
+            raise StvqError(f"--ema-decay must be in [0, 1) (0: no moving average; 0.999 is usual), got {self.ema_decay}")
         if self.optimizer not in OPTIMIZERS:
             raise StvqError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if not (isinstance(self.muon_params, (list, tuple)) and all(isinstance(k, str) and k for k in self.muon_params)):

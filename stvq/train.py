@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors import safe_open
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
@@ -292,13 +293,15 @@ def save_checkpoint(
     path: Path, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], step: int, data_generator: torch.Generator,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Every part's weights and optimizer state (the model, and companions such as a discriminator), the RNG
-    state and ``extra`` tensors (a stream's reader positions) in one safetensors file: one atomic rename,
-    never a torn mix."""
+    """Every part's weights and, for those in ``opts``, optimizer state (the model, companions such as a
+    discriminator, the weights' moving average), the RNG state and ``extra`` tensors (a stream's reader
+    positions) in one safetensors file: one atomic rename, never a torn mix."""
     tensors = dict(extra or {})
     metadata = {"step": str(step)}
     for name, module in parts.items():
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        if name not in opts:
+            continue
         prefix, groups = _optim_prefix(name)
         state = opts[name].state_dict()
         for index, entries in state["state"].items():
@@ -322,13 +325,16 @@ def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[st
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:  # a torn file or a header that lies: safetensors raises several types
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
-    missing = [name for name in parts if _optim_prefix(name)[1] not in metadata]
+    missing = [name for name in opts if _optim_prefix(name)[1] not in metadata]
+    missing += [name for name in parts if not any(k.startswith(f"{name}.") for k in tensors)]
     if missing:
         raise CheckpointError(f"{path} holds no {missing[0]}: it was written by a run without one; resume with the run's own train.json")
     try:
         for name, module in parts.items():
-            prefix, groups = _optim_prefix(name)
             module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
+            if name not in opts:
+                continue
+            prefix, groups = _optim_prefix(name)
             state: dict[int, dict[str, torch.Tensor]] = {}
             for key, value in tensors.items():
                 if key.startswith(f"{prefix}."):
@@ -430,8 +436,10 @@ class BaseTrainer:
         keep_freed_memory()
         parts = {"model": model, **self.companions()}
         opts = make_optimizers(parts, cfg)
+        ema = ModelEmaV3(model, cfg.ema_decay, use_warmup=True, warmup_power=0.75) if cfg.ema_decay else None
+        saved = {**parts, "ema": ema.module} if ema else parts  # what the checkpoint holds
         data_generator = torch.Generator().manual_seed(cfg.seed)  # the loader's own: keeps the global RNG exact
-        start, logged_seconds = self._restore(parts, opts, data_generator)
+        start, logged_seconds = self._restore(saved, opts, data_generator)
         dataset, extras = self.prepare(model, dataset, val)
         flops = self._flops(model)
         peak, peak_source = device_peak(self.device, cfg.bf16)
@@ -454,9 +462,11 @@ class BaseTrainer:
                     losses, terms, size = self.step(self.nets["model"], batch, step)
                 self._update(opts, losses, step)
                 done = step + 1
+                if ema:
+                    ema.update(model, step=done)
                 clock.count(size * self.world)
                 if done % cfg.log_every == 0 or done == cfg.steps:
-                    evaluation = self.evaluate(model, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
+                    evaluation = self._evaluate(model, ema, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
                     last_eval = evaluation or last_eval
                     record = {"step": done, "loss": losses["model"].item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
                     record["mfu"] = mfu(flops, record["images_per_s"], peak, self.world)
@@ -468,8 +478,8 @@ class BaseTrainer:
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     readers = {"data.positions": torch.from_numpy(np.stack(all_gather_objects(stream.positions)))} if stream else {}
                     if self.is_main:
-                        save_checkpoint(self.dir.checkpoint, parts, opts, done, data_generator, readers)
-                        model.save_pretrained(self.dir.path)
+                        save_checkpoint(self.dir.checkpoint, saved, opts, done, data_generator, readers)
+                        (ema.module if ema else model).save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
         images_per_s = clock.images / max(clock.elapsed(), 1e-9)
         summary = {
@@ -478,6 +488,14 @@ class BaseTrainer:
             **extras, **last_eval,
         }
         return self._finish(parts, summary)
+
+    def _evaluate(self, model: torch.nn.Module, ema: ModelEmaV3 | None, val: Any, step: int) -> dict[str, float]:
+        """:meth:`evaluate` of the weights the run saves: the moving average where there is one; at the last
+        step the live weights too, as ``live_*``, so the summary says what the average gained."""
+        if ema is None:
+            return self.evaluate(model, val, step)
+        live = {f"live_{k}": v for k, v in self.evaluate(model, val, step).items()} if step == self.cfg.steps else {}
+        return {**live, **self.evaluate(ema.module, val, step)}  # the average's grid is the one kept
 
     def _flops(self, model: torch.nn.Module) -> int | None:
         """:meth:`flops_per_item`, or None with one warning for a model that cannot run on the meta device

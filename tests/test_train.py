@@ -213,6 +213,40 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     assert torch.isfinite(state["model.decoder.out_conv.weight"]).all()
 
 
+def test_the_moving_average_is_validated_saved_and_resumed_exactly(tmp_path, monkeypatch):
+    """With --ema-decay the run validates and saves the weights' moving average (the live weights in the
+    checkpoint beside it, and read once at the end as live_*); a run stopped after its step-10 checkpoint
+    and resumed ends with the uninterrupted run's average."""
+    import stvq.train as train_module
+
+    cfg = small_config(steps=20, ema_decay=0.9, eval_every=10)
+    whole = tmp_path / "whole"
+    summary = Trainer(cfg, whole, progress=False).fit()
+    state = load_file(str(whole / "checkpoint.safetensors"))
+    saved = load_file(str(whole / "model.safetensors"))
+    key = "decoder.out_conv.weight"
+    assert torch.equal(saved[key], state[f"ema.{key}"]) and not torch.allclose(saved[key], state[f"model.{key}"])
+    assert summary["val_psnr"] != summary["live_val_psnr"] and "live_val_psnr" not in metrics(whole)[9]
+
+    real, calls = train_module.update, {"n": 0}
+
+    def stopping(*args):
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(train_module, "update", stopping)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, cut, progress=False).fit()
+    assert load_file(str(cut / "checkpoint.safetensors")).keys() == state.keys()
+    Trainer(cfg, cut, resume=True, progress=False).fit()
+    resumed = load_file(str(cut / "model.safetensors"))
+    assert all(torch.allclose(resumed[k], saved[k], atol=1e-6) for k in saved)
+    assert json.loads((cut / "summary.json").read_text())["resumed_from"] == 10
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -224,6 +258,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         (["train", "--eval-every", "0"], "--eval-every must be at least 1"),
         (["train", "--lr", "-1"], "--lr must be a positive number"),
         (["train", "--num-workers", "-1"], "--num-workers must be 0 or more"),
+        (["train", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["train", "--set", "heads=0"], "config field heads must be at least 1"),
         (["train", "--set", "image_size=0"], "config field image_size must be at least 1"),
         (["quantize", "--run", "/no/such/run"], "is not a training run"),

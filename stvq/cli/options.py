@@ -92,6 +92,7 @@ LOOP_FLAGS = {
     "steps": {},
     "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
     "bf16": {"help": "Autocast to bfloat16."},
+    "ema_decay": {"help": "Keep a moving average of the weights with this decay (e.g. 0.999); validation and the saved model use it. 0: off."},
     "seed": {"type": SEED},
     "eval_every": {},
     "checkpoint_every": {},
