@@ -199,16 +199,20 @@ def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the matrices and convolution weights
-    named by ``cfg.muon_params`` (:class:`stvq.optim.MuonAdamW`); no weight decay on biases, norms and learned tokens (1-D or 3-D embeddings); a
-    parameter whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
+    """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the hidden matrices and convolution weights
+    named by ``cfg.muon_params`` ("*": all of them; never an embedding table or the decoder's last layer,
+    which writes the pixels) and AdamW on the rest (:class:`stvq.optim.MuonAdamW`); no weight decay on
+    biases, norms and learned tokens (1-D or 3-D embeddings); a parameter whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
     ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay
     groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
+    output = model.decoder.last_layer() if isinstance(model, CodeTokenizer) else None
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
         if p.requires_grad:
             scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
-            muon = cfg.optimizer == "muon" and p.ndim in (2, 4) and any(k in name for k in cfg.muon_params)
+            named = any(k == "*" or k in name for k in cfg.muon_params)
+            muon = cfg.optimizer == "muon" and p.ndim in (2, 4) and named and p is not output and id(p) not in tables
             groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0, muon), []).append(p)
     params = [{"params": ps, "weight_decay": decay, "lr_scale": scale, "muon": muon} for (scale, decay, muon), ps in groups.items()]
     fused = cfg.fused_optimizer or None

@@ -188,7 +188,7 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly()
             m["head"](m["blocks"](x)).square().mean().backward()
             opt.step()
 
-    cfg = TrainConfig(optimizer="muon", lr=1e-2, lr_scales={})
+    cfg = TrainConfig(optimizer="muon", lr=1e-2, lr_scales={}, muon_params=("blocks",))
     ours, exact = model(), model()
     opt = make_optimizer(ours, cfg)
     assert opt.ns_dtype is None  # float32 iterations on a CPU (bfloat16 on CUDA)

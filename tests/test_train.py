@@ -367,8 +367,13 @@ def test_a_tokenizer_trains_with_muon_and_a_run_written_before_the_optimizer_fie
     opt = make_optimizer(model, TrainConfig())
     assert isinstance(opt, MuonAdamW)
     muon = {n for n, p in model.named_parameters() if any(p is q for g in opt.param_groups if g["muon"] for q in g["params"])}
-    assert muon and all("blocks." in n and n.endswith("weight") for n in muon)
-    assert "decoder.code_proj.weight" not in muon and "encoder.blocks.0.attn.qkv.weight" in muon
+    hidden = {n for n, p in model.named_parameters() if p.ndim in (2, 4)} - {"decoder.out_head.mlp.3.weight"}
+    assert muon == hidden  # every hidden matrix and convolution: not the RGB layer, biases, norms or learned tokens
+    assert model.decoder.last_layer() is dict(model.named_parameters())["decoder.out_head.mlp.3.weight"]
+    blocks = make_optimizer(model, TrainConfig(muon_params=("blocks.",)))
+    assert sum(len(g["params"]) for g in blocks.param_groups if g["muon"]) == len({n for n in muon if "blocks." in n})
+    table = torch.nn.ModuleDict({"decoder": torch.nn.Embedding(10, 4), "proj": torch.nn.Linear(4, 4)})
+    assert [p.shape for g in make_optimizer(table, TrainConfig()).param_groups if g["muon"] for p in g["params"]] == [(4, 4)]
     run = RunDir(tmp_path)
     run.write_train_config(TrainConfig())
     assert run.read_train_config().optimizer == "muon"
