@@ -88,7 +88,8 @@ class LoopConfig:
     fused_optimizer: bool = True  # AdamW's fused kernel (one per step in place of a loop over parameters; 3.7x at tiny on CPU)
     # "adamw", or "muon": torch.optim.Muon (its update's RMS matched to AdamW's, so the same lr and weight
     # decay) on the matrices and convolution weights (as the matrix of their linear map) whose names contain
-    # a key of muon_params, AdamW on every other parameter (stvq.optim.MuonAdamW). A tokenizer trains with Muon (TrainConfig).
+    # a key of muon_params (never embeddings or a decoder's last layer), AdamW on every other parameter
+    # (stvq.optim.MuonAdamW). A tokenizer trains with Muon (TrainConfig).
     optimizer: str = "adamw"
     muon_params: tuple[str, ...] = ("*",)  # name substrings; "*": every hidden matrix and convolution
     # Exponential moving average of the model's weights (timm's ModelEmaV3, its decay warmed up as
@@ -150,8 +151,8 @@ class TrainConfig(LoopConfig):
     data: str = "shapes"  # "shapes" (built in) or an image folder
     # Muon on every hidden matrix and convolution (LoopConfig.muon_params), the encoder at the full rate
     # from the start: the main job 22.53 dB at seed 0 (Muon on the blocks alone: 22.00; AdamW: 20.66), the
-    # decoder oracle 22.73 against AdamW's 21.29 dB (README, "Sharp reconstructions"). AdamW needs lr_scales={"encoder.":
-    # 0.1} over the first half, or training erases where the object is before the decoder uses it (issue 10).
+    # decoder oracle 22.73 against AdamW's 21.29 dB (README, "Sharp reconstructions"). AdamW needs
+    # lr_scales={"encoder.": 0.1} over the first half, or training erases where the object is before the decoder uses it (issue 10).
     optimizer: str = "muon"
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
     # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder

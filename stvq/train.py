@@ -202,8 +202,8 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
     """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the hidden matrices and convolution weights
     named by ``cfg.muon_params`` ("*": all of them; never an embedding table or the decoder's last layer,
     which writes the pixels) and AdamW on the rest (:class:`stvq.optim.MuonAdamW`); no weight decay on
-    biases, norms and learned tokens (1-D or 3-D embeddings); a parameter whose name contains a key of ``cfg.lr_scales`` learns at that multiple of the learning rate.
-    ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
+    biases, norms and learned tokens (1-D or 3-D embeddings); a parameter whose name contains a key of
+    ``cfg.lr_scales`` learns at that multiple of the learning rate. ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay
     groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
     output = model.decoder.last_layer() if isinstance(model, CodeTokenizer) else None
