@@ -247,6 +247,16 @@ def test_the_moving_average_is_validated_saved_and_resumed_exactly(tmp_path, mon
     assert json.loads((cut / "summary.json").read_text())["resumed_from"] == 10
 
 
+def test_readme_ema_flag_runs_from_the_cli(runner, tmp_path):
+    """README's `--ema-decay 0.999`, as a flag of `stvq train`: the summary holds both readings."""
+    run = tmp_path / "ema"
+    args = ["train", "--ema-decay", "0.999", *SMALL_ARGS, "--steps", "4", "--batch-size", "2", "--eval-every", "2", "--run-dir", str(run), "--no-progress"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert json.loads((run / "train.json").read_text())["ema_decay"] == 0.999 and {"val_psnr", "live_val_psnr"} <= summary.keys()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
