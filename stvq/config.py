@@ -152,7 +152,8 @@ class TrainConfig(LoopConfig):
     # Muon on every hidden matrix and convolution (LoopConfig.muon_params), the encoder at the full rate
     # from the start: the main job 22.53 dB at seed 0 (Muon on the blocks alone: 22.00; AdamW: 20.66), the
     # decoder oracle 22.73 against AdamW's 21.29 dB (README, "Sharp reconstructions"). AdamW needs
-    # lr_scales={"encoder.": 0.1} over the first half, or training erases where the object is before the decoder uses it (issue 10).
+    # lr_scales={"encoder.": 0.1} over the first half, or training erases where the object is before the
+    # decoder uses it (issue 10).
     optimizer: str = "muon"
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
     # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder

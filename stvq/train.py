@@ -203,7 +203,8 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
     named by ``cfg.muon_params`` ("*": all of them; never an embedding table or the decoder's last layer,
     which writes the pixels) and AdamW on the rest (:class:`stvq.optim.MuonAdamW`); no weight decay on
     biases, norms and learned tokens (1-D or 3-D embeddings); a parameter whose name contains a key of
-    ``cfg.lr_scales`` learns at that multiple of the learning rate. ``weight_decay`` replaces ``cfg.weight_decay`` (a discriminator trains without)."""
+    ``cfg.lr_scales`` learns at that multiple of the learning rate. ``weight_decay`` replaces
+    ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay
     groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
     output = model.decoder.last_layer() if isinstance(model, CodeTokenizer) else None
@@ -211,9 +212,10 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
     for name, p in model.named_parameters():
         if p.requires_grad:
             scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
+            weight = p.ndim in (2, 4)  # a matrix or a convolution: not a bias, norm or learned token
             named = any(k == "*" or k in name for k in cfg.muon_params)
-            muon = cfg.optimizer == "muon" and p.ndim in (2, 4) and named and p is not output and id(p) not in tables
-            groups.setdefault((scale, decay if p.ndim in (2, 4) else 0.0, muon), []).append(p)
+            muon = cfg.optimizer == "muon" and weight and named and p is not output and id(p) not in tables
+            groups.setdefault((scale, decay if weight else 0.0, muon), []).append(p)
     params = [{"params": ps, "weight_decay": decay, "lr_scale": scale, "muon": muon} for (scale, decay, muon), ps in groups.items()]
     fused = cfg.fused_optimizer or None
     if cfg.optimizer == "muon":
