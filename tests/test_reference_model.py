@@ -440,6 +440,31 @@ def test_the_film_head_reads_the_coordinates_and_ends_in_its_own_last_layer():
     assert decoder(codes).shape == (2, 3, 64, 64)
 
 
+def test_blended_out_conv_has_no_patch_borders_and_keeps_out_conv_where_the_grid_is_uniform():
+    """blend_patches: tokens that each draw a flat patch give out_conv a step at every patch border and
+    nothing inside; blended, no step across a border is larger than the largest one inside a patch. A
+    uniform grid decodes as out_conv decodes it (the windows sum to one), with out_conv's parameters."""
+    from stvq_reference.layers import BlendedUnpatchify, Unpatchify
+
+    torch.manual_seed(0)
+    plain, blended = Unpatchify(8, 3, 16), BlendedUnpatchify(8, 3, 16)
+    blended.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(8, 3, 1, 1).expand_as(plain.weight))  # flat patches
+    blended.load_state_dict(plain.state_dict())
+    grid = torch.randn(2, 8, 4, 4)
+    border = torch.arange(63) % 16 == 15  # the step from pixel 16k - 1 to 16k
+    for dim in (-1, -2):  # across, then down
+        steps = {name: layer(grid).diff(dim=dim).abs().movedim(dim, -1) for name, layer in (("plain", plain), ("blended", blended))}
+        assert steps["plain"][..., ~border].max() < 1e-5 and steps["plain"][..., border].max() > 0.5
+        assert steps["blended"][..., border].max() <= steps["blended"][..., ~border].max()
+    uniform = torch.randn(2, 8, 1, 1).expand(2, 8, 4, 4)
+    torch.testing.assert_close(blended(uniform), plain(uniform), rtol=1e-5, atol=1e-5)
+    assert blended(grid).shape == (2, 3, 64, 64) and list(blended.state_dict()) == ["weight", "bias"]
+    decoder = StyledDecoder(preset="tiny", blend_patches=True)
+    assert isinstance(decoder.out_conv, BlendedUnpatchify) and decoder(torch.randn(2, 36, 16)).shape == (2, 3, 64, 64)
+
+
 @pytest.mark.parametrize("width,channels,patch,grid", [(1024, 3, 16, 16), (64, 16, 16, 4)], ids=["reference", "tiny-pixel-head"])
 def test_out_conv_computes_the_transposed_convolution_it_replaces(width, channels, patch, grid):
     """out_conv is a matrix product per token; forward and backward equal ConvTranspose2d(kernel = stride =

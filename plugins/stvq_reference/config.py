@@ -40,6 +40,9 @@ class StyledConfig(PluginConfig):
     # spelling of "conv".
     head: str = "linear"
     head_channels: int = 0
+    # out_conv on four half-patch-shifted tilings of the token grid, blended by triangle windows: the same
+    # parameters, no patch borders in its output (stvq_reference.layers.BlendedUnpatchify)
+    blend_patches: bool = False
     zero_init: bool = False  # decoder blocks start as the identity (adaLN-Zero style)
     pos_init: str = "normal"  # position embeddings start as "normal" (ViT, std 0.02) or "sincos" (2D sin-cos)
     # How the encoder starts: "vit" (std 0.02 weights and positions, as ViT) or "lecun-sincos" (weights std

@@ -72,3 +72,32 @@ class Unpatchify(nn.ConvTranspose2d):
         p = self.stride[0]
         patches = F.linear(rearrange(grid, "b d h w -> b h w d"), self.weight.flatten(1).T, self.bias.repeat_interleave(p * p))
         return rearrange(patches, "b h w (c p q) -> b (h p) (w q) c", p=p, q=p).permute(0, 3, 1, 2)
+
+
+def triangle_window(size: int, patch: int) -> torch.Tensor:
+    """(size,) weights, each patch's triangle: 1 - |2 (u + 1/2) / patch - 1| at offset u within the patch,
+    1 - 1/patch next to its centre and 1/patch next to its borders."""
+    u = (torch.arange(size, dtype=torch.float32) % patch + 0.5) / patch
+    return 1 - (2 * u - 1).abs()
+
+
+class BlendedUnpatchify(Unpatchify):
+    """out_conv without seams (``blend_patches=true``): the same parameters and per-token map, applied to
+    four tilings of the token grid, as it is and shifted by half a patch across, down and both (each shifted
+    token the mean of the two or four it falls between, edges replicated), and the four blended by
+    triangle windows that vanish towards each tiling's own patch borders. The weights sum to one, so a
+    uniform grid gives out_conv's output; where two patches of one tiling meet, that tiling weighs 1/patch
+    and the others, continuous there, the rest. Four matrix products where out_conv takes one."""
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
+        p, (h, w) = self.stride[0], grid.shape[-2:]
+        padded = F.pad(grid, (1, 1, 1, 1), mode="replicate")
+        wy, wx = (triangle_window(n * p, p).to(grid) for n in (h, w))
+        out = 0
+        for sy in (0, 1):
+            for sx in (0, 1):
+                tokens = F.avg_pool2d(padded[..., 1 - sy : h + 1 + sy, 1 - sx : w + 1 + sx], (1 + sy, 1 + sx), stride=1)
+                pixels = super().forward(tokens)[..., sy * p // 2 : sy * p // 2 + h * p, sx * p // 2 : sx * p // 2 + w * p]
+                out = out + pixels * ((wy if sy == 0 else 1 - wy)[:, None] * (wx if sx == 0 else 1 - wx))
+        return out
