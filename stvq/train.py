@@ -172,13 +172,14 @@ def build_model(cfg: TrainConfig) -> CodeTokenizer:
     return STAGES[cfg.stage].build(cfg)
 
 
-def keep_freed_memory() -> None:
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30) -> None:
     """Keep freed memory in the process (glibc): by default every freed block over the mmap threshold, and
     the top of the heap past the trim threshold, go back to the kernel, so each training step's activations
     are faulted in again page by page (about 16,000 page faults a step at ``tiny``, 35 ms of system time).
     Raising both thresholds (to 32 MiB, glibc's largest mmap threshold, and 1 GiB) keeps them for the next
-    step: the CPU oracle step 1.09-1.15x faster, measured side by side (README, "Throughput"). A no-op
-    outside Linux or where the C library is not glibc."""
+    step: the CPU oracle step 1.09-1.15x faster, measured side by side (README, "Throughput"). Setting
+    either turns glibc's dynamic adjustment of both off. A no-op outside Linux or where the C library is
+    not glibc."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -187,8 +188,8 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):  # musl and others: nothing to tune
         return
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    mallopt(m_trim_threshold, 1 << 30)
-    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, trim_threshold)
+    mallopt(m_mmap_threshold, mmap_threshold)
 
 
 def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:

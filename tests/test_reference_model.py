@@ -450,7 +450,6 @@ def test_blended_out_conv_has_no_patch_borders_and_keeps_out_conv_where_the_grid
 
     torch.manual_seed(0)
     plain, blended = Unpatchify(8, 3, 16), BlendedUnpatchify(8, 3, 16)
-    blended.load_state_dict(plain.state_dict())
     with torch.no_grad():
         plain.weight.copy_(torch.randn(8, 3, 1, 1).expand_as(plain.weight))  # flat patches
     blended.load_state_dict(plain.state_dict())

@@ -534,13 +534,12 @@ def test_training_keeps_freed_activation_memory_instead_of_faulting_it_in_every_
     have called keep_freed_memory. (glibc's dynamic threshold makes its untouched default vary between
     processes, 15,335 to 612,800 faults measured, so the contrast sets the static defaults explicitly.)"""
     code = """
-import ctypes, resource, sys, torch
+import resource, sys, torch
 from stvq.train import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
 else:  # glibc's documented defaults, set explicitly: that turns its dynamic adjustment off
-    for option in (-1, -3):  # M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-        ctypes.CDLL("libc.so.6").mallopt(option, 128 << 10)
+    keep_freed_memory(mmap_threshold=128 << 10, trim_threshold=128 << 10)
 [torch.ones(3 << 20) for _ in range(4)]
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(50):
