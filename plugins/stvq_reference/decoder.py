@@ -18,7 +18,7 @@ from stvq.interfaces import Decoder
 
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.heads import make_head
-from stvq_reference.layers import BlendedUnpatchify, LayerNorm, Unpatchify, init_weights, learned_tokens, position_tokens, vit_block
+from stvq_reference.layers import BlendedUnpatchify, LayerNorm, OverlapUnpatchify, Unpatchify, init_weights, learned_tokens, position_tokens, vit_block
 
 
 class AdaLN(nn.Module):
@@ -86,7 +86,8 @@ class StyledDecoder(Decoder):
         self.condition_blocks = nn.ModuleList(self.make_block(i, cfg) for i in range(cfg.condition_layers))
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
-        self.out_conv = (BlendedUnpatchify if cfg.blend_patches else Unpatchify)(cfg.width, cfg.head_channels or 3, cfg.patch_size)
+        unpatchify = BlendedUnpatchify if cfg.blend_patches else OverlapUnpatchify if cfg.overlap_patches else Unpatchify
+        self.out_conv = unpatchify(cfg.width, cfg.head_channels or 3, cfg.patch_size)
         self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)

@@ -101,3 +101,31 @@ class BlendedUnpatchify(Unpatchify):
                 pixels = super().forward(tokens)[..., sy * p // 2 : sy * p // 2 + h * p, sx * p // 2 : sx * p // 2 + w * p]
                 out = out + pixels * ((wy if sy == 0 else 1 - wy)[:, None] * (wx if sx == 0 else 1 - wx))
         return out
+
+
+class OverlapUnpatchify(nn.ConvTranspose2d):
+    """out_conv without seams that keeps each token's own drawing (``overlap_patches=true``): each token
+    maps to a 2p x 2p footprint centred on its patch (a ConvTranspose2d of kernel 2p, stride p, padding
+    p/2), windowed by a separable triangle that falls to 1/(2p) at the footprint's edge, overlap-added
+    (``F.fold``) and divided by the windows' sum. Each pixel is a convex combination of what the 2 x 2
+    tokens nearest to it draw there, and no token's contribution steps at a patch border, whatever the
+    weights. Four times out_conv's parameters; a token that draws a flat footprint gives the bilinear
+    interpolation of the token grid, not a patch."""
+
+    def __init__(self, width: int, channels: int, patch: int) -> None:
+        super().__init__(width, channels, 2 * patch, stride=patch, padding=patch // 2)
+        ramp = triangle_window(2 * patch, 2 * patch)
+        self.register_buffer("window", ramp[:, None] * ramp, persistent=False)
+
+    def windowed_weight(self) -> torch.Tensor:
+        return self.weight * self.window
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
+        (h, w), p, k = grid.shape[-2:], self.stride[0], self.kernel_size[0]
+        size, fold = (h * p, w * p), dict(kernel_size=k, stride=p, padding=p // 2)
+        footprints = F.linear(rearrange(grid, "b d h w -> b (h w) d"), self.windowed_weight().flatten(1).T)
+        pixels = F.fold(footprints.mT, size, **fold)
+        cover = F.fold(self.window.reshape(1, -1, 1).expand(1, -1, h * w), size, **fold)
+        out = pixels / cover + self.bias[:, None, None]
+        return out.contiguous(memory_format=torch.channels_last)
