@@ -407,7 +407,7 @@ def test_a_model_saved_before_its_fields_moved_to_the_plugin_still_loads(tmp_pat
     assert isinstance(model.config, StyledConfig) and isinstance(model.config, PluginConfig)
     loaded = model.config.to_dict()
     assert {k: loaded.pop(k) for k in options["config"]} == options["config"] and model.quantizer_spec == options["quantizer"]
-    assert loaded == {"blend_patches": False, "overlap_patches": False}  # fields added since: their defaults
+    assert loaded == {"blend_patches": False, "patch_overlap": 0}  # fields added since: their defaults
     assert (tmp_path / "config.json").read_text() == saved.read_text()  # loading rewrites nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -467,23 +467,27 @@ def test_blended_out_conv_has_no_patch_borders_and_keeps_out_conv_where_the_grid
     assert isinstance(decoder.out_conv, BlendedUnpatchify) and decoder(torch.randn(2, 36, 16)).shape == (2, 3, 64, 64)
 
 
-def test_overlapping_out_conv_is_the_windowed_transposed_convolution_and_has_no_patch_borders():
-    """overlap_patches: the fold is the literal transposed convolution of the windowed kernel (2p, stride p,
-    padding p/2) divided by the windows' sum. Tokens that each draw a flat footprint give the bilinear
-    interpolation of their values: no step at a border larger than inside a patch, where out_conv steps."""
+@pytest.mark.parametrize("overlap", [8, 4], ids=["triangle", "trapezoid"])
+def test_overlapping_out_conv_is_the_windowed_transposed_convolution_and_has_no_patch_borders(overlap):
+    """patch_overlap: the fold is the literal transposed convolution of the windowed kernel (p + 2o, stride
+    p, padding o) divided by the windows' sum, which is one away from the image's edge. Tokens that each
+    draw a flat footprint give a continuous image (no step at a border larger than inside a patch), where
+    out_conv steps at every border; a uniform grid decodes as out_conv decodes it."""
     import torch.nn.functional as F
 
     from stvq_reference.layers import OverlapUnpatchify, Unpatchify
 
     torch.manual_seed(0)
-    layer = OverlapUnpatchify(8, 3, 16)
+    layer, plain = OverlapUnpatchify(8, 3, 16, overlap), Unpatchify(8, 3, 16)
     grid = torch.randn(2, 8, 4, 4)
-    cover = F.conv_transpose2d(torch.ones(1, 1, 4, 4), layer.window[None, None], stride=16, padding=8)
-    literal = F.conv_transpose2d(grid, layer.weight * layer.window, stride=16, padding=8) / cover + layer.bias[:, None, None]
+    transposed = dict(stride=16, padding=overlap)
+    cover = F.conv_transpose2d(torch.ones(1, 1, 4, 4), layer.window[None, None], **transposed)
+    literal = F.conv_transpose2d(grid, layer.weight * layer.window, **transposed) / cover + layer.bias[:, None, None]
     torch.testing.assert_close(layer(grid), literal, rtol=1e-5, atol=1e-5)
-    assert cover.amin() > 0.25 and torch.allclose(cover[..., 8:-8, 8:-8], torch.ones(()))  # the windows sum to one inside
+    edge = 2 * overlap  # where a single footprint's ramp is all there is
+    assert cover.amin() > 0.25 and torch.allclose(cover[..., edge:-edge, edge:-edge], torch.ones(()))
     assert layer(grid).is_contiguous(memory_format=torch.channels_last) and list(layer.state_dict()) == ["weight", "bias"]
-    plain, flat = Unpatchify(8, 3, 16), torch.randn(8, 3, 1, 1)
+    flat = torch.randn(8, 3, 1, 1)
     with torch.no_grad():
         plain.weight.copy_(flat.expand_as(plain.weight))
         layer.weight.copy_(flat.expand_as(layer.weight))
@@ -495,12 +499,15 @@ def test_overlapping_out_conv_is_the_windowed_transposed_convolution_and_has_no_
         assert steps["overlap"][..., border].max() <= steps["overlap"][..., ~border].max() + 1e-5
     uniform = torch.randn(2, 8, 1, 1).expand(2, 8, 4, 4)
     torch.testing.assert_close(layer(uniform), plain(uniform), rtol=1e-5, atol=1e-5)
-    decoder = StyledDecoder(preset="tiny", overlap_patches=True)
+    decoder = StyledDecoder(preset="tiny", patch_overlap=overlap)
     assert isinstance(decoder.out_conv, OverlapUnpatchify) and decoder(torch.randn(2, 36, 16)).shape == (2, 3, 64, 64)
-    assert decoder.out_conv.weight.shape == (64, 16, 32, 32)  # four times out_conv's kernel
-    for bad, message in (({"blend_patches": True}, "set one"), ({"image_size": 72, "patch_size": 9}, "even patch_size")):
+    assert decoder.out_conv.weight.shape == (64, 16, 16 + 2 * overlap, 16 + 2 * overlap)
+
+
+def test_patch_overlap_refuses_what_it_cannot_draw():
+    for bad, message in (({"patch_overlap": 4, "blend_patches": True}, "set one"), ({"patch_overlap": 9}, "at most 8")):
         with pytest.raises(ConfigError, match=message):
-            make_config("tiny", overlap_patches=True, **bad)
+            make_config("tiny", **bad)
 
 
 @pytest.mark.parametrize("width,channels,patch,grid", [(1024, 3, 16, 16), (64, 16, 16, 4)], ids=["reference", "tiny-pixel-head"])

@@ -43,10 +43,10 @@ class StyledConfig(PluginConfig):
     # out_conv on four half-patch-shifted tilings of the token grid, blended by triangle windows: the same
     # parameters, no patch borders in its output (stvq_reference.layers.BlendedUnpatchify)
     blend_patches: bool = False
-    # out_conv as each token's own map to a footprint twice the patch, centred on it, triangle-windowed and
-    # overlap-added: no patch borders, and no token's drawing averaged with another's
-    # (stvq_reference.layers.OverlapUnpatchify; four times out_conv's parameters)
-    overlap_patches: bool = False
+    # > 0: out_conv as each token's own map to its patch and this many pixels around it (at most half a
+    # patch), windowed and overlap-added: no patch borders, and no token's drawing averaged with another's
+    # (stvq_reference.layers.OverlapUnpatchify; (1 + 2 overlap / patch)^2 times out_conv's parameters)
+    patch_overlap: int = 0
     zero_init: bool = False  # decoder blocks start as the identity (adaLN-Zero style)
     pos_init: str = "normal"  # position embeddings start as "normal" (ViT, std 0.02) or "sincos" (2D sin-cos)
     # How the encoder starts: "vit" (std 0.02 weights and positions, as ViT) or "lecun-sincos" (weights std
@@ -100,10 +100,10 @@ class StyledConfig(PluginConfig):
             object.__setattr__(self, "head", "conv")  # configs written before the head field
         if self.head != "linear" and not self.head_channels:
             raise ConfigError(f"head {self.head!r} needs head_channels > 0 (the channels out_conv writes), e.g. --set head_channels=16")
-        if self.blend_patches and self.overlap_patches:
-            raise ConfigError("blend_patches and overlap_patches are two ways to draw out_conv without seams: set one")
-        if self.overlap_patches and self.patch_size % 2:
-            raise ConfigError(f"overlap_patches centres a footprint of twice the patch on it: it needs an even patch_size, got {self.patch_size}")
+        if self.blend_patches and self.patch_overlap:
+            raise ConfigError("blend_patches and patch_overlap are two ways to draw out_conv without seams: set one")
+        if self.patch_overlap > self.patch_size // 2:
+            raise ConfigError(f"patch_overlap {self.patch_overlap} is more than half of patch_size {self.patch_size}: at most {self.patch_size // 2}")
         if self.encoder_init not in ENCODER_INITS:
             raise ConfigError(f"encoder_init {self.encoder_init!r} is not one of {', '.join(ENCODER_INITS)}")
 

@@ -86,8 +86,11 @@ class StyledDecoder(Decoder):
         self.condition_blocks = nn.ModuleList(self.make_block(i, cfg) for i in range(cfg.condition_layers))
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
-        unpatchify = BlendedUnpatchify if cfg.blend_patches else OverlapUnpatchify if cfg.overlap_patches else Unpatchify
-        self.out_conv = unpatchify(cfg.width, cfg.head_channels or 3, cfg.patch_size)
+        out = (cfg.width, cfg.head_channels or 3, cfg.patch_size)
+        if cfg.patch_overlap:
+            self.out_conv = OverlapUnpatchify(*out, cfg.patch_overlap)
+        else:
+            self.out_conv = (BlendedUnpatchify if cfg.blend_patches else Unpatchify)(*out)
         self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)

@@ -104,27 +104,26 @@ class BlendedUnpatchify(Unpatchify):
 
 
 class OverlapUnpatchify(nn.ConvTranspose2d):
-    """out_conv without seams that keeps each token's own drawing (``overlap_patches=true``): each token
-    maps to a 2p x 2p footprint centred on its patch (a ConvTranspose2d of kernel 2p, stride p, padding
-    p/2), windowed by a separable triangle that falls to 1/(2p) at the footprint's edge, overlap-added
-    (``F.fold``) and divided by the windows' sum. Each pixel is a convex combination of what the 2 x 2
-    tokens nearest to it draw there, and no token's contribution steps at a patch border, whatever the
-    weights. Four times out_conv's parameters; a token that draws a flat footprint gives the bilinear
-    interpolation of the token grid, not a patch."""
+    """out_conv without seams that keeps each token's own drawing (``patch_overlap=o``): each token maps to
+    a footprint of its patch and o pixels around it (a ConvTranspose2d of kernel p + 2o, stride p, padding
+    o), windowed by a separable trapezoid that ramps over the 2o pixels it shares with each neighbour,
+    overlap-added (``F.fold``) and divided by the windows' sum (one, away from the image's edge). Each pixel
+    is a convex combination of what the tokens whose footprints hold it draw there, and no token's
+    contribution steps at a patch border, whatever the weights. o = p/2 (a triangle) takes four times
+    out_conv's parameters and products, p/4 2.25 times. Tokens that draw flat footprints give the
+    bilinear interpolation of the grid (o = p/2), not patches."""
 
-    def __init__(self, width: int, channels: int, patch: int) -> None:
-        super().__init__(width, channels, 2 * patch, stride=patch, padding=patch // 2)
-        ramp = triangle_window(2 * patch, 2 * patch)
+    def __init__(self, width: int, channels: int, patch: int, overlap: int) -> None:
+        super().__init__(width, channels, patch + 2 * overlap, stride=patch, padding=overlap)
+        u = torch.arange(patch + 2 * overlap, dtype=torch.float32) + 0.5
+        ramp = (torch.minimum(u, patch + 2 * overlap - u) / (2 * overlap)).clamp(max=1)
         self.register_buffer("window", ramp[:, None] * ramp, persistent=False)
-
-    def windowed_weight(self) -> torch.Tensor:
-        return self.weight * self.window
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
-        (h, w), p, k = grid.shape[-2:], self.stride[0], self.kernel_size[0]
-        size, fold = (h * p, w * p), dict(kernel_size=k, stride=p, padding=p // 2)
-        footprints = F.linear(rearrange(grid, "b d h w -> b (h w) d"), self.windowed_weight().flatten(1).T)
+        (h, w), p = grid.shape[-2:], self.stride[0]
+        size, fold = (h * p, w * p), dict(kernel_size=self.kernel_size, stride=p, padding=self.padding)
+        footprints = F.linear(rearrange(grid, "b d h w -> b (h w) d"), (self.weight * self.window).flatten(1).T)
         pixels = F.fold(footprints.mT, size, **fold)
         cover = F.fold(self.window.reshape(1, -1, 1).expand(1, -1, h * w), size, **fold)
         out = pixels / cover + self.bias[:, None, None]
