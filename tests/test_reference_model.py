@@ -407,7 +407,7 @@ def test_a_model_saved_before_its_fields_moved_to_the_plugin_still_loads(tmp_pat
     assert isinstance(model.config, StyledConfig) and isinstance(model.config, PluginConfig)
     loaded = model.config.to_dict()
     assert {k: loaded.pop(k) for k in options["config"]} == options["config"] and model.quantizer_spec == options["quantizer"]
-    assert loaded == {"blend_patches": False, "patch_overlap": 0}  # fields added since: their defaults
+    assert loaded == {"head_activation": "gelu", "blend_patches": False, "patch_overlap": 0}  # fields added since: their defaults
     assert (tmp_path / "config.json").read_text() == saved.read_text()  # loading rewrites nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -504,8 +504,19 @@ def test_overlapping_out_conv_is_the_windowed_transposed_convolution_and_has_no_
     assert decoder.out_conv.weight.shape == (64, 16, 16 + 2 * overlap, 16 + 2 * overlap)
 
 
-def test_patch_overlap_refuses_what_it_cannot_draw():
-    for bad, message in (({"patch_overlap": 4, "blend_patches": True}, "set one"), ({"patch_overlap": 9}, "at most 8")):
+def test_the_head_activation_is_the_pixel_heads_nonlinearity_and_holds_no_weights():
+    gelu, relu = (stvq.create("decoder", "styled", preset="tiny", head_activation=a) for a in ("gelu", "relu"))
+    relu.load_state_dict(gelu.state_dict())  # the same parameters, so a checkpoint loads under either
+    assert [type(m).__name__ for m in relu.out_head.mlp if not isinstance(m, torch.nn.Conv2d)] == ["ReLU", "ReLU"]
+    codes = torch.randn(2, 36, 16)
+    assert not torch.allclose(gelu(codes), relu(codes))
+    features = torch.randn(1, 16, 8, 8)
+    torch.testing.assert_close(relu.out_head.mlp(features), relu.out_head.mlp[3](relu.out_head.mlp[1](features.relu()).relu()))
+
+
+def test_patch_overlap_and_head_activation_refuse_what_they_cannot_draw():
+    for bad, message in (({"patch_overlap": 4, "blend_patches": True}, "set one"), ({"patch_overlap": 9}, "at most 8"),
+                         ({"head_activation": "tanh"}, "not one of gelu, relu, silu")):
         with pytest.raises(ConfigError, match=message):
             make_config("tiny", **bad)
 

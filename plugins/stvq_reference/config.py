@@ -16,6 +16,7 @@ ATTN_MASKS = ("none", "causal-placeholders")
 ENCODER_INITS = ("vit", "lecun-sincos")
 POS_INITS = ("normal", "sincos")
 HEADS = ("linear", "conv", "pixel", "film")  # what follows out_conv (stvq_reference.heads)
+HEAD_ACTIVATIONS = ("gelu", "relu", "silu")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class StyledConfig(PluginConfig):
     # spelling of "conv".
     head: str = "linear"
     head_channels: int = 0
+    head_activation: str = "gelu"  # the pixel and film heads' nonlinearity: "gelu", "relu" or "silu"
     # out_conv on four half-patch-shifted tilings of the token grid, blended by triangle windows: the same
     # parameters, no patch borders in its output (stvq_reference.layers.BlendedUnpatchify)
     blend_patches: bool = False
@@ -100,6 +102,8 @@ class StyledConfig(PluginConfig):
             object.__setattr__(self, "head", "conv")  # configs written before the head field
         if self.head != "linear" and not self.head_channels:
             raise ConfigError(f"head {self.head!r} needs head_channels > 0 (the channels out_conv writes), e.g. --set head_channels=16")
+        if self.head_activation not in HEAD_ACTIVATIONS:
+            raise ConfigError(f"head_activation {self.head_activation!r} is not one of {', '.join(HEAD_ACTIVATIONS)}")
         if self.blend_patches and self.patch_overlap:
             raise ConfigError("blend_patches and patch_overlap are two ways to draw out_conv without seams: set one")
         if self.patch_overlap > self.patch_size // 2:

@@ -91,7 +91,7 @@ class StyledDecoder(Decoder):
             self.out_conv = OverlapUnpatchify(*out, cfg.patch_overlap)
         else:
             self.out_conv = (BlendedUnpatchify if cfg.blend_patches else Unpatchify)(*out)
-        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size)
+        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size, cfg.head_activation)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)

@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# the pixel and film heads' nonlinearity (``head_activation``); the modules hold no parameters, so a
+# checkpoint loads under any of them
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+
+
 class ConvHead(nn.Sequential):
     """Two 3x3 convolutions after the un-patchify: pixels see across patch borders (C channels -> RGB)."""
 
@@ -35,17 +40,18 @@ class PixelHead(nn.Module):
     removed the seams and gave +1.5 dB at 1,400 steps over the linear out_conv (README, table H).
     """
 
-    def __init__(self, width: int, channels: int, hidden: int | None = None) -> None:
+    def __init__(self, width: int, channels: int, hidden: int | None = None, activation: str = "gelu") -> None:
         super().__init__()
         hidden = hidden or 2 * channels
+        self.act = ACTIVATIONS[activation]()
         self.smooth = nn.Conv2d(width, channels, 1)  # on the (h, w) token grid, before the upsampling
         self.mix = nn.Conv2d(channels, channels, 3, padding=1)
-        self.mlp = nn.Sequential(nn.GELU(), nn.Conv2d(channels, hidden, 1), nn.GELU(), nn.Conv2d(hidden, 3, 1))
+        self.mlp = nn.Sequential(ACTIVATIONS[activation](), nn.Conv2d(channels, hidden, 1), ACTIVATIONS[activation](), nn.Conv2d(hidden, 3, 1))
 
     def features(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, H, W) from out_conv; grid (B, D, h, w) the tokens -> each pixel's C features."""
         x = pixels + F.interpolate(self.smooth(grid), size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        return x + self.mix(F.gelu(x))
+        return x + self.mix(self.act(x))
 
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """pixels (B, C, H, W) from out_conv; grid (B, D, h, w) the tokens -> images (B, 3, H, W)."""
@@ -69,8 +75,8 @@ class FiLMHead(PixelHead):
     of what the tokens say (angle, centre, size) with where the pixel is, which one FiLM layer computes
     exactly and an unmodulated MLP of the features must approximate."""
 
-    def __init__(self, width: int, channels: int, image_size: int, frequencies: int = 4) -> None:
-        super().__init__(width, channels)
+    def __init__(self, width: int, channels: int, image_size: int, frequencies: int = 4, activation: str = "gelu") -> None:
+        super().__init__(width, channels, activation=activation)
         del self.mlp  # the pixel head's features stay; the FiLM layers below replace its MLP
         hidden = 2 * channels
         self.register_buffer("coords", coordinate_features(image_size, frequencies), persistent=False)
@@ -83,17 +89,18 @@ class FiLMHead(PixelHead):
     def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         x = self.features(pixels, grid)  # (B, C, H, W)
         scale, shift = self.film_1(x).chunk(2, dim=1)
-        h = F.gelu(self.coord(self.coords) * (1 + scale) + shift)
+        h = self.act(self.coord(self.coords) * (1 + scale) + shift)
         scale, shift = self.film_2(x).chunk(2, dim=1)
-        return self.out(F.gelu(self.hidden(h) * (1 + scale) + shift))
+        return self.out(self.act(self.hidden(h) * (1 + scale) + shift))
 
 
-def make_head(kind: str, width: int, channels: int, image_size: int) -> nn.Module | None:
-    """The head after out_conv (None for ``linear``: out_conv writes RGB itself)."""
+def make_head(kind: str, width: int, channels: int, image_size: int, activation: str = "gelu") -> nn.Module | None:
+    """The head after out_conv (None for ``linear``: out_conv writes RGB itself); ``activation`` is the
+    pixel and film heads' nonlinearity."""
     if kind == "linear":
         return None
     if kind == "conv":
         return ConvHead(channels)
     if kind == "film":
-        return FiLMHead(width, channels, image_size)
-    return PixelHead(width, channels)
+        return FiLMHead(width, channels, image_size, activation=activation)
+    return PixelHead(width, channels, activation=activation)
