@@ -65,6 +65,7 @@ class OracleResult:
     curve: list[dict[str, float]] = field(default_factory=list)  # {"step", "seconds", "val_psnr"[, "val_shape_accuracy"]}, from step 0
     images_per_s: float = 0.0
     samples: torch.Tensor | None = None  # (2, 8, 3, H, W): validation images, their last renderings
+    model: nn.Module | None = None  # the trained OracleModel (factor map and decoder)
 
     @property
     def final_psnr(self) -> float:
@@ -165,6 +166,7 @@ def run_oracle(
         if last:
             break
     result.images_per_s = images_seen / max(elapsed, 1e-9)
+    result.model = net.eval()
     return result
 
 
