@@ -2,13 +2,14 @@
 
     python benchmarks/shape_probe.py --steps 1400            # about 15 minutes on one CPU thread
 
-Three linear readings on held-out ``shapes`` images (ridge regression, fitted on one set of images and
-scored on another): the shape class from the codes (the oracle's factor map: near 100 % by construction),
-from the position tokens after the transformer (all of them, concatenated), and the object's outline
-(which pixels differ from the background) from the pixel head's per-pixel features, beside the outline of
-the rendering itself. A decoder that knows the shape in its tokens but whose pixel features tell the
-outline no better than its rendering does loses the shape between the tokens and the pixels (README,
-"Sharp reconstructions", issue 21).
+Linear probes on held-out ``shapes`` images, fitted on one set of images and scored on another as ``stvq
+eval`` scores its probes (:func:`stvq.evaluate._probe_score`: 1 is a perfect reading, 0 the majority
+class's rate): the shape class from the codes (the oracle's factor map: 1 by construction) and from the
+position tokens after the transformer (all of them, concatenated), and the object's outline (which
+pixels differ from the background) from the pixel head's per-pixel features, beside the same score for
+the outline of the rendering itself. A decoder that knows the shape in its tokens but whose pixel
+features tell the outline no better than its rendering does has not learned where the outline runs
+(README, "Sharp reconstructions", issue 21).
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ import json
 import numpy as np
 import torch
 
+from stvq.evaluate import _probe_score
 from stvq.oracle import FactorItems, run_oracle
-
-
-def ridge(train: np.ndarray, target: np.ndarray, test: np.ndarray, lam: float = 10.0) -> np.ndarray:
-    """Standardised ridge regression with a bias: fitted on (train, target), predictions for ``test``."""
-    mu, sd = train.mean(0), train.std(0) + 1e-6
-    a, b = ((x - mu) / sd for x in (train, test))
-    a, b = np.c_[a, np.ones(len(a))], np.c_[b, np.ones(len(b))]
-    return b @ np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ target)
 
 
 @torch.no_grad()
@@ -66,6 +60,24 @@ def outline(images: torch.Tensor) -> torch.Tensor:
     return (images - background).abs().sum(1) > 0.3
 
 
+def probe(model: torch.nn.Module, fit_count: int, test_count: int, pixels: int) -> dict[str, float]:
+    """The probes' scores for a trained :class:`stvq.oracle.OracleModel`: fitted on ``fit_count`` training
+    images (``pixels`` of their pixels for the outline), scored on ``test_count`` others."""
+    data = FactorItems(model.decoder.image_size, "train").data
+    fit, test = readings(model, data, 100_000, fit_count), readings(model, data, 200_000, test_count)
+    report = {}
+    for name in ("codes", "tokens"):
+        report[f"shape_from_{name}"] = _probe_score(fit[name].flatten(1).numpy(), fit["shape"].numpy(), test[name].flatten(1).numpy(), test["shape"].numpy(), classes=5)
+    truth = test["outline"].flatten().numpy()
+    if fit["pixels"].shape[1]:
+        per_pixel = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).numpy()  # noqa: E731
+        chosen = np.random.default_rng(0).choice(fit["outline"].numel(), min(pixels, fit["outline"].numel()), replace=False)
+        report["outline_from_features"] = _probe_score(per_pixel(fit["pixels"])[chosen], fit["outline"].flatten().numpy()[chosen], per_pixel(test["pixels"]), truth, classes=2)
+    majority = max(truth.mean(), 1 - truth.mean())
+    report["outline_of_rendering"] = float(((outline(test["renders"]).flatten().numpy() == truth).mean() - majority) / (1 - majority))
+    return {k: round(v, 3) for k, v in report.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1400)
@@ -77,20 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stvq.cli.options import parse_overrides
 
     result = run_oracle("styled", "tiny", parse_overrides(tuple(args.overrides), "decoder", "styled"), {"steps": args.steps}, eval_every=args.steps)
-    data = FactorItems(result.model.decoder.image_size, "train").data
-    fit, test = readings(result.model, data, 100_000, args.fit), readings(result.model, data, 200_000, args.test)
-    classes = np.eye(5)[fit["shape"].numpy()]
-    report = {"steps": args.steps, "val_psnr": round(result.final_psnr, 2)}
-    for name in ("codes", "tokens"):
-        guess = ridge(fit[name].flatten(1).numpy(), classes, test[name].flatten(1).numpy()).argmax(1)
-        report[f"shape_from_{name}"] = round(float((guess == test["shape"].numpy()).mean()), 3)
-    if fit["pixels"].shape[1]:
-        per_pixel = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).numpy()  # noqa: E731
-        chosen = np.random.default_rng(0).choice(fit["outline"].numel(), min(args.pixels, fit["outline"].numel()), replace=False)
-        target = fit["outline"].flatten().numpy()[chosen, None].astype(np.float64)
-        guess = ridge(per_pixel(fit["pixels"])[chosen], target, per_pixel(test["pixels"]))[:, 0] > 0.5
-        report["outline_error_from_features"] = round(float((guess != test["outline"].flatten().numpy()).mean()), 4)
-    report["outline_error_of_rendering"] = round(float((outline(test["renders"]) != test["outline"]).float().mean()), 4)
+    report = {"steps": args.steps, "val_psnr": round(result.final_psnr, 2), **probe(result.model, args.fit, args.test, args.pixels)}
     print(json.dumps(report))
     return report
 
