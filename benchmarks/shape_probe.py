@@ -30,15 +30,15 @@ def readings(model: torch.nn.Module, data, start: int, count: int) -> dict[str, 
     ``count`` images from index ``start``."""
     decoder, grabbed = model.decoder, {}
     hooks = [decoder.norm.register_forward_hook(lambda m, i, o: grabbed.__setitem__("tokens", o.flatten(1)))]  # (B, P D)
-    features = getattr(decoder.out_head, "features", None)
-    if features is not None:  # the pixel head: what its per-pixel MLP reads
-        decoder.out_head.features = lambda pixels, grid: grabbed.setdefault("pixels", features(pixels, grid))
+    # the pixel head's features: the input of its per-pixel MLP (the film head's: of its first FiLM layer)
+    reader = getattr(decoder.out_head, "mlp", None) or getattr(decoder.out_head, "film_1", None)
+    if reader is not None:
+        hooks.append(reader.register_forward_pre_hook(lambda m, args: grabbed.__setitem__("pixels", args[0])))
     out: dict[str, list] = {k: [] for k in ("codes", "tokens", "pixels", "renders", "outline", "shape")}
     try:
         for s in range(start, start + count, 128):
             idx = range(s, min(s + 128, start + count))
             factors, images = torch.stack([data.factor_vector(i) for i in idx]), torch.stack([data[i] for i in idx])
-            grabbed.pop("pixels", None)
             renders = model(factors).clamp(-1, 1)
             out["codes"].append(model.codes(factors))
             out["tokens"].append(grabbed["tokens"])
@@ -49,8 +49,6 @@ def readings(model: torch.nn.Module, data, start: int, count: int) -> dict[str, 
     finally:
         for hook in hooks:
             hook.remove()
-        if features is not None:
-            del decoder.out_head.features
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -84,7 +84,7 @@ def test_the_oracle_without_a_time_budget_runs_its_cosine_over_the_steps(capsys)
     assert exit_.value.code == 2 and "give them, e.g. --train steps=1400" in capsys.readouterr().err
 
 
-def test_readme_shape_probe_reads_the_oracles_codes_tokens_and_pixel_features(tmp_path):
+def test_readme_shape_probe_reads_the_oracles_codes_tokens_and_pixel_features():
     """README's `python benchmarks/shape_probe.py --steps 1400`, two steps at width 32: the shape class
     is read from the codes (a linear map of its one-hot) without a miss, the outline readings are scores
     of stvq eval's probes (at most 1), and the script answers --help as a command."""
