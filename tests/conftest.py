@@ -38,8 +38,8 @@ def shards(tmp_path_factory):
 def _quick_recogniser(tmp_path_factory):
     """`stvq eval` and `--train recognise=true` read reconstructions with the factor recogniser, trained once
     (about 6 CPU-minutes) and cached under $STVQ_CACHE. The suite trains quick ones instead, in its own
-    cache: 64 px up front for subprocesses (400 images, 100 steps), any other size on first use (64
-    images, 5 steps: it only has to run)."""
+    cache: 64 px up front for subprocesses (200 images, 50 steps of 64: the background read right, x within
+    0.14), any other size on first use (64 images, 5 steps of 16: it only has to run)."""
     import os
     from functools import partial
 
@@ -48,6 +48,6 @@ def _quick_recogniser(tmp_path_factory):
     cache = tmp_path_factory.mktemp("stvq-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STVQ_CACHE", str(cache))
-        patch.setattr(judge, "train_recogniser", partial(judge.train_recogniser, images=64, steps=5))
-        judge.recogniser(64, images=400, steps=100)
+        patch.setattr(judge, "train_recogniser", partial(judge.train_recogniser, images=64, steps=5, batch_size=16))
+        judge.recogniser(64, images=200, steps=50, batch_size=64)
         yield

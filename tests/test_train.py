@@ -149,8 +149,10 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     """Steps 1-10 train the tokenizer alone, steps 11-40 against a discriminator: a kill after step 16 and a
     resume give the uninterrupted run's losses, both kinds of step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    reference = tmp_path / "reference"
-    subprocess.run(cli_train(reference, *ADVERSARIAL_ARGS), env=env, check=True, capture_output=True)
+    reference = tmp_path / "reference"  # the uninterrupted run, beside the killed one (one thread each)
+    errors = tmp_path / "reference.stderr"
+    with errors.open("w") as sink:  # the child keeps its own descriptor
+        uninterrupted = subprocess.Popen(cli_train(reference, *ADVERSARIAL_ARGS), env=env, stdout=subprocess.DEVNULL, stderr=sink)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli_train(killed, *ADVERSARIAL_ARGS), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -166,6 +168,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
 
     resumed = subprocess.run([sys.executable, "-m", "stvq.cli", "train", "--resume", str(killed), "--no-progress"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
+    assert uninterrupted.wait(timeout=300) == 0, errors.read_text()[-2000:]
     ours = {m["step"]: m["loss"] for m in metrics(killed)}
     theirs = {m["step"]: m["loss"] for m in metrics(reference)}
     assert sorted(ours) == list(range(1, 41))  # lines logged after the checkpoint were replaced, not duplicated
