@@ -145,7 +145,7 @@ ADVERSARIAL_ARGS = ("--adversarial-weight", "0.5", "--disc-start", "10", "--trai
 
 
 @pytest.mark.slow
-def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, request):
     """Steps 1-10 train the tokenizer alone, steps 11-40 against a discriminator: a kill after step 16 and a
     resume give the uninterrupted run's losses, both kinds of step."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -153,6 +153,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path)
     errors = tmp_path / "reference.stderr"
     with errors.open("w") as sink:  # the child keeps its own descriptor
         uninterrupted = subprocess.Popen(cli_train(reference, *ADVERSARIAL_ARGS), env=env, stdout=subprocess.DEVNULL, stderr=sink)
+    request.addfinalizer(uninterrupted.kill)  # a failure below leaves no training behind
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(cli_train(killed, *ADVERSARIAL_ARGS), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
