@@ -114,7 +114,7 @@ def run_oracle(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     built = create("decoder", decoder, preset=preset, **(model or {}))
     image_size = built.image_size
-    val, train_set = FactorItems(image_size, "val", seed), FactorItems(image_size, "train", seed)
+    val, train_set = FactorItems(image_size, "val", seed, cfg.data), FactorItems(image_size, "train", seed, cfg.data)
     net = OracleModel(built, len(val.data.factor_vector(0))).to(device)
     objective = ImageObjective(cfg, image_size)  # stage 1's: reconstruction, and a discriminator where asked
     parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}

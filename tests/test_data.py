@@ -32,6 +32,20 @@ def test_shapes_images_show_their_factors():
         assert f["size"] <= f["x"] <= 1 - f["size"] and 0 <= f["rotation"] < 90
 
 
+def test_upright_shapes_are_the_shapes_images_turned_to_rotation_zero():
+    shapes, upright = make_dataset("shapes", 64, "val"), make_dataset("shapes-upright", 64, "val")
+    assert upright.fingerprint() == "shapes-upright:val:seed0" != shapes.fingerprint()
+    turned = [i for i in range(20) if shapes.factors(i)["rotation"] > 1]
+    assert len(turned) >= 15
+    for i in turned:
+        f, g = shapes.factors(i), upright.factors(i)
+        assert g["rotation"] == 0.0 and {**f, "rotation": 0.0} == g  # every other factor the same
+        noise_seed = 2 * i + 1  # the validation split's (seed 0)
+        assert torch.equal(upright[i], shapes.render(g, noise_seed=noise_seed))
+        if SHAPES[f["shape"]] != "circle":
+            assert not torch.equal(upright[i], shapes[i])
+
+
 def test_drawn_scenes_are_one_object_in_its_mask_on_a_plain_background():
     scenes = DrawnScenes(64, seed=0)
     assert len(scenes) == 512 and torch.equal(scenes[3][0], DrawnScenes(64, seed=0)[3][0])

@@ -45,6 +45,14 @@ def test_oracle_runs_every_registered_decoder_and_the_styled_one_learns(decoder)
     assert result.samples.shape == (2, 8, 3, 64, 64) and result.images_per_s > 0
 
 
+def test_the_oracle_reads_the_factors_of_the_data_its_train_config_names():
+    """`--train data=shapes-upright` (README's rotation row): the oracle trains and validates on it."""
+    result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 1, "batch_size": 2, "data": "shapes-upright"}, eval_every=10, val_count=2)
+    assert torch.equal(result.samples[0, :2], torch.stack([make_dataset("shapes-upright", 64, "val")[i] for i in range(2)]))
+    with pytest.raises(StvqError, match="--data photos declares none"):
+        run_oracle("styled", "tiny", {"width": 32}, {"steps": 1, "data": "photos"})
+
+
 def test_oracle_stops_at_its_time_budget():
     seen = []
     result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 10**6, "batch_size": 4}, seconds=1.0, eval_every=10**6, val_count=4, on_point=seen.append)

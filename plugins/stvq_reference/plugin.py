@@ -47,6 +47,7 @@ def register_priors(register):
 @hookimpl
 def register_datasets(register):
     register("shapes", "stvq_reference.shapes:ShapesDataset")
+    register("shapes-upright", "stvq_reference.shapes:UprightShapesDataset")
     register("photos", "stvq_reference.folders:PhotosDataset")
     register("folder", "stvq_reference.folders:ImageFolderDataset")
     register("wds", "stvq_reference.sources:webdataset")

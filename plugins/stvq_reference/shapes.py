@@ -73,6 +73,7 @@ class ShapesDataset(FactorDataset):
 
     endless = True  # a pass over it names a count (--max-images)
     factor_classes = FACTORS
+    name, rotates = "shapes", True
 
     def __init__(self, image_size: int = 64, split: str = "train", seed: int = 0, length: int = 1_000_000, noise: float = 0.02) -> None:
         if split not in SPLITS:
@@ -84,7 +85,7 @@ class ShapesDataset(FactorDataset):
         return self.length
 
     def fingerprint(self) -> str:
-        return f"shapes:{self.split}:seed{self.seed}"
+        return f"{self.name}:{self.split}:seed{self.seed}"
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS[self.split], index])
@@ -101,7 +102,7 @@ class ShapesDataset(FactorDataset):
             "size": size,
             "x": float(rng.uniform(size, 1 - size)),
             "y": float(rng.uniform(size, 1 - size)),
-            "rotation": float(rng.uniform(0, 90)),
+            "rotation": float(rng.uniform(0, 90)) * self.rotates,  # drawn either way: upright, the same other factors
             "texture": int(rng.integers(len(TEXTURES))),
         }
 
@@ -157,6 +158,13 @@ class ShapesDataset(FactorDataset):
         angle = math.radians(4 * f["rotation"])
         out[offset:] = torch.tensor([f["size"], f["x"], f["y"], math.sin(angle), math.cos(angle)])
         return out
+
+
+class UprightShapesDataset(ShapesDataset):
+    """``shapes-upright``: the ``shapes`` images with every rotation 0 (the other factors and the noise the
+    same images'), to ask how much of what a decoder has to learn is the rotation (README, issue 21)."""
+
+    name, rotates = "shapes-upright", False
 
 
 class DrawnScenes(Dataset):
