@@ -15,7 +15,7 @@ from stvq.errors import ConfigError
 ATTN_MASKS = ("none", "causal-placeholders")
 ENCODER_INITS = ("vit", "lecun-sincos")
 POS_INITS = ("normal", "sincos")
-HEADS = ("linear", "conv", "pixel", "film", "pose")  # what follows out_conv (stvq_reference.heads)
+HEADS = ("linear", "conv", "pixel", "film")  # what follows out_conv (stvq_reference.heads)
 HEAD_ACTIVATIONS = ("gelu", "relu", "silu")
 
 

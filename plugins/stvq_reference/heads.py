@@ -94,45 +94,6 @@ class FiLMHead(PixelHead):
         return self.out(self.act(self.hidden(h) * (1 + scale) + shift))
 
 
-class PoseHead(PixelHead):
-    """The pixel head whose MLP reads the pixel's coordinates in frames that the tokens set (the ``pose``
-    head). Each token gives ``frames`` affine maps u = A p + t of the pixel's position p, upsampled
-    bilinearly across the token grid; the MLP reads Fourier features of every u, FiLM-modulated by the
-    pixel's features. An object's outline is then one function of its own frame (a square is
-    max(|u_1|, |u_2|) <= r in a frame turned with it), learned once for every place, size and rotation,
-    and the tokens only have to say where the frame sits: its pose."""
-
-    def __init__(self, width: int, channels: int, frames: int = 2, frequencies: int = 3, activation: str = "gelu") -> None:
-        super().__init__(width, channels, activation=activation)
-        del self.mlp
-        hidden = 2 * channels
-        self.frames, self.frequencies = frames, frequencies
-        self.pose = nn.Conv2d(width, 6 * frames, 1)  # per frame: A (2 x 2, row-major), then t (2)
-        nn.init.normal_(self.pose.weight, std=0.02)
-        with torch.no_grad():  # every frame starts as the image's own: A = I, t = 0
-            self.pose.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0] * frames + [0.0, 0.0] * frames))
-        self.coord = nn.Conv2d(frames * 2 * (1 + 2 * frequencies), hidden, 1)
-        self.film = nn.Conv2d(channels, 2 * hidden, 1)
-        self.hidden = nn.Conv2d(hidden, hidden, 1)
-        self.out = nn.Conv2d(hidden, 3, 1)  # registered last: the decoder's last layer (adaptive weight)
-
-    def frame_coordinates(self, grid: torch.Tensor, size: int) -> torch.Tensor:
-        """grid (B, D, h, w) -> each pixel's coordinates in every frame, (B, frames, 2, size, size)."""
-        b, f = len(grid), self.frames
-        pose = F.interpolate(self.pose(grid), size=(size, size), mode="bilinear", align_corners=False)
-        a, t = pose.split([4 * f, 2 * f], dim=1)
-        p = coordinate_features(size, 0).to(grid)[0]  # (2, S, S): x, y in [-1, 1]
-        return torch.einsum("bfijhw,jhw->bfihw", a.view(b, f, 2, 2, size, size), p) + t.view(b, f, 2, size, size)
-
-    def forward(self, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        x = self.features(pixels, grid)  # (B, C, H, W)
-        u = self.frame_coordinates(grid, x.shape[-1]).flatten(1, 2)  # (B, 2 frames, H, W)
-        octaves = [g(2**k * torch.pi * u) for k in range(self.frequencies) for g in (torch.sin, torch.cos)]
-        scale, shift = self.film(x).chunk(2, dim=1)
-        h = self.act(self.coord(torch.cat([u, *octaves], dim=1)) * (1 + scale) + shift)
-        return self.out(self.act(self.hidden(h)))
-
-
 def make_head(kind: str, width: int, channels: int, image_size: int, activation: str = "gelu") -> nn.Module | None:
     """The head after out_conv (None for ``linear``: out_conv writes RGB itself); ``activation`` is the
     pixel and film heads' nonlinearity."""
@@ -140,8 +101,6 @@ def make_head(kind: str, width: int, channels: int, image_size: int, activation:
         return None
     if kind == "conv":
         return ConvHead(channels)
-    if kind == "pose":
-        return PoseHead(width, channels, activation=activation)
     if kind == "film":
         return FiLMHead(width, channels, image_size, activation=activation)
     return PixelHead(width, channels, activation=activation)
