@@ -158,9 +158,10 @@ def probe_scores(
     and from the first n tokens together (``cumulative``: a factor spread over several tokens is found).
 
     Scores are clipped to [0, 1] (0 = chance, 1 = perfect); rows = factors (global to local), columns =
-    token positions (``scores``) or n - 1 tokens known (``cumulative``).
+    token positions (``scores``) or n - 1 tokens known (``cumulative``). A factor that never varies (the
+    rotation of ``shapes-upright``) has nothing to read and no row.
     """
-    names = [f for f in classes if f in train_factors]
+    names = [f for f in classes if f in train_factors and np.ptp(train_factors[f]) > 0 and np.ptp(test_factors[f]) > 0]
     n = train_codes.shape[1]
     scores, cumulative = np.zeros((len(names), n)), np.zeros((len(names), n))
     for i, name in enumerate(names):

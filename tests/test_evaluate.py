@@ -96,6 +96,10 @@ def test_probe_finds_a_planted_factor_where_it_is_and_nowhere_else():
     assert scores[x].argmax() == 4 and scores[x, 4] > 0.99
     assert np.delete(scores[shape], 2).max() < 0.05 and np.delete(scores[x], 4).max() < 0.05
     assert scores[probe["factors"].index("texture")].max() < 0.05  # never planted
+    ftrain["rotation"], ftest["rotation"] = np.zeros(2000), np.zeros(500)  # shapes-upright's: nothing to read
+    upright = probe_scores(train, ftrain, test, ftest, FACTORS)
+    assert "rotation" not in upright["factors"] and np.isfinite(upright["cumulative"]).all()
+    assert upright["scores"] == np.delete(scores, probe["factors"].index("rotation"), axis=0).tolist()
 
 
 def test_cumulative_probe_finds_a_factor_split_over_two_tokens():

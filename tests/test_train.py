@@ -508,6 +508,11 @@ def test_validation_reads_reconstructions_with_the_recogniser(tmp_path, runner):
     assert [m["step"] for m in evaluated] == [2, 4]
     assert all(0 <= m["val_shape_accuracy"] <= 1 and m["val_x_mae"] >= 0 for m in evaluated)
     assert "val_shape_accuracy" in json.loads((run / "summary.json").read_text())
+    upright = tmp_path / "upright"  # README's `stvq train --stage 1 --data shapes-upright`, as it is read back
+    result = runner.invoke(main, ["train", "--data", "shapes-upright", *SMALL_ARGS, "--steps", "2", "--batch-size", "2", "--eval-every", "2",
+                                  "--train", "recognise=true", "--run-dir", str(upright), "--no-progress"])
+    assert result.exit_code == 0, result.stderr
+    assert "val_shape_accuracy" in metrics(upright)[-1] and json.loads((upright / "train.json").read_text())["data"] == "shapes-upright"
     result = runner.invoke(main, ["train", "--data", "photos", "--train", "recognise=true", "--run-dir", str(tmp_path / "f")])
     assert result.exit_code == 1 and "reads the factors of the images back; --data photos has no known factors and no recogniser (shapes has both)" in result.stderr
 
