@@ -31,7 +31,7 @@ TOKENIZERS = {
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}
-DATASETS = ("shapes", "photos", "folder", "wds", "hf")
+DATASETS = ("shapes", "shapes-upright", "photos", "folder", "wds", "hf")
 DISCRIMINATORS = {"patchgan": [{}, {"channels": 16, "layers": 2, "norm": "group"}, {"channels": 16, "layers": 2, "norm": "none", "blur_sigma": 1.0}]}  # option sets  # the located ones are written by the fixture below
 
 
