@@ -92,8 +92,8 @@ def assert_resume_is_exact(cfg: TrainConfig, tmp_path: Path, monkeypatch, stop: 
 
 
 def test_data_sources_are_plugins_and_data_strings_keep_their_spellings(tmp_path):
-    assert stvq.list_plugins("dataset")["dataset"] == ["folder", "hf", "photos", "shapes", "wds"]
-    assert parse_data("shapes") == ("shapes", None) and parse_data("photos") == ("photos", None)
+    assert stvq.list_plugins("dataset")["dataset"] == ["folder", "hf", "photos", "shapes", "shapes-upright", "wds"]
+    assert parse_data("shapes") == ("shapes", None) and parse_data("photos") == ("photos", None) and parse_data("shapes-upright") == ("shapes-upright", None)
     assert parse_data("wds:a/train-{000..009}.tar") == ("wds", "a/train-{000..009}.tar")
     assert parse_data("hf:some/dir:validation") == ("hf", "some/dir:validation")
     assert parse_data(str(tmp_path)) == ("folder", str(tmp_path))
