@@ -28,7 +28,8 @@ from stvq.interfaces import FactorDataset
 from stvq.losses import psnr
 from stvq.registry import create
 
-#: The data set whose factors the oracle reads (a :class:`stvq.interfaces.FactorDataset` with factor vectors).
+#: The data set whose factors the oracle reads unless `--train data=...` names another (a
+#: :class:`stvq.interfaces.FactorDataset` with factor vectors).
 DATA = "shapes"
 
 
