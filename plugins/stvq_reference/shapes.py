@@ -128,8 +128,12 @@ class ShapesDataset(FactorDataset):
             image = image + self.noise * np.random.default_rng(noise_seed).standard_normal(image.shape, dtype=np.float32)
         return torch.from_numpy(np.clip(image, -1, 1).astype(np.float32)).permute(2, 0, 1).contiguous()
 
+    def noise_seed(self, index: int) -> int:
+        """The seed of item ``index``'s pixel noise (one stream per seed, split and index)."""
+        return self.seed * 1_000_003 + 2 * index + SPLITS[self.split]
+
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.render(self.factors(index), noise_seed=self.seed * 1_000_003 + 2 * index + SPLITS[self.split])
+        return self.render(self.factors(index), noise_seed=self.noise_seed(index))
 
     def factor_table(self, count: int | None = None) -> dict[str, np.ndarray]:
         """Factors of the first ``count`` items as arrays, for probes."""
