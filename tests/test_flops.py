@@ -169,6 +169,22 @@ def test_newton_schulz_in_float32_orthogonalises_as_torchs_bfloat16_does():
     assert newton_schulz(g.mT, coefficients, 5, 1e-7, torch.float32).shape == (6, 256, 64)  # tall: transposed and back
 
 
+@pytest.mark.parametrize("shape", [(4, 64, 256), (3, 32, 32), (2, 512, 64), (1, 16, 1024)])
+def test_newton_schulz_on_the_gram_matrix_is_the_same_function(shape):
+    """The Gram form (the iterations on x x^T, x multiplied once) gives the quintic's iterate to within
+    float32 rounding of the literal one's in float64, for wide, square and tall matrices, ill-conditioned."""
+    from stvq.optim import newton_schulz
+
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 0, shape[-1])
+    coefficients = (3.4445, -4.775, 2.0315)
+    exact = newton_schulz(g.double(), coefficients, 5, 1e-7, torch.float64)
+    for gram in (False, True):
+        out = newton_schulz(g, coefficients, 5, 1e-7, torch.float32, gram=gram)
+        assert out.shape == shape and out.dtype == torch.float32
+        assert ((out.double() - exact).norm() / exact.norm()) < 3e-4, gram
+    assert not torch.allclose(newton_schulz(g, coefficients, 4, 1e-7, torch.float32, gram=True).double(), exact, rtol=1e-3)  # the steps count
+
+
 def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly():
     """optimizer=muon: each parameter takes the step torch's own Muon (the blocks' matrices; ours batches
     same-shaped ones) or AdamW (all else) gives it, in torch's bfloat16 iterations to within float32
