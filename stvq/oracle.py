@@ -107,7 +107,7 @@ def run_oracle(
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
     draws the shape, which PSNR does not tell). ``on_point`` is called with every point as it is measured
     (a long run shows its curve as it goes). Returns the validation curve."""
-    from stvq.train import ImageObjective, keep_freed_memory, make_optimizers, set_lr, update, warn_if_bf16_is_emulated
+    from stvq.train import ImageObjective, check_batch_fits, keep_freed_memory, make_optimizers, set_lr, update, warn_if_bf16_is_emulated
 
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     keep_freed_memory()
@@ -124,6 +124,7 @@ def run_oracle(
     if cfg.compile:
         net.decoder.compile()
     val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
+    check_batch_fits(train_set[0], cfg.batch_size, device)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
     def point(step: int, seconds: float) -> dict[str, float]:
@@ -189,15 +190,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
     parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
     args = parser.parse_args(argv)
-    options = parse_options(tuple(args.train), "--train")
-    if not args.seconds and "steps" not in options:
-        parser.error("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
-    train = {"steps": 10**6, **options}
-    overrides = parse_overrides(tuple(args.overrides), "decoder", args.decoder)
-    result = run_oracle(
-        args.decoder, args.preset, overrides, train, args.seconds or None, args.eval_every, device=args.device, recognise=args.recognise,
-        on_point=lambda point: print(json.dumps(point), flush=True),  # as it is measured
-    )
+    try:
+        options = parse_options(tuple(args.train), "--train")
+        if not args.seconds and "steps" not in options:
+            parser.error("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
+        train = {"steps": 10**6, **options}
+        overrides = parse_overrides(tuple(args.overrides), "decoder", args.decoder)
+        result = run_oracle(
+            args.decoder, args.preset, overrides, train, args.seconds or None, args.eval_every, device=args.device, recognise=args.recognise,
+            on_point=lambda point: print(json.dumps(point), flush=True),  # as it is measured
+        )
+    except StvqError as err:
+        parser.exit(1, f"Error: {err}\n")  # one line, as the stvq commands print
     print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
     if args.grid:
         result.save_grid(args.grid)

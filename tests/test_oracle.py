@@ -10,6 +10,7 @@ import torch
 from stvq.data import make_dataset
 from stvq.errors import StvqError
 from stvq.oracle import FactorItems, run_oracle
+from stvq.oracle import main as oracle_main  # python -m stvq.oracle
 from stvq.registry import list_plugins
 from stvq_reference.shapes import FACTOR_DIM, PALETTE, SHAPES, TEXTURES
 
@@ -30,6 +31,13 @@ def test_factor_vector_holds_every_factor():
 def test_the_oracle_refuses_data_without_factor_vectors():
     with pytest.raises(StvqError, match="the decoder oracle reads factor vectors; --data photos declares none"):
         FactorItems(64, "val", data="photos")
+
+
+def test_python_m_stvq_oracle_refuses_a_batch_larger_than_memory_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit:
+        oracle_main(["--seconds", "0", "--train", "steps=1", "--train", "batch_size=1000000000"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 1 and err.startswith("Error: --batch-size 1000000000: its items alone take") and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
