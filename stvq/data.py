@@ -6,12 +6,14 @@ what ``stvq tokenize`` reads. The data sets themselves are plugins (the referenc
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from stvq.errors import StvqError
+from stvq.errors import ConfigError, StvqError
 from stvq.interfaces import ImageDataset, ImageStream
 
 #: Names this module held before it was split by job (issue 22) -> the data set whose module holds them now
@@ -104,19 +106,39 @@ def is_stream(dataset) -> bool:
     return isinstance(dataset, ImageStream)
 
 
+def device_memory(device: torch.device | None = None) -> int:
+    """Bytes of memory on ``device``: a GPU's own, else the machine's."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(count: int, item: Any, what: str, fix: str, device: torch.device | None = None) -> None:
+    """Refuse, before reading them, ``count`` items like ``item`` (a tensor or a tuple of them) that alone
+    take more than the device's memory: reading them would run for hours before it failed."""
+    need = count * sum(t.nbytes for t in (item if isinstance(item, (tuple, list)) else (item,)) if isinstance(t, torch.Tensor))
+    have = device_memory(device)
+    if need > have:
+        raise ConfigError(f"{what} take {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of memory here; {fix}")
+
+
 def first_images(dataset, count: int, num_workers: int = 0) -> torch.Tensor:
     """The first ``count`` images of a data set or stream (fewer where it holds fewer), (B, 3, S, S); an
-    indexed data set is read by ``num_workers`` DataLoader workers."""
-    from itertools import islice
+    indexed data set is read by ``num_workers`` DataLoader workers. More than memory holds is refused."""
+    from itertools import chain, islice
 
     from stvq.streams import index_batches
 
     if is_stream(dataset):
-        images = list(islice(iter(dataset), count))
-        if not images:
+        stream = iter(dataset)
+        first = next(stream, None)
+        if first is None:
             raise StvqError("read no image from the stream (every shard empty or unreadable: the warnings say why); check --data")
-        return torch.stack(images)
+        check_fits(count, first, f"{count:,} images", "ask for fewer")
+        return torch.stack(list(islice(chain([first], stream), count)))
     rows = range(min(count, len(dataset)))
+    if rows:
+        check_fits(len(rows), dataset[0], f"{len(rows):,} images", "ask for fewer")
     return torch.cat(list(index_batches(dataset, [list(rows[i : i + 64]) for i in range(0, len(rows), 64)], num_workers)))
 
 

@@ -124,7 +124,7 @@ def run_oracle(
     if cfg.compile:
         net.decoder.compile()
     val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
-    check_batch_fits(train_set[0], cfg.batch_size, device)
+    check_batch_fits(cfg.batch_size, train_set[0], device)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
     def point(step: int, seconds: float) -> dict[str, float]:

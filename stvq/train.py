@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import sys
 import time
 import warnings
@@ -27,9 +26,9 @@ from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
 from stvq.config import LoopConfig, TrainConfig
-from stvq.data import first_images, is_stream, make_dataset
+from stvq.data import check_fits, first_images, is_stream, make_dataset
 from stvq.distributed import all_gather_objects, init_distributed
-from stvq.errors import CheckpointError, ConfigError, StvqError, TrainingDiverged, first_line
+from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
 from stvq.flops import count_flops, device_peak, emulates_bf16, mfu
 from stvq.images import save_image_grid
 from stvq.interfaces import CodeTokenizer, Decoder, Discriminator, FactorDataset
@@ -193,21 +192,10 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     mallopt(m_mmap_threshold, mmap_threshold)
 
 
-def device_memory(device: torch.device) -> int:
-    """Bytes of memory on ``device``: a GPU's own, else the machine's."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def check_batch_fits(item: Any, batch_size: int, device: torch.device) -> None:
-    """Refuse a batch whose items alone (``item``: one, a tensor or a tuple of them) take more than the
-    device's memory, before anything is read: a training step needs many times that, and reading such a
-    batch would run for hours before it failed."""
-    need = batch_size * sum(t.nbytes for t in (item if isinstance(item, (tuple, list)) else (item,)) if isinstance(t, torch.Tensor))
-    have = device_memory(device)
-    if need > have:
-        raise ConfigError(f"--batch-size {batch_size}: its items alone take {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of memory here; lower --batch-size")
+def check_batch_fits(batch_size: int, item: Any, device: torch.device) -> None:
+    """Refuse a batch of items like ``item`` that alone exceed the device's memory (a step needs many times
+    more), before any is read."""
+    check_fits(batch_size, item, f"--batch-size {batch_size}: its items alone", "lower --batch-size", device)
 
 
 def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:
@@ -471,7 +459,7 @@ class BaseTrainer:
         warn_if_bf16_is_emulated(self.device, cfg.bf16)
         if cfg.compile:
             self.compile(model)
-        check_batch_fits(next(iter(dataset)) if is_stream(dataset) else dataset[0], cfg.batch_size, self.device)
+        check_batch_fits(cfg.batch_size, next(iter(dataset)) if is_stream(dataset) else dataset[0], self.device)
         batches, stream = self._batches(dataset, start, data_generator)
         self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
 

@@ -157,6 +157,12 @@ def test_bad_command_line_is_one_clear_line(runner, files, line, status, phrase)
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+def test_eval_refuses_more_probe_images_than_memory_holds_before_reading_them(runner, files, monkeypatch):
+    monkeypatch.setattr("stvq.data.device_memory", lambda device=None: 2**30)  # a 1-GiB machine
+    result = runner.invoke(main, ["eval", "--run", str(files / "run"), "--probe-images", "1000000000", "--no-recogniser", "--no-perceptual"])
+    assert result.exit_code == 1 and "1,000,000 images take 45.8 GiB, more than the 1.0 GiB of memory here; ask for fewer" in result.stderr
+
+
 def test_encode_writes_exactly_the_path_it_names(runner, files, tmp_path):
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
     result = runner.invoke(main, ["encode", "--tokenizer", str(files / "tok"), str(tmp_path / "red.png"), "-o", str(tmp_path / "nosuffix")])
