@@ -7,9 +7,9 @@ of every same-shaped matrix as one batched product (the same arithmetic, to the 
 
 torch runs the iterations in bfloat16, which a GPU (and a CPU with AVX-512 BF16 or AMX) multiplies at
 speed; a CPU with AVX2 alone emulates it about 20x slower than float32 (a `tiny` step's iterations: 940
-ms against 45 ms on one AMD EPYC thread), so off CUDA they run in float32: more exact, not torch's bits. In float32 a matrix more than twice as
-long as it is wide iterates on its Gram matrix (``newton_schulz(gram=True)``: the same function, fewer
-products; a `tiny` step's iterations 1.4x faster).
+ms against 45 ms on one AMD EPYC thread), so off CUDA they run in float32: more exact, not torch's bits.
+There a matrix more than twice as long as it is wide iterates on its Gram matrix (``newton_schulz(gram=True)``:
+the same function, fewer products; a `tiny` step's iterations 1.4x faster).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float
     Each iteration is x <- q(A) x with A = x x^T (m x m, m <= n) and q(A) = a I + b A + c A^2. ``gram``
     iterates on A alone: every q(A) is a polynomial in the first A, so they commute, A <- q A q and the
     product P of the q's are m x m, and x is multiplied once at the end (P x). The same function in exact
-    arithmetic, at 4 m^3 multiply-adds an iteration in place of 2 m^2 n + m^3: cheaper from n = 1.5 m on
-    (a transformer's MLP matrices, n = 4m; an un-patchify, n = 64m). For float32: in bfloat16 the
-    squared condition of A loses the small singular values."""
+    arithmetic, at 4 m^3 multiply-adds an iteration in place of 2 m^2 n + m^3, plus 2 m^2 n once: at five
+    iterations cheaper from about n = 2 m on (a transformer's MLP matrices, n = 4 m; an un-patchify, n = 64 m).
+    For float32: in bfloat16 the squared condition of A loses the small singular values."""
     a, b, c = coefficients
     x = updates.to(dtype)
     tall = x.size(-2) > x.size(-1)
