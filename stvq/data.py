@@ -114,8 +114,8 @@ def device_memory(device: torch.device | None = None) -> int:
 
 
 def check_fits(count: int, item: Any, what: str, fix: str, device: torch.device | None = None) -> None:
-    """Refuse, before reading them, ``count`` items like ``item`` (a tensor or a tuple of them) that alone
-    take more than the device's memory: reading them would run for hours before it failed."""
+    """Refuse, before reading them, ``count`` items like ``item`` (a tensor or a tuple of them; None: none to
+    measure) that alone take more than the device's memory: reading them would run for hours before it failed."""
     need = count * sum(t.nbytes for t in (item if isinstance(item, (tuple, list)) else (item,)) if isinstance(t, torch.Tensor))
     have = device_memory(device)
     if need > have:

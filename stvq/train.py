@@ -459,7 +459,7 @@ class BaseTrainer:
         warn_if_bf16_is_emulated(self.device, cfg.bf16)
         if cfg.compile:
             self.compile(model)
-        check_batch_fits(cfg.batch_size, next(iter(dataset)) if is_stream(dataset) else dataset[0], self.device)
+        check_batch_fits(cfg.batch_size, next(iter(dataset), None) if is_stream(dataset) else dataset[0], self.device)  # None: an empty stream, refused by its reader
         batches, stream = self._batches(dataset, start, data_generator)
         self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
 
