@@ -120,6 +120,7 @@ CASES = [
     ("quantize --run {root}/run --k 0", 2, "Invalid value for '--k'"),
     ("quantize --run {root}/run --niter 0", 2, "Invalid value for '--niter'"),
     ("eval --run {root}/run --images 0", 2, "Invalid value for '--images'"),
+    ("eval --run {root}/run -o {root}/ev", 1, "one run's eval.json and plots go into the run itself ({root}/run): drop -o"),
     ("train --resume {root}/run --preset small", 1, "--resume continues {root}/run with its own train.json; drop --preset"),
     ("train --resume {root}/run --set width=64 --lr 0.1", 1, "drop --set, --lr (only --steps may change"),
     # issue 23: run directories and files read back
