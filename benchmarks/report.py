@@ -43,20 +43,22 @@ def main(path: str) -> None:
                 batch = next(iter((f or t).values()))["extra_info"]["batch"]
                 print(f"| {preset} {device} | {batch} | {ms(f, 'ours')} | {ratio(f, 'ours', 'literal')} | {ratio(f, 'ours', 'bare')} | {ms(t, 'ours')} | {ratio(t, 'ours', 'literal')} | {ratio(t, 'ours', 'bare')} |")
     print()
-    print("| condition block, interleaved (ours and literal alternated) | forward ours/literal | forward+backward ours/literal |")
-    print("|---|---|---|")
+    print("| condition block, interleaved (the four called in turn; medians of per-round ratios) | fwd ours/literal | fwd ours/bare | fwd timm/bare | fwd+bwd ours/literal | fwd+bwd ours/bare | fwd+bwd timm/bare |")
+    print("|---|---|---|---|---|---|---|")
+    pairs = ("ours/literal", "ours/bare", "timm/bare")
     for preset in presets:
         f = groups.get("block interleaved forward", {}).get(preset)
         t = groups.get("block interleaved forward+backward", {}).get(preset)
         if f or t:
-            cell = lambda b: f"{b['extra_info']['ratio_median']:.2f} (median of {b['extra_info']['pairs']} pairs)" if b else "-"  # noqa: E731
-            print(f"| {preset} cpu | {cell(f)} | {cell(t)} |")
+            cells = [f"{b['extra_info'][p]:.2f}" if b else "-" for b in (f, t) for p in pairs]
+            rounds = (f or t)["extra_info"]["rounds"]
+            print(f"| {preset} cpu ({rounds} rounds) | {' | '.join(cells)} |")
     bf16 = groups.get("block forward+backward reference cuda bf16", {})
     if bf16:
         print(f"| reference cuda bf16 | 16 | | | | {ms(bf16, 'ours')} | {ratio(bf16, 'ours', 'literal')} | |")
     print()
-    print("| model forward | batch | ours (ms) | timm ViT (ms) | ours/timm time | throughput ours/timm |")
-    print("|---|---|---|---|---|---|")
+    print("| model forward | batch | ours (ms) | timm ViT (ms) | ours/timm time | throughput ours/timm | linear head/timm time |")
+    print("|---|---|---|---|---|---|---|")
     for device in devices:
         for preset in presets:
             for part in ("encoder", "decoder"):
@@ -64,7 +66,7 @@ def main(path: str) -> None:
                 if g:
                     r = ratio(g, "ours", "timm")
                     inv = f"{1 / float(r):.2f}" if r != "-" else "-"
-                    print(f"| {part} {preset} {device} | {g['ours']['extra_info']['batch']} | {ms(g, 'ours')} | {ms(g, 'timm')} | {r} | {inv} |")
+                    print(f"| {part} {preset} {device} | {g['ours']['extra_info']['batch']} | {ms(g, 'ours')} | {ms(g, 'timm')} | {r} | {inv} | {ratio(g, 'linear head', 'timm')} |")
     print()
     for name, g in sorted(groups.items()):
         if name.startswith("encode+quantize"):

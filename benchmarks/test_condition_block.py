@@ -1,6 +1,7 @@
-"""The hot path: one condition block, forward and forward+backward. Three implementations of the same
-shapes side by side in one group: ours, the literal original (plugins/stvq_reference/literal_block.py, same weights)
-and the bare compute (its matrix products and one SDPA call, the arithmetic no implementation avoids)."""
+"""The hot path: one condition block, forward and forward+backward. Four implementations of the same
+shapes side by side in one group: ours, the literal original (plugins/stvq_reference/literal_block.py, same weights),
+the bare compute (its matrix products and one SDPA call, the arithmetic no implementation avoids) and timm's
+plain ViT block of the same width (no codes, no styles: the cost of a block that conditions on nothing)."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from benchmarks.conftest import DEVICES, SIZES, sync
 from stvq_reference.config import StyledConfig
 from stvq_reference.literal_block import LiteralConditionBlock
 from stvq_reference.decoder import ConditionBlock
+from stvq_reference.layers import vit_block
 
 
 def make(preset: str, batch: int, device: str, dtype=torch.float32):
@@ -38,7 +40,7 @@ def bare_compute(block: ConditionBlock, heads: int):
     return run
 
 
-IMPLEMENTATIONS = ["ours", "literal", "bare"]
+IMPLEMENTATIONS = ["ours", "literal", "bare", "timm"]
 
 
 def runner(impl, block, literal, cfg, x, condition):
@@ -46,6 +48,9 @@ def runner(impl, block, literal, cfg, x, condition):
         return lambda xx, cc: block(xx, cc)
     if impl == "literal":
         return lambda xx, cc: literal(xx.transpose(0, 1), cc.transpose(0, 1)).transpose(0, 1)
+    if impl == "timm":
+        plain = vit_block(cfg.width, cfg.heads, cfg.mlp_ratio).to(x.device, x.dtype)
+        return lambda xx, cc: plain(xx)
     return bare_compute(block, cfg.heads)
 
 
@@ -100,8 +105,9 @@ def test_block_forward_backward_bf16_reference(benchmark, impl):
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("preset,batch,_", SIZES, ids=[s[0] for s in SIZES])
 def test_block_interleaved_ratio(benchmark, preset, batch, _, mode):
-    """Ours and the literal block called alternately, so that both see the same machine load; records
-    the median of the per-pair time ratios (ours / literal). Sequential groups drift on shared machines."""
+    """The four implementations called in turn, so that all see the same machine load; records the
+    median of the per-round time ratios ours / literal, ours / bare and timm / bare. Sequential groups
+    drift on shared machines."""
     import statistics
     import time
 
@@ -109,8 +115,8 @@ def test_block_interleaved_ratio(benchmark, preset, batch, _, mode):
     if mode == "forward+backward":
         x.requires_grad_()
     grad = torch.randn_like(x)
-    fns = [runner(impl, block, literal, cfg, x, condition) for impl in ("ours", "literal")]
-    pairs = 30 if preset != "reference" else 10
+    fns = {impl: runner(impl, block, literal, cfg, x, condition) for impl in IMPLEMENTATIONS}
+    rounds = 30 if preset != "reference" else 10
 
     def timed(fn):
         start = time.perf_counter()
@@ -122,10 +128,12 @@ def test_block_interleaved_ratio(benchmark, preset, batch, _, mode):
         return time.perf_counter() - start
 
     def run():
-        for fn in fns:  # warm up both
+        for fn in fns.values():  # warm up each
             timed(fn)
-        ratios = [timed(fns[0]) / timed(fns[1]) for _ in range(pairs)]
-        benchmark.extra_info.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), pairs=pairs)
+        times = [{impl: timed(fn) for impl, fn in fns.items()} for _ in range(rounds)]
+        for a, b in (("ours", "literal"), ("ours", "bare"), ("timm", "bare")):
+            benchmark.extra_info[f"{a}/{b}"] = statistics.median(t[a] / t[b] for t in times)
+        benchmark.extra_info.update(rounds=rounds)
 
     benchmark.group = f"block interleaved {mode}"
     benchmark.extra_info.update(preset=preset, batch=batch, impl=f"{preset}", device="cpu", mode=mode)

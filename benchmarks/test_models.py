@@ -34,11 +34,18 @@ def timed(benchmark, fn, device, rounds):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["ours", "timm"])
+@pytest.mark.parametrize("impl", ["ours", "linear head", "timm"])
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("preset,_,batch", SIZES, ids=[s[0] for s in SIZES])
 def test_model_forward(benchmark, preset, _, batch, part, impl, device):
+    """Our encoder or decoder against timm's ViT; "linear head" is the decoder with the SPEC's out_conv
+    alone (``head=linear``), where a preset ends in another head (tiny's pixel head): the trunk's cost
+    apart from the head's."""
     cfg = StyledConfig.PRESETS[preset]
+    if impl == "linear head":
+        if part == "encoder" or cfg.head == "linear":
+            pytest.skip("the same model as ours")
+        cfg = cfg.make(cfg, head="linear", head_channels=0)
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     if impl == "timm":
         depth = cfg.encoder_layers if part == "encoder" else cfg.condition_layers + cfg.plain_layers
@@ -47,7 +54,7 @@ def test_model_forward(benchmark, preset, _, batch, part, impl, device):
     elif part == "encoder":
         model = stvq.create("encoder", cfg.encoder, config=cfg).to(device).eval()
         fn = lambda: model(images)  # noqa: E731
-    else:
+    else:  # ours, or ours with the linear head
         model = stvq.create("decoder", cfg.decoder, config=cfg).to(device).eval()
         codes = torch.randn(batch, cfg.num_tokens, cfg.code_dim, device=device)
         fn = lambda: model(codes)  # noqa: E731

@@ -1,0 +1,29 @@
+"""The benchmark suite's README commands start: `pytest benchmarks/ --benchmark-only` at `tiny` (one round
+each) and `python benchmarks/report.py` on what it wrote, whose tables then hold every ratio."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_the_block_and_model_benchmarks_run_at_tiny_and_report_every_ratio(tmp_path):
+    results = tmp_path / "results.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/test_condition_block.py", "benchmarks/test_models.py", "-q", "-p", "no:cacheprovider",
+         "-k", "tiny and not compile and not stage2 and not encode_quantize", "--benchmark-only", "--benchmark-min-rounds=1",
+         "--benchmark-max-time=0.001", "--benchmark-warmup=off", f"--benchmark-json={results}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = subprocess.run([sys.executable, "benchmarks/report.py", str(results)], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    number = r"\d+\.\d+"
+    assert re.search(rf"^\| tiny cpu \| 32 \|(?: {number} \|){{6}}$", report, re.M), report  # the sequential block table
+    interleaved = re.search(rf"\| tiny cpu \(30 rounds\) \|((?: {number} \|){{6}})$", report, re.M)
+    assert interleaved, report  # ours/literal, ours/bare, timm/bare, forward and forward+backward
+    ours_bare, timm_bare = (float(v) for v in interleaved.group(1).split("|")[4:6])
+    assert ours_bare > 0.5 and timm_bare > 0.5
+    decoder = re.search(rf"\| decoder tiny cpu \| 16 \|.*\| ({number}) \|$", report, re.M)
+    assert decoder, report  # the linear head's column is filled at tiny, whose preset ends in the pixel head
