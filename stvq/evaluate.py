@@ -270,15 +270,17 @@ def evaluate(
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     size = model.config.image_size
-    val = make_dataset(data, size, "val", seed)
+    val, train_ds = make_dataset(data, size, "val", seed), make_dataset(data, size, "train", seed)
     count = min(images, len(val))
     originals = first_images(val, count, num_workers)
+    if isinstance(val, FactorDataset):  # read first, so that a probe set too large is refused before minutes of work
+        train_imgs = first_images(train_ds, probe_images, num_workers)
     codes, codes_used, stats, recon = reconstruct(model, originals)
     quantized = model.quantizer is not None
     result: dict[str, Any] = {
         "name": name, "data": data, "images": count, "quantized": quantized,
         "reconstruction": reconstruction_metrics(originals, recon, perceptual),
-        "mean_image_psnr": mean_image_psnr(make_dataset(data, size, "train", seed), originals),
+        "mean_image_psnr": mean_image_psnr(train_ds, originals),
         "codebook": stats,
     }
     # Fill value: each position's mean code over the evaluated images, the best constant guess under
@@ -290,8 +292,6 @@ def evaluate(
     if is_main():  # under torchrun the ranks share the encoding and decoding; rank 0 writes
         plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
     if isinstance(val, FactorDataset):  # what the data declares decides what is measured
-        train_ds = make_dataset(data, size, "train", seed)
-        train_imgs = first_images(train_ds, probe_images, num_workers)
         train_codes = in_batches(model.encode_codes, train_imgs, device=device_of(model)).numpy()
         truth = val.factor_table(count)
         probe = probe_scores(train_codes, train_ds.factor_table(probe_images), codes.numpy(), truth, val.factor_classes)
