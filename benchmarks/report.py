@@ -42,6 +42,9 @@ def main(path: str) -> None:
             if f or t:
                 batch = next(iter((f or t).values()))["extra_info"]["batch"]
                 print(f"| {preset} {device} | {batch} | {ms(f, 'ours')} | {ratio(f, 'ours', 'literal')} | {ratio(f, 'ours', 'bare')} | {ms(t, 'ours')} | {ratio(t, 'ours', 'literal')} | {ratio(t, 'ours', 'bare')} |")
+    bf16 = groups.get("block forward+backward reference cuda bf16", {})
+    if bf16:
+        print(f"| reference cuda bf16 | 16 | | | | {ms(bf16, 'ours')} | {ratio(bf16, 'ours', 'literal')} | |")
     print()
     print("| condition block, interleaved (the four called in turn; medians of per-round ratios) | fwd ours/literal | fwd ours/bare | fwd timm/bare | fwd+bwd ours/literal | fwd+bwd ours/bare | fwd+bwd timm/bare |")
     print("|---|---|---|---|---|---|---|")
@@ -53,9 +56,6 @@ def main(path: str) -> None:
             cells = [f"{b['extra_info'][p]:.2f}" if b else "-" for b in (f, t) for p in pairs]
             rounds = (f or t)["extra_info"]["rounds"]
             print(f"| {preset} cpu ({rounds} rounds) | {' | '.join(cells)} |")
-    bf16 = groups.get("block forward+backward reference cuda bf16", {})
-    if bf16:
-        print(f"| reference cuda bf16 | 16 | | | | {ms(bf16, 'ours')} | {ratio(bf16, 'ours', 'literal')} | |")
     print()
     print("| model forward | batch | ours (ms) | timm ViT (ms) | ours/timm time | throughput ours/timm | linear head/timm time |")
     print("|---|---|---|---|---|---|---|")
