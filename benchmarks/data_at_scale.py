@@ -2,10 +2,11 @@
 against the single-process loop, two torchrun processes against one (ids and wall time), and training
 images/s on a wds: stream against the same images in a folder.
 
-    python benchmarks/data_at_scale.py [--images 2000] [--out /tmp/stvq-data-bench]
+    python benchmarks/data_at_scale.py [--images 2000] [--out /tmp/stvq-data-bench] [--rounds 3]
 
 The images are 512 x 512 JPEGs (quality 90) cut from the photos scikit-image ships (random crops and
-flips, :class:`stvq_reference.folders.PhotosDataset`), written once as a folder and as webdataset shards of 100.
+flips, :class:`stvq_reference.folders.PhotosDataset`), written once as a folder and as webdataset shards of 100
+(of fewer where there are fewer than 400 images: at least 4 shards, so that two training readers each get some).
 Run it alone: two torch jobs on 2 cores slow each other many times over.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -82,18 +84,21 @@ def tokenize_rate(tokenizer, data: str, out: Path, workers: int) -> float:
 def cli(*args: str, procs: int = 1, env: dict | None = None) -> float:
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29561"] if procs > 1 else [sys.executable]
     started = time.perf_counter()
-    subprocess.run([*prefix, "-m", "stvq.cli", *args], check=True, capture_output=True, env={**os.environ, **(env or {})})
+    done = subprocess.run([*prefix, "-m", "stvq.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if done.returncode:
+        raise SystemExit(f"stvq {' '.join(args)} failed: {(done.stderr.strip().splitlines() or ['(no message)'])[-1]}")
     return time.perf_counter() - started
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--out", default="/tmp/stvq-data-bench")
     parser.add_argument("--train-steps", type=int, default=80)
-    args = parser.parse_args()
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved tokenize rounds and training pairs, the median / mean of each")
+    args = parser.parse_args(argv)
     root = Path(args.out)
-    folder, shards = write_images(root, args.images)
+    folder, shards = write_images(root, args.images, per_shard=min(100, max(1, args.images // 4)))
     torch.manual_seed(0)
     tok = stvq.create("tokenizer", "styled", preset="tiny", quantizer={"name": "fsq", "levels": [8, 5, 5, 5]}).eval()
     tok.save_pretrained(root / "tok")
@@ -102,13 +107,13 @@ def main() -> None:
     # 1. tokenize throughput: workers against the single-process loop (num_workers=0 reads in the main
     # process, as stvq tokenize did before); three interleaved rounds, the median of each
     rates: dict[str, list[float]] = {"today": [], **{f"workers{w}": [] for w in (0, 1, 2, 3)}}
-    for _ in range(3):
+    for _ in range(args.rounds):
         rates["today"].append(todays_loop_rate(tok, folder))
         for workers in (0, 1, 2, 3):
             out = root / f"ids-w{workers}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
             rates[f"workers{workers}"].append(tokenize_rate(tok, str(folder), out, workers))
-    median = {name: sorted(values)[1] for name, values in rates.items()}
+    median = {name: statistics.median(values) for name, values in rates.items()}
     for name, rate in median.items():
         report[f"tokenize_images_per_s_{name}"] = rate
         report[f"tokenize_{name}_over_today"] = rate / median["today"]
@@ -129,13 +134,13 @@ def main() -> None:
     # 3. training images/s on the stream against the folder (the same images; 2 workers each): three pairs,
     # the order alternating, each run's mean over its logging windows but the first (the workers' start)
     ratios = []
-    for pair in range(3):
+    for pair in range(args.rounds):
         rates = {}
         for name, data in (("folder", str(folder)), ("wds", shards))[:: 1 if pair % 2 else -1]:
             run = root / f"train-{name}"
             subprocess.run(["rm", "-rf", str(run)], check=True)
             cli("train", "--data", data, "--run-dir", str(run), "--steps", str(args.train_steps), "--num-workers", "2",
-                "--eval-every", str(args.train_steps), "--no-progress")
+                "--eval-every", str(args.train_steps), "--log-every", str(max(1, args.train_steps // 8)), "--no-progress")
             windows = [json.loads(line)["images_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
             rates[name] = sum(windows) / len(windows)
         ratios.append(rates["wds"] / rates["folder"])
@@ -144,6 +149,7 @@ def main() -> None:
     report["train_wds_over_folder_mean"] = sum(ratios) / len(ratios)
     print(json.dumps(report, indent=2))
     (root / "report.json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -27,3 +27,19 @@ def test_the_block_and_model_benchmarks_run_at_tiny_and_report_every_ratio(tmp_p
     assert ours_bare > 0.5 and timm_bare > 0.5
     decoder = re.search(rf"\| decoder tiny cpu \| 16 \|.*\| ({number}) \|$", report, re.M)
     assert decoder, report  # the linear head's column is filled at tiny, whose preset ends in the pixel head
+
+
+def test_the_data_at_scale_benchmark_runs_every_part_at_a_few_images(tmp_path):
+    """README's `python benchmarks/data_at_scale.py` at 16 images (4 shards, so that the training part's two
+    readers each get some), one round: tokenize with 0-3 workers, torchrun against one process, training
+    on the stream against the folder."""
+    import json
+
+    run = subprocess.run(
+        [sys.executable, "benchmarks/data_at_scale.py", "--images", "16", "--train-steps", "4", "--rounds", "1", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tokenize_ids_identical_across_workers"] and report["torchrun_ids_identical"]
+    assert report["train_wds_over_folder_mean"] > 0 and len(list((tmp_path / "shards").glob("*.tar"))) == 4
