@@ -9,6 +9,15 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 
 
+def test_every_benchmark_file_collects():
+    """`pytest benchmarks/ --benchmark-only` starts: every file imports and every parametrisation builds
+    (the k-means, memory and oracle benchmarks run for minutes, so only the block and model ones run below)."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    files = {line.split("::")[0] for line in run.stdout.splitlines() if "::" in line}
+    assert files == {str(path.relative_to(ROOT)) for path in (ROOT / "benchmarks").glob("test_*.py")}, files
+
+
 def test_the_block_and_model_benchmarks_run_at_tiny_and_report_every_ratio(tmp_path):
     results = tmp_path / "results.json"
     run = subprocess.run(
