@@ -90,13 +90,13 @@ def cli(*args: str, procs: int = 1, env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--out", default="/tmp/stvq-data-bench")
     parser.add_argument("--train-steps", type=int, default=80)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved tokenize rounds and training pairs, the median / mean of each")
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     root = Path(args.out)
     folder, shards = write_images(root, args.images, per_shard=min(100, max(1, args.images // 4)))
     torch.manual_seed(0)
@@ -149,7 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
     report["train_wds_over_folder_mean"] = sum(ratios) / len(ratios)
     print(json.dumps(report, indent=2))
     (root / "report.json").write_text(json.dumps(report, indent=2))
-    return report
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmark suite's README commands start: `pytest benchmarks/ --benchmark-only` at `tiny` (one round
 each) and `python benchmarks/report.py` on what it wrote, whose tables then hold every ratio."""
 
+import json
 import re
 import subprocess
 import sys
@@ -42,8 +43,6 @@ def test_the_data_at_scale_benchmark_runs_every_part_at_a_few_images(tmp_path):
     """README's `python benchmarks/data_at_scale.py` at 16 images (4 shards, so that the training part's two
     readers each get some), one round: tokenize with 0-3 workers, torchrun against one process, training
     on the stream against the folder."""
-    import json
-
     run = subprocess.run(
         [sys.executable, "benchmarks/data_at_scale.py", "--images", "16", "--train-steps", "4", "--rounds", "1", "--out", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True,
