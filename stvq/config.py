@@ -102,6 +102,11 @@ class LoopConfig:
     checkpoint_every: int = 200
     num_workers: int = 0
     tensorboard: bool = False  # also write the log records and sample grids to RUN/tensorboard/
+    # CPU, one process: split each step's batch into this many slices, each slice's forward and backward
+    # in its own Python thread on a share of the intra-op threads, the gradients summed in slice order
+    # (a run repeats itself and resumes exactly). 1: whole steps; 0: 2 where the step can be split (a
+    # CPU, no torchrun, no torch.compile, a trainer and model that allow it), else 1.
+    step_threads: int = 1
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
@@ -111,6 +116,8 @@ class LoopConfig:
             raise StvqError(f'lr_scales must map parameter-name substrings to numbers, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
         if self.num_workers < 0:
             raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if not 0 <= self.step_threads <= self.batch_size:
+            raise StvqError(f"step_threads must be between 0 (auto) and the batch size {self.batch_size}, got {self.step_threads}")
         if not 0 <= self.seed <= MAX_SEED:
             raise StvqError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1), got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -73,6 +73,9 @@ class Quantizer(nn.Module, ABC):
 
     dim: int
     codebook_size: int
+    # True where the forward changes the quantizer's state in training (an EMA codebook): a training step
+    # then runs whole, never split across threads (LoopConfig.step_threads).
+    updates_in_forward: bool = False
 
     @abstractmethod
     def forward(self, z: torch.Tensor) -> QuantizerOutput: ...
@@ -123,13 +126,14 @@ class CodeTokenizerOutput:
     quantized: QuantizerOutput | None = None  # set when the codes went through the quantizer
 
 
-def drop_tail(codes: torch.Tensor, share: float) -> torch.Tensor:
+def drop_tail(codes: torch.Tensor, share: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """``CodeTokenizer.forward``'s ``tail_drop``: each image, with probability ``share``, keeps only its
     first k codes (k uniform in 1..N) and has the rest set to the batch's mean code per position, as the
-    prefix curve decodes them. codes (B, N, D) -> (B, N, D)."""
+    prefix curve decodes them; the draws from ``generator`` (None: torch's global one). codes (B, N, D) ->
+    (B, N, D)."""
     b, n = codes.shape[:2]
-    keep = torch.randint(1, n + 1, (b, 1), device=codes.device)
-    keep = torch.where(torch.rand(b, 1, device=codes.device) < share, keep, n)
+    keep = torch.randint(1, n + 1, (b, 1), device=codes.device, generator=generator)
+    keep = torch.where(torch.rand(b, 1, device=codes.device, generator=generator) < share, keep, n)
     dropped = torch.arange(n, device=codes.device) >= keep  # (B, N)
     mean = codes.detach().mean(0, keepdim=True).expand_as(codes)
     return torch.where(dropped[..., None], mean, codes)
@@ -170,7 +174,12 @@ class CodeTokenizer(Tokenizer):
     ) -> CodeTokenizerOutput:
         """Reconstruct ``images``: Gaussian noise of std ``noise_sigma`` on the codes (stage 1), through the
         quantizer with ``quantize=True`` (stage 2); ``codes`` given skips the encoder; ``tail_drop`` p
-        decodes a share p of the images from a random prefix of their codes (:func:`drop_tail`)."""
+        decodes a share p of the images from a random prefix of their codes (:func:`drop_tail`).
+
+        A forward that also takes ``generator`` (a ``torch.Generator``, None: torch's global one) draws its
+        noise from it and changes no state of its own in training (a quantizer's aside, which says so in
+        ``updates_in_forward``): ``stvq train`` may then split a step's batch across threads, each slice with
+        its own generator (``LoopConfig.step_threads``). One that does not runs each step whole."""
 
 
 class Composer(ABC):

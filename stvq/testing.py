@@ -9,6 +9,8 @@ method; stvq's own suite runs each for every registered plugin of the kind (test
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -210,6 +212,21 @@ class CodeTokenizerContract(TokenizerContract):
             codes = tokenizer.encode_codes(images)
             assert torch.equal(tokenizer.decode_codes(codes), tokenizer(images).reconstruction)  # no noise: one path
             assert torch.equal(tokenizer(images, codes=codes).reconstruction, tokenizer(images).reconstruction)
+
+    def test_a_forward_that_takes_a_generator_draws_only_from_it(self, tokenizer, images):
+        """Where the forward takes ``generator`` (so that ``stvq train`` may split a step across threads),
+        the same seed draws the same noise and prefixes, and torch's global RNG is left alone."""
+        if "generator" not in inspect.signature(tokenizer.forward).parameters:
+            pytest.skip("this forward takes no generator: its training steps run whole")
+        tokenizer.train()
+        options = {"noise_sigma": 0.5, "tail_drop": 1.0}
+        with torch.no_grad():
+            state = torch.get_rng_state()
+            first = tokenizer(images, generator=torch.Generator().manual_seed(3), **options).reconstruction
+            assert torch.equal(torch.get_rng_state(), state)
+            again = tokenizer(images, generator=torch.Generator().manual_seed(3), **options).reconstruction
+            other = tokenizer(images, generator=torch.Generator().manual_seed(4), **options).reconstruction
+        assert torch.equal(first, again) and not torch.equal(first, other)
 
     def test_tail_drop_keeps_a_prefix_and_fills_the_rest(self, tokenizer, images):
         from stvq.interfaces import drop_tail

@@ -6,10 +6,13 @@ owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on 
 from __future__ import annotations
 
 import ctypes
+import functools
+import inspect
 import json
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from stvq.checkpoint import load_pretrained, run_lock, save_tensors
-from stvq.config import LoopConfig, TrainConfig
+from stvq.config import MAX_SEED, LoopConfig, TrainConfig
 from stvq.data import check_fits, first_images, is_stream, make_dataset
 from stvq.distributed import all_gather_objects, init_distributed
 from stvq.errors import CheckpointError, StvqError, TrainingDiverged, first_line
@@ -244,9 +247,26 @@ def update(opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tenso
         opt = opts[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-        opt.step()
+        clip_and_step(opt, grad_clip)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, grad_clip: float) -> None:
+    """Clip the gradient norm of ``opt``'s parameters (0: no clipping), then step."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+
+
+def split_batch(batch: torch.Tensor | tuple | list, parts: int) -> list:
+    """A batch (a tensor, or a tuple or list of tensors of one length) in ``parts`` slices along its first
+    dimension, as even as they come."""
+    if isinstance(batch, torch.Tensor):
+        return list(batch.tensor_split(parts))
+    return [type(batch)(pieces) for pieces in zip(*(t.tensor_split(parts) for t in batch))]
+
+
+def batch_length(batch: torch.Tensor | tuple | list) -> int:
+    return len(batch if isinstance(batch, torch.Tensor) else batch[0])
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float, scales_weight: float = 1.0) -> None:
@@ -417,11 +437,21 @@ class BaseTrainer:
         for MFU; counted after :meth:`prepare`, before :meth:`compile`."""
         raise NotImplementedError
 
-    def step(self, net: torch.nn.Module, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    def step(
+        self, net: torch.nn.Module, batch: Any, step: int, generator: torch.Generator | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         """Forward and losses of one batch at ``step``: ({"model": loss, companion: its loss, ...} to
         minimise, in update order; record entries as detached tensors or numbers, read only on logged steps
-        so that a GPU is not synchronised every step; batch size). The loop runs companions as ``self.nets``."""
+        so that a GPU is not synchronised every step; batch size). The loop runs companions as ``self.nets``.
+        ``generator``: where the forward's random draws come from when the step is split across threads
+        (:meth:`split_refusal` says when it may be)."""
         raise NotImplementedError
+
+    def split_refusal(self, model: torch.nn.Module) -> str | None:
+        """Why a step of this trainer cannot be split across threads (``LoopConfig.step_threads``), or None
+        where its batch's slices may run side by side: each slice's loss its mean, the forward drawing only
+        from the generator :meth:`step` is given and changing no shared state."""
+        return f"{type(self).__name__} runs its steps whole"
 
     def evaluate(self, model: torch.nn.Module, val: Any, step: int) -> dict[str, float]:
         """Validation numbers at ``step``, for the log record."""
@@ -441,6 +471,7 @@ class BaseTrainer:
             return {**(self.dir.read_summary() or {"run": str(self.dir)}), "finished": done}
         torch.manual_seed(self.cfg.seed)
         model, dataset, val = self.build()
+        self.threads = self._step_threads(model)  # a split that cannot be is refused before the run is written
         with run_lock(self.dir.path) if self.is_main else nullcontext():  # one writer per run directory
             return self._train(model, dataset, val)
 
@@ -462,19 +493,25 @@ class BaseTrainer:
         check_batch_fits(cfg.batch_size, next(iter(dataset), None) if is_stream(dataset) else dataset[0], self.device)  # None: an empty stream, refused by its reader
         batches, stream = self._batches(dataset, start, data_generator)
         self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
+        threads = self.threads
+        intra = max(1, torch.get_num_threads() // threads)  # set per thread: the main thread keeps its own
 
         clock = _Clock(logged_seconds)
         last_eval: dict[str, float] = {}
         board = self._tensorboard(start)
-        with self._progress_bar() as bar, board or nullcontext():
+        pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(intra,)) if threads > 1 else None
+        with self._progress_bar() as bar, board or nullcontext(), pool or nullcontext():
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
             for step, batch in enumerate(batches, start=start):
                 batch = stream.take(batch) if stream else batch
                 for opt in opts.values():
                     set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    losses, terms, size = self.step(self.nets["model"], batch, step)
-                self._update(opts, losses, step)
+                if pool:
+                    losses, terms, size = self._split_step(pool, threads, opts["model"], batch, step)
+                else:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        losses, terms, size = self.step(self.nets["model"], batch, step)
+                self._update(opts, losses, step, backward=pool is None)
                 done = step + 1
                 if ema:
                     ema.update(model, step=done)
@@ -499,6 +536,7 @@ class BaseTrainer:
         summary = {
             "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(), "images_per_s": images_per_s,
             "flops_per_item": flops, "peak_flops": peak, "peak_source": peak_source, "mfu": mfu(flops, images_per_s, peak, self.world),
+            "step_threads": threads,
             **extras, **last_eval,
         }
         return self._finish(parts, summary)
@@ -577,8 +615,55 @@ class BaseTrainer:
         start = load_checkpoint(self.dir.checkpoint, parts, opts, data_generator)
         return start, self.dir.trim_metrics(start) if self.is_main else 0.0
 
-    def _update(self, opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], step: int) -> None:
-        """:func:`update`; a loss that is not finite stops the run with the last checkpoint kept."""
+    def _step_threads(self, model: torch.nn.Module) -> int:
+        """How many threads a step's batch is split across: ``cfg.step_threads``, 0 resolved (2 where the step
+        can be split, else 1); a split asked for where it cannot be is refused in one line."""
+        asked = self.cfg.step_threads
+        if asked == 1:
+            return 1
+        reason = (
+            "a GPU runs a step's kernels in one stream" if self.device.type != "cpu"
+            else "torchrun's processes already share the cores" if self.world > 1
+            else "torch.compile's graphs are run from one thread" if self.cfg.compile
+            else self.split_refusal(model)
+        )
+        if reason is None:
+            return asked or min(2, self.cfg.batch_size)
+        if asked == 0:
+            return 1
+        raise StvqError(f"step_threads={asked}: a step here cannot be split across threads ({reason}); use step_threads=1")
+
+    def _split_step(
+        self, pool: ThreadPoolExecutor, threads: int, opt: torch.optim.Optimizer, batch: Any, step: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+        """:meth:`step` of the batch in ``threads`` slices, one per thread of ``pool``, each drawing from its own generator (seeded
+        here from the global RNG, so that a run and its resume draw alike); each slice's gradient, weighted
+        by its share of the batch, summed in slice order into ``opt``'s parameters' ``.grad``. Returns what
+        :meth:`step` returns, the losses and terms averaged over the slices by their sizes."""
+        slices = split_batch(batch, threads)
+        total = batch_length(batch)
+        seeds = torch.randint(0, MAX_SEED, (len(slices),)).tolist()
+        params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]
+        net = self.nets["model"]
+
+        def run(part: Any, seed: int) -> tuple[torch.Tensor, dict[str, Any], tuple]:
+            share = batch_length(part) / total
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                losses, terms, _ = self.step(net, part, step, generator=torch.Generator().manual_seed(seed))
+            grads = torch.autograd.grad(losses["model"] * share, params, allow_unused=True)
+            return losses["model"].detach() * share, {k: v * share for k, v in terms.items()}, grads
+
+        results = list(pool.map(run, slices, seeds))
+        opt.zero_grad(set_to_none=True)
+        for i, p in enumerate(params):
+            grads = [r[2][i] for r in results if r[2][i] is not None]
+            p.grad = functools.reduce(torch.add, grads) if grads else None
+        terms = {k: sum(r[1][k] for r in results) for k in results[0][1]}
+        return {"model": sum(r[0] for r in results)}, terms, total
+
+    def _update(self, opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], step: int, backward: bool = True) -> None:
+        """:func:`update` (``backward=False``: the gradient is already in ``.grad``, from :meth:`_split_step`);
+        a loss that is not finite stops the run with the last checkpoint kept."""
         for name, loss in losses.items():
             if not torch.isfinite(loss):
                 what = "loss" if name == "model" else f"the {name}'s loss"
@@ -586,7 +671,10 @@ class BaseTrainer:
                     f"{what} became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept "
                     f"(resume with --resume {self.dir}); lower --lr or keep gradient clipping on"
                 )
-        update(opts, losses, self.cfg.grad_clip)
+        if backward:
+            update(opts, losses, self.cfg.grad_clip)
+        else:
+            clip_and_step(opts["model"], self.cfg.grad_clip)
 
     def _progress_bar(self):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -661,6 +749,15 @@ class Trainer(BaseTrainer):
     def companions(self) -> dict[str, torch.nn.Module]:
         return self.objective.companions()
 
+    def split_refusal(self, model: CodeTokenizer) -> str | None:
+        if self.companions():
+            return "adversarial training: the discriminator's loss and the adaptive weight read the whole batch"
+        if "generator" not in inspect.signature(model.forward).parameters:
+            return f"{type(model).__name__}.forward takes no generator to draw its noise from"
+        if self.stage.number == 2 and getattr(model.quantizer, "updates_in_forward", False):
+            return f"the quantizer {type(model.quantizer).__name__} updates its codebook in each forward"
+        return None
+
     def flops_per_item(self, model: CodeTokenizer) -> int:
         """Stage 1: encoder and decoder, forward and backward; stage 2: the decoder's, and the frozen
         encoder's forward unless the codes are cached (the quantizer's nearest-code search is not counted)."""
@@ -670,10 +767,11 @@ class Trainer(BaseTrainer):
         decoder = count_flops(model.decoder, torch.empty(1, model.decoder.num_tokens, model.decoder.code_dim))
         return decoder if self.cached else decoder + count_flops(model.encoder, images, backward=False)
 
-    def step(self, net, batch, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    def step(self, net, batch, step: int, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         images, codes = (batch[0], batch[1].to(self.device)) if self.cached else (batch, None)
         images = images.to(self.device, non_blocking=True)
-        out = net(images, codes=codes, **self.stage.forward_options(self.cfg, step))
+        options = self.stage.forward_options(self.cfg, step) | ({"generator": generator} if generator is not None else {})
+        out = net(images, codes=codes, **options)
         losses, terms = self.objective(out.reconstruction, images, out.quantized, step, self.decoder, self.nets.get("discriminator"))
         record = {k: v.detach() for k, v in terms.items()}
         record["psnr"] = psnr(out.reconstruction.detach().clamp(-1, 1), images).mean()

@@ -274,6 +274,8 @@ def test_readme_ema_flag_runs_from_the_cli(runner, tmp_path):
         (["train", "--lr", "-1"], "--lr must be a positive number"),
         (["train", "--num-workers", "-1"], "--num-workers must be 0 or more"),
         (["train", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+        (["train", "--train", "step_threads=25"], "step_threads must be between 0 (auto) and the batch size 24, got 25"),
+        (["train", "--adversarial-weight", "0.5", "--train", "step_threads=2"], "(adversarial training: the discriminator's loss"),
         (["train", "--set", "heads=0"], "config field heads must be at least 1"),
         (["train", "--set", "image_size=0"], "config field image_size must be at least 1"),
         (["quantize", "--run", "/no/such/run"], "is not a training run"),
@@ -558,3 +560,77 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     touched = 50 * 4 * (12 << 20) // resource.getpagesize()  # pages written in the loop
     faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True).stdout) for mode in ("default", "kept")}
     assert faults["default"] > touched / 2 and faults["kept"] < touched / 10, (faults, touched)
+
+
+def _built(cfg: TrainConfig, run: Path) -> tuple[Trainer, torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    """A trainer whose model, optimizer and a batch of the data set are ready, as its loop holds them."""
+    trainer = Trainer(cfg, run, progress=False)
+    torch.manual_seed(cfg.seed)
+    model, dataset, val = trainer.build()
+    dataset, _ = trainer.prepare(model, dataset, val)
+    trainer.nets = {"model": model}
+    opt = make_optimizer(model, cfg)
+    return trainer, model, opt, torch.stack([dataset[i] for i in range(cfg.batch_size)])
+
+
+@pytest.mark.parametrize("batch_size", [8, 7])  # 7: slices of 4 and 3, weighted by their sizes
+def test_a_step_split_across_threads_gives_the_whole_steps_loss_and_gradient(tmp_path, batch_size):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = small_config(batch_size=batch_size, noise_sigma=0.0, tail_drop=0.0)  # no draws: both see the same forward
+    trainer, model, opt, batch = _built(cfg, tmp_path / "run")
+    losses, terms, size = trainer.step(model, batch, 0)
+    losses["model"].backward()
+    whole = {name: p.grad.clone() for name, p in model.named_parameters()}
+    with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        split_losses, split_terms, split_size = trainer._split_step(pool, 2, opt, batch, 0)
+    assert split_size == size == batch_size
+    assert split_losses["model"].item() == pytest.approx(losses["model"].item(), rel=1e-5)
+    assert split_terms.keys() == terms.keys() and all(float(split_terms[k]) == pytest.approx(float(terms[k]), rel=1e-4) for k in terms)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_run_with_split_steps_repeats_itself_and_resumes_exactly(tmp_path, monkeypatch):
+    """Each slice draws its noise from a generator seeded from the global RNG: two runs from one seed, and
+    a run stopped after its step-5 checkpoint and resumed, end with the same weights, to the bit."""
+    import stvq.train as train_module
+
+    cfg = small_config(steps=10, eval_every=10, checkpoint_every=5, step_threads=2)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert Trainer(cfg, first, progress=False).fit()["step_threads"] == 2
+    Trainer(cfg, second, progress=False).fit()
+    assert [m["loss"] for m in metrics(first)] == [m["loss"] for m in metrics(second)]
+    weights = load_file(str(first / "model.safetensors"))
+    assert all(torch.equal(t, weights[k]) for k, t in load_file(str(second / "model.safetensors")).items())
+
+    real, calls = train_module.clip_and_step, {"n": 0}
+
+    def stopping(*args):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(train_module, "clip_and_step", stopping)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, cut, progress=False).fit()
+    monkeypatch.setattr(train_module, "clip_and_step", real)
+    assert Trainer(cfg, cut, resume=True, progress=False).fit()["resumed_from"] == 5
+    assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in metrics(first)]
+    assert all(torch.equal(t, weights[k]) for k, t in load_file(str(cut / "model.safetensors")).items())
+
+
+def test_step_threads_zero_splits_where_it_can_and_a_split_that_cannot_be_is_refused(tmp_path):
+    from stvq.errors import StvqError
+
+    assert Trainer(small_config(steps=2, step_threads=0), tmp_path / "auto", progress=False).fit()["step_threads"] == 2
+    adversarial = dict(steps=2, adversarial_weight=0.5, discriminator_options={"channels": 8, "layers": 2})
+    assert Trainer(small_config(**adversarial, step_threads=0), tmp_path / "adv-auto", progress=False).fit()["step_threads"] == 1
+    with pytest.raises(StvqError, match=r"step_threads=2: a step here cannot be split across threads \(adversarial training"):
+        Trainer(small_config(**adversarial, step_threads=2), tmp_path / "adv", progress=False).fit()
+    with pytest.raises(StvqError, match=r"torch.compile's graphs are run from one thread\); use step_threads=1"):
+        Trainer(small_config(steps=2, compile=True, step_threads=2), tmp_path / "compiled", progress=False).fit()
+    with pytest.raises(StvqError, match="step_threads must be between 0 .auto. and the batch size 8, got 9"):
+        small_config(step_threads=9)

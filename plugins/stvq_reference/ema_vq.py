@@ -30,6 +30,8 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMAVectorQuantizer(CodebookQuantizer):
+    updates_in_forward = True  # its codebook moves in each training forward
+
     def __init__(
         self,
         dim: int = 16,

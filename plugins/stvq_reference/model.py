@@ -65,20 +65,23 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
         return self.decoder(codes)
 
     def forward(
-        self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0
+        self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0,
+        generator: torch.Generator | None = None,
     ) -> CodeTokenizerOutput:
         """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,
         stage 2 passes ``quantize=True``, and ``codes`` (the frozen encoder's, cached) skips the encoder.
-        ``tail_drop`` p decodes a share p of the images from a random prefix of their codes (``drop_tail``)."""
+        ``tail_drop`` p decodes a share p of the images from a random prefix of their codes (``drop_tail``).
+        The noise and the prefixes are drawn from ``generator`` (None: torch's global one)."""
         codes = self.encode_codes(images) if codes is None else codes
         quantized = None
         if quantize:
             quantized = self._require_quantizer()(codes)
             decoder_input = quantized.codes
         else:
-            decoder_input = codes + noise_sigma * torch.randn_like(codes) if noise_sigma > 0 else codes
+            noise = torch.randn(codes.shape, dtype=codes.dtype, device=codes.device, generator=generator) if noise_sigma > 0 else None
+            decoder_input = codes if noise is None else codes + noise_sigma * noise
         if tail_drop > 0:
-            decoder_input = drop_tail(decoder_input, tail_drop)
+            decoder_input = drop_tail(decoder_input, tail_drop, generator)
         return CodeTokenizerOutput(codes, self.decode_codes(decoder_input), quantized)
 
     @torch.no_grad()
