@@ -6,7 +6,6 @@ owns its layout). Runs under ``torchrun`` with DistributedDataParallel (NCCL on 
 from __future__ import annotations
 
 import ctypes
-import functools
 import inspect
 import json
 import sys
@@ -494,7 +493,7 @@ class BaseTrainer:
         batches, stream = self._batches(dataset, start, data_generator)
         self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
         threads = self.threads
-        intra = max(1, torch.get_num_threads() // threads)  # set per thread: the main thread keeps its own
+        intra = max(1, torch.get_num_threads() // threads)  # set in each worker thread: the main thread keeps its own
 
         clock = _Clock(logged_seconds)
         last_eval: dict[str, float] = {}
@@ -636,10 +635,11 @@ class BaseTrainer:
     def _split_step(
         self, pool: ThreadPoolExecutor, threads: int, opt: torch.optim.Optimizer, batch: Any, step: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-        """:meth:`step` of the batch in ``threads`` slices, one per thread of ``pool``, each drawing from its own generator (seeded
-        here from the global RNG, so that a run and its resume draw alike); each slice's gradient, weighted
-        by its share of the batch, summed in slice order into ``opt``'s parameters' ``.grad``. Returns what
-        :meth:`step` returns, the losses and terms averaged over the slices by their sizes."""
+        """:meth:`step` of the batch in ``threads`` slices, one per thread of ``pool``, each drawing from its
+        own generator (seeded here from the global RNG, so that a run and its resume draw alike); each
+        slice's gradient, weighted by its share of the batch, summed in slice order into the ``.grad`` of
+        ``opt``'s parameters. Returns what :meth:`step` returns, the losses and terms averaged over the
+        slices by their sizes."""
         slices = split_batch(batch, threads)
         total = batch_length(batch)
         seeds = torch.randint(0, MAX_SEED, (len(slices),)).tolist()
@@ -654,10 +654,14 @@ class BaseTrainer:
             return losses["model"].detach() * share, {k: v * share for k, v in terms.items()}, grads
 
         results = list(pool.map(run, slices, seeds))
+        first = results[0][2]
+        present = [i for i, g in enumerate(first) if g is not None]  # a parameter the loss does not reach keeps no gradient
+        summed = [first[i] for i in present]
+        for _, _, grads in results[1:]:  # one fused add per slice, in slice order
+            torch._foreach_add_(summed, [grads[i] if grads[i] is not None else torch.zeros_like(first[i]) for i in present])
         opt.zero_grad(set_to_none=True)
-        for i, p in enumerate(params):
-            grads = [r[2][i] for r in results if r[2][i] is not None]
-            p.grad = functools.reduce(torch.add, grads) if grads else None
+        for i, grad in zip(present, summed):
+            params[i].grad = grad
         terms = {k: sum(r[1][k] for r in results) for k in results[0][1]}
         return {"model": sum(r[0] for r in results)}, terms, total
 
