@@ -623,6 +623,7 @@ def test_a_run_with_split_steps_repeats_itself_and_resumes_exactly(tmp_path, mon
 
 
 def test_step_threads_zero_splits_where_it_can_and_a_split_that_cannot_be_is_refused(tmp_path):
+    import stvq.train as train_module
     from stvq.errors import StvqError
 
     assert Trainer(small_config(steps=2, step_threads=0), tmp_path / "auto", progress=False).fit()["step_threads"] == 2
@@ -634,3 +635,10 @@ def test_step_threads_zero_splits_where_it_can_and_a_split_that_cannot_be_is_ref
         Trainer(small_config(steps=2, compile=True, step_threads=2), tmp_path / "compiled", progress=False).fit()
     with pytest.raises(StvqError, match="step_threads must be between 0 .auto. and the batch size 8, got 9"):
         small_config(step_threads=9)
+    trainer, model, _, _ = _built(small_config(), tmp_path / "plugins")
+    assert trainer.split_refusal(model) is None
+    trainer.stage = train_module.STAGES[2]
+    model.set_quantizer({"name": "ema-vq", "dim": model.config.code_dim, "codebook_size": 16})
+    assert trainer.split_refusal(model) == "the quantizer EMAVectorQuantizer updates its codebook in each forward"
+    model.forward = lambda images, noise_sigma=0.0, quantize=False, codes=None, tail_drop=0.0: None  # a plugin's older forward
+    assert trainer.split_refusal(model) == "StyledVQ.forward takes no generator to draw its noise from"
