@@ -177,9 +177,9 @@ class CodeTokenizer(Tokenizer):
         decodes a share p of the images from a random prefix of their codes (:func:`drop_tail`).
 
         A forward that also takes ``generator`` (a ``torch.Generator``, None: torch's global one) draws its
-        noise from it and changes no state of its own in training (a quantizer's aside, which says so in
-        ``updates_in_forward``): ``stvq train`` may then split a step's batch across threads, each slice with
-        its own generator (``LoopConfig.step_threads``). One that does not runs each step whole."""
+        noise from it and changes no state in training (a quantizer that does says so in
+        ``Quantizer.updates_in_forward``): ``stvq train`` may then split a step's batch across threads, each
+        slice with its own generator (``LoopConfig.step_threads``). One that takes none runs each step whole."""
 
 
 class Composer(ABC):
