@@ -592,17 +592,15 @@ def test_a_step_split_across_threads_gives_the_whole_steps_loss_and_gradient(tmp
 
 
 def test_a_run_with_split_steps_repeats_itself_and_resumes_exactly(tmp_path, monkeypatch):
-    """Each slice draws its noise from a generator seeded from the global RNG: two runs from one seed, and
-    a run stopped after its step-5 checkpoint and resumed, end with the same weights, to the bit."""
+    """Each slice draws its noise from a generator seeded from the global RNG: a second run from the same
+    seed, stopped after its step-5 checkpoint and resumed, logs the first run's losses and ends with its
+    weights, to the bit."""
     import stvq.train as train_module
 
     cfg = small_config(steps=10, eval_every=10, checkpoint_every=5, step_threads=2)
-    first, second = tmp_path / "first", tmp_path / "second"
+    first = tmp_path / "first"
     assert Trainer(cfg, first, progress=False).fit()["step_threads"] == 2
-    Trainer(cfg, second, progress=False).fit()
-    assert [m["loss"] for m in metrics(first)] == [m["loss"] for m in metrics(second)]
     weights = load_file(str(first / "model.safetensors"))
-    assert all(torch.equal(t, weights[k]) for k, t in load_file(str(second / "model.safetensors")).items())
 
     real, calls = train_module.clip_and_step, {"n": 0}
 
