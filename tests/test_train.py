@@ -37,6 +37,25 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def fit_until_interrupted(cfg: TrainConfig, run: Path, monkeypatch, function: str, calls: int) -> None:
+    """Train ``cfg`` in ``run`` until ``stvq.train.<function>``'s ``calls``-th call, which raises
+    KeyboardInterrupt in its place: a run stopped between checkpoints."""
+    import stvq.train as train_module
+
+    real, seen = getattr(train_module, function), {"n": 0}
+
+    def stopping(*args):
+        seen["n"] += 1
+        if seen["n"] == calls:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(train_module, function, stopping)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, run, progress=False).fit()
+    monkeypatch.setattr(train_module, function, real)
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "s1"
@@ -222,8 +241,6 @@ def test_the_moving_average_is_validated_saved_and_resumed_exactly(tmp_path, mon
     """With --ema-decay the run validates and saves the weights' moving average (the live weights in the
     checkpoint beside it, and read once at the end as live_*); a run stopped after its step-10 checkpoint
     and resumed ends with the uninterrupted run's average."""
-    import stvq.train as train_module
-
     cfg = small_config(steps=20, ema_decay=0.9, eval_every=10)
     whole = tmp_path / "whole"
     summary = Trainer(cfg, whole, progress=False).fit()
@@ -233,18 +250,8 @@ def test_the_moving_average_is_validated_saved_and_resumed_exactly(tmp_path, mon
     assert torch.equal(saved[key], state[f"ema.{key}"]) and not torch.allclose(saved[key], state[f"model.{key}"])
     assert summary["val_psnr"] != summary["live_val_psnr"] and "live_val_psnr" not in metrics(whole)[9]
 
-    real, calls = train_module.update, {"n": 0}
-
-    def stopping(*args):
-        calls["n"] += 1
-        if calls["n"] == 13:
-            raise KeyboardInterrupt
-        real(*args)
-
-    monkeypatch.setattr(train_module, "update", stopping)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, cut, progress=False).fit()
+    fit_until_interrupted(cfg, cut, monkeypatch, "update", 13)
     assert load_file(str(cut / "checkpoint.safetensors")).keys() == state.keys()
     Trainer(cfg, cut, resume=True, progress=False).fit()
     resumed = load_file(str(cut / "model.safetensors"))
@@ -595,26 +602,13 @@ def test_a_run_with_split_steps_repeats_itself_and_resumes_exactly(tmp_path, mon
     """Each slice draws its noise from a generator seeded from the global RNG: a second run from the same
     seed, stopped after its step-5 checkpoint and resumed, logs the first run's losses and ends with its
     weights, to the bit."""
-    import stvq.train as train_module
-
     cfg = small_config(steps=10, eval_every=10, checkpoint_every=5, step_threads=2)
     first = tmp_path / "first"
     assert Trainer(cfg, first, progress=False).fit()["step_threads"] == 2
     weights = load_file(str(first / "model.safetensors"))
 
-    real, calls = train_module.clip_and_step, {"n": 0}
-
-    def stopping(*args):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        real(*args)
-
-    monkeypatch.setattr(train_module, "clip_and_step", stopping)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, cut, progress=False).fit()
-    monkeypatch.setattr(train_module, "clip_and_step", real)
+    fit_until_interrupted(cfg, cut, monkeypatch, "clip_and_step", 8)
     assert Trainer(cfg, cut, resume=True, progress=False).fit()["resumed_from"] == 5
     assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in metrics(first)]
     assert all(torch.equal(t, weights[k]) for k, t in load_file(str(cut / "model.safetensors")).items())
