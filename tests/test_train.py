@@ -580,6 +580,16 @@ def _built(cfg: TrainConfig, run: Path) -> tuple[Trainer, torch.nn.Module, torch
     return trainer, model, opt, torch.stack([dataset[i] for i in range(cfg.batch_size)])
 
 
+def test_a_batch_splits_into_slices_of_the_same_kind():
+    from stvq.train import batch_length, split_batch
+
+    images, codes = torch.arange(7.0), torch.arange(14).view(7, 2)  # stage 2's (images, cached codes)
+    parts = split_batch((images, codes), 2)
+    assert all(isinstance(p, tuple) for p in parts) and [batch_length(p) for p in parts] == [4, 3]
+    assert torch.equal(torch.cat([p[1] for p in parts]), codes)
+    assert [len(p) for p in split_batch(images, 3)] == [3, 2, 2]
+
+
 @pytest.mark.parametrize("batch_size", [8, 7])  # 7: slices of 4 and 3, weighted by their sizes
 def test_a_step_split_across_threads_gives_the_whole_steps_loss_and_gradient(tmp_path, batch_size):
     from concurrent.futures import ThreadPoolExecutor
