@@ -492,13 +492,12 @@ class BaseTrainer:
         check_batch_fits(cfg.batch_size, next(iter(dataset), None) if is_stream(dataset) else dataset[0], self.device)  # None: an empty stream, refused by its reader
         batches, stream = self._batches(dataset, start, data_generator)
         self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
-        threads = self.threads
-        intra = max(1, torch.get_num_threads() // threads)  # set in each worker thread: the main thread keeps its own
+        intra = max(1, torch.get_num_threads() // self.threads)  # set in each worker thread: the main thread keeps its own
 
         clock = _Clock(logged_seconds)
         last_eval: dict[str, float] = {}
         board = self._tensorboard(start)
-        pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(intra,)) if threads > 1 else None
+        pool = ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads, initargs=(intra,)) if self.threads > 1 else None
         with self._progress_bar() as bar, board or nullcontext(), pool or nullcontext():
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
             for step, batch in enumerate(batches, start=start):
@@ -506,7 +505,7 @@ class BaseTrainer:
                 for opt in opts.values():
                     set_lr(opt, cfg.lr_at(step), cfg.scales_weight_at(step))
                 if pool:
-                    losses, terms, size = self._split_step(pool, threads, opts["model"], batch, step)
+                    losses, terms, size = self._split_step(pool, opts["model"], batch, step)
                 else:
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                         losses, terms, size = self.step(self.nets["model"], batch, step)
@@ -535,7 +534,7 @@ class BaseTrainer:
         summary = {
             "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(), "images_per_s": images_per_s,
             "flops_per_item": flops, "peak_flops": peak, "peak_source": peak_source, "mfu": mfu(flops, images_per_s, peak, self.world),
-            "step_threads": threads,
+            "step_threads": self.threads,
             **extras, **last_eval,
         }
         return self._finish(parts, summary)
@@ -633,14 +632,14 @@ class BaseTrainer:
         raise StvqError(f"step_threads={asked}: a step here cannot be split across threads ({reason}); use step_threads=1")
 
     def _split_step(
-        self, pool: ThreadPoolExecutor, threads: int, opt: torch.optim.Optimizer, batch: Any, step: int
+        self, pool: ThreadPoolExecutor, opt: torch.optim.Optimizer, batch: Any, step: int
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
-        """:meth:`step` of the batch in ``threads`` slices, one per thread of ``pool``, each drawing from its
+        """:meth:`step` of the batch in ``self.threads`` slices, one per thread of ``pool``, each drawing from its
         own generator (seeded here from the global RNG, so that a run and its resume draw alike); each
         slice's gradient, weighted by its share of the batch, summed in slice order into the ``.grad`` of
         ``opt``'s parameters. Returns what :meth:`step` returns, the losses and terms averaged over the
         slices by their sizes."""
-        slices = split_batch(batch, threads)
+        slices = split_batch(batch, self.threads)
         total = batch_length(batch)
         seeds = torch.randint(0, MAX_SEED, (len(slices),)).tolist()
         params = [p for g in opt.param_groups for p in g["params"] if p.requires_grad]

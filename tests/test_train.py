@@ -575,7 +575,7 @@ def _built(cfg: TrainConfig, run: Path) -> tuple[Trainer, torch.nn.Module, torch
     torch.manual_seed(cfg.seed)
     model, dataset, val = trainer.build()
     dataset, _ = trainer.prepare(model, dataset, val)
-    trainer.nets = {"model": model}
+    trainer.nets, trainer.threads = {"model": model}, 2
     opt = make_optimizer(model, cfg)
     return trainer, model, opt, torch.stack([dataset[i] for i in range(cfg.batch_size)])
 
@@ -600,7 +600,7 @@ def test_a_step_split_across_threads_gives_the_whole_steps_loss_and_gradient(tmp
     losses["model"].backward()
     whole = {name: p.grad.clone() for name, p in model.named_parameters()}
     with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        split_losses, split_terms, split_size = trainer._split_step(pool, 2, opt, batch, 0)
+        split_losses, split_terms, split_size = trainer._split_step(pool, opt, batch, 0)
     assert split_size == size == batch_size
     assert split_losses["model"].item() == pytest.approx(losses["model"].item(), rel=1e-5)
     assert split_terms.keys() == terms.keys() and all(float(split_terms[k]) == pytest.approx(float(terms[k]), rel=1e-4) for k in terms)
