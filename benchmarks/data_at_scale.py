@@ -82,7 +82,7 @@ def tokenize_rate(tokenizer, data: str, out: Path, workers: int) -> float:
 
 
 def cli(*args: str, procs: int = 1, env: dict | None = None) -> float:
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29561"] if procs > 1 else [sys.executable]
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else [sys.executable]
     started = time.perf_counter()
     done = subprocess.run([*prefix, "-m", "stvq.cli", *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
     if done.returncode:

@@ -1,5 +1,10 @@
 """Shared fixtures: small configs and a CLI runner that keeps stdout and stderr apart."""
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one intra-op thread a worker, its subprocesses included,
+    os.environ["OMP_NUM_THREADS"] = "1"  # so that N workers on N cores do not oversubscribe them
+
 import pytest
 import torch
 from click.testing import CliRunner

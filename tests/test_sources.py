@@ -285,8 +285,8 @@ def _png(image: torch.Tensor) -> bytes:
 # ---------------------------------------------------------------------------------------- torchrun
 
 
-def torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "stvq.cli", *args]
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stvq.cli", *args]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -307,11 +307,11 @@ def test_torchrun_quantize_tokenize_and_eval_match_one_process(tmp_path, runner)
     shutil.copytree(run, tmp_path / "s1-two")
     args = ["--k", "32", "--max-images", "80", "--num-workers", "1"]
     assert runner.invoke(main, ["quantize", "--run", str(run), *args]).exit_code == 0
-    torchrun("quantize", "--run-dir", str(tmp_path / "s1-two"), *args, port=29531)
+    torchrun("quantize", "--run-dir", str(tmp_path / "s1-two"), *args)
     one, two = stvq.load_tokenizer(run), stvq.load_tokenizer(tmp_path / "s1-two")
     assert torch.equal(one.quantizer.codebook, two.quantizer.codebook)
 
-    torchrun("quantize", "--run-dir", str(tmp_path / "s1-two"), "--data", spec, *args[:2], "--max-images", "25", "--num-workers", "1", port=29533)
+    torchrun("quantize", "--run-dir", str(tmp_path / "s1-two"), "--data", spec, *args[:2], "--max-images", "25", "--num-workers", "1")
     assert runner.invoke(main, ["quantize", "--run", str(run), "--data", spec, *args[:2], "--max-images", "25", "--num-workers", "2"]).exit_code == 0
     one, two = stvq.load_tokenizer(run), stvq.load_tokenizer(tmp_path / "s1-two")
     assert torch.equal(one.quantizer.codebook, two.quantizer.codebook)  # a stream's first 25 images, any processes or workers
@@ -319,7 +319,7 @@ def test_torchrun_quantize_tokenize_and_eval_match_one_process(tmp_path, runner)
     for name, data in (("folder", str(folder)), ("wds", spec)):
         tokenize = ["tokenize", "--tokenizer", str(run), "--data", data, "--shard-size", "16", "--num-workers", "1"]
         assert runner.invoke(main, [*tokenize, "-o", str(tmp_path / f"{name}-one")]).exit_code == 0
-        torchrun(*tokenize, "-o", str(tmp_path / f"{name}-two"), port=29532)
+        torchrun(*tokenize, "-o", str(tmp_path / f"{name}-two"))
         a, b = TokenShards(tmp_path / f"{name}-one"), TokenShards(tmp_path / f"{name}-two")
         assert len(a) == len(b) == (90 if name == "folder" else 30)
         assert torch.equal(a.rows(0, len(a)), b.rows(0, len(b))), name
@@ -328,7 +328,7 @@ def test_torchrun_quantize_tokenize_and_eval_match_one_process(tmp_path, runner)
     evaluate = ["eval", str(run), "--images", "24", "--prefix-images", "8", "--no-perceptual", "--num-workers", "1"]
     assert runner.invoke(main, evaluate).exit_code == 0
     alone = json.loads((run / "eval.json").read_text())
-    torchrun(*evaluate, port=29535)
+    torchrun(*evaluate)
     shared = json.loads((run / "eval.json").read_text())
     assert shared["reconstruction"] == pytest.approx(alone["reconstruction"], rel=1e-5)
     assert shared["prefix"]["prefix_psnr"] == pytest.approx(alone["prefix"]["prefix_psnr"], rel=1e-5)
@@ -336,7 +336,7 @@ def test_torchrun_quantize_tokenize_and_eval_match_one_process(tmp_path, runner)
     two = tmp_path / "folder-two"  # resume under torchrun: a missing and a truncated shard are written again
     (two / "shard_00003.npy").unlink()
     (two / "shard_00001.npy").write_bytes((two / "shard_00001.npy").read_bytes()[:90])
-    again = torchrun("tokenize", "--tokenizer", str(run), "--data", str(folder), "--shard-size", "16", "--num-workers", "1", "-o", str(two), port=29534)
+    again = torchrun("tokenize", "--tokenizer", str(run), "--data", str(folder), "--shard-size", "16", "--num-workers", "1", "-o", str(two))
     assert "90 images -> 6 shard(s)" in again.stdout and "(4 already there)" in again.stdout
     assert torch.equal(TokenShards(two).rows(0, 90), TokenShards(tmp_path / "folder-one").rows(0, 90))
 

@@ -208,7 +208,7 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path, extra):
     """Every trained part, a discriminator included, holds the same weights on both ranks."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", "-m", "stvq.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stvq.cli",
            "train", "--run-dir", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4", *extra]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
