@@ -105,7 +105,8 @@ class LoopConfig:
     # CPU, one process: split each step's batch into this many slices, each slice's forward and backward
     # in its own Python thread on a share of the intra-op threads, the gradients summed in slice order
     # (a run repeats itself and resumes exactly). 1: whole steps; 0: 2 where the step can be split (a
-    # CPU, no torchrun, no torch.compile, a trainer and model that allow it), else 1.
+    # CPU with two or more torch threads, no torchrun, no torch.compile, a trainer and model that allow
+    # it), else 1.
     step_threads: int = 1
 
     def __post_init__(self) -> None:

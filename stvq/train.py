@@ -615,7 +615,7 @@ class BaseTrainer:
 
     def _step_threads(self, model: torch.nn.Module) -> int:
         """How many threads a step's batch is split across: ``cfg.step_threads``, 0 resolved (2 where the step
-        can be split, else 1); a split asked for where it cannot be is refused in one line."""
+        can be split and torch has two threads or more, else 1); a split asked for where it cannot be is refused in one line."""
         asked = self.cfg.step_threads
         if asked == 1:
             return 1
@@ -625,10 +625,10 @@ class BaseTrainer:
             else "torch.compile's graphs are run from one thread" if self.cfg.compile
             else self.split_refusal(model)
         )
+        if asked == 0:  # auto: no more threads than torch's own count (OMP_NUM_THREADS=1 stays on one core)
+            return min(2, self.cfg.batch_size, torch.get_num_threads()) if reason is None else 1
         if reason is None:
-            return asked or min(2, self.cfg.batch_size)
-        if asked == 0:
-            return 1
+            return asked
         raise StvqError(f"step_threads={asked}: a step here cannot be split across threads ({reason}); use step_threads=1")
 
     def _split_step(
