@@ -144,6 +144,22 @@ def test_the_shapes_renderer_draws_what_the_literal_one_draws(split):
         assert (data[i] - literal).abs().max() < 2e-6  # float32 coordinates: an edge pixel may differ by one ulp of a mean
 
 
+@pytest.mark.parametrize("name", ["shapes", "shapes-upright"])
+def test_drawing_in_the_objects_window_gives_the_whole_grids_image_to_the_bit(name, monkeypatch):
+    """The object is drawn inside its window only; over the whole grid every shape, texture, size and
+    rotation comes out the same, and the window holds the whole object (no pixel outside it differs)."""
+    from stvq_reference import shapes as module
+
+    data = make_dataset(name, 64, "train")
+    indices = range(0, 40_000, 97)  # 413 images: every shape and texture, sizes, places and turns
+    windowed = [data[i] for i in indices]
+    monkeypatch.setattr(module, "_object_window", lambda f, n: (slice(0, n), slice(0, n)))
+    for i, image in zip(indices, windowed):
+        assert torch.equal(image, data[i]), (i, data.factors(i))
+    sizes = [data.factors(i)["size"] for i in indices]
+    assert min(sizes) < 0.17 and max(sizes) > 0.31
+
+
 def test_names_from_before_the_split_still_import_with_a_deprecation_warning():
     import stvq.data
     from stvq.images import load_image

@@ -49,6 +49,21 @@ def _pixel_centres(n: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
+def _object_window(f: dict[str, float], n: int) -> tuple[slice, slice]:
+    """The rows and columns of an n x n grid of pixel centres (n even) that the object of factors ``f``
+    may cover, each from an even index to an even one (whole 2x2 blocks): every shape lies within 1.14 r
+    of its centre (a square's corners, 0.8 r sqrt 2), so a box of half-width 1.2 r, a pixel wider on each
+    side, holds it at any rotation."""
+    reach = 1.2 * f["size"]
+
+    def span(centre: float) -> slice:
+        start = max(0, math.floor((centre - reach) * n - 0.5) - 1)
+        stop = min(n, math.ceil((centre + reach) * n - 0.5) + 2)
+        return slice(start - start % 2, stop + stop % 2)
+
+    return span(f["y"]), span(f["x"])
+
+
 def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of ``shape`` with radius r, in coordinates (u, v) already rotated about its centre."""
     if shape == "circle":
@@ -107,10 +122,14 @@ class ShapesDataset(FactorDataset):
         }
 
     def render(self, f: dict[str, float], noise_seed: int | None = None) -> torch.Tensor:
-        """The image (3, H, W) in [-1, 1] for factors ``f``; 2x supersampled for smooth edges."""
-        xs, ys = _pixel_centres(2 * self.image_size)
+        """The image (3, H, W) in [-1, 1] for factors ``f``; 2x supersampled for smooth edges. Only the
+        object's window (:func:`_object_window`) is drawn and averaged; the rest is the background's
+        average, computed once: the same image to the bit as drawing the whole grid, in half the time."""
+        n = 2 * self.image_size
+        xs, ys = _pixel_centres(n)
+        rows, cols = window = _object_window(f, n)
         angle = math.radians(f["rotation"])
-        dx, dy = xs - np.float32(f["x"]), ys - np.float32(f["y"])
+        dx, dy = xs[window] - np.float32(f["x"]), ys[window] - np.float32(f["y"])
         cos, sin = np.float32(math.cos(angle)), np.float32(math.sin(angle))
         u, v = cos * dx + sin * dy, cos * dy - sin * dx
         mask = _inside(SHAPES[int(f["shape"])], u, v, f["size"])[..., None]
@@ -122,11 +141,20 @@ class ShapesDataset(FactorDataset):
         elif texture == "dots":
             du, dv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
             color = np.where((du**2 + dv**2 < 0.06)[..., None], -color, color)
-        image = np.where(mask, color, PALETTE[int(f["background"])])  # (2H, 2W, 3)
-        image = (image[0::2, 0::2] + image[1::2, 0::2] + image[0::2, 1::2] + image[1::2, 1::2]) * np.float32(0.25)  # 2x2 means
+        background = PALETTE[int(f["background"])]
+        drawn = np.where(mask, color, background)  # (h, w, 3), the window's supersampled pixels
+
+        def means(x: np.ndarray) -> np.ndarray:  # 2x2 means, summed in one order everywhere
+            return (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]) * np.float32(0.25)
+
+        flat = means(np.broadcast_to(background, (2, 2, 3)))[0, 0]
+        noise = None
         if self.noise and noise_seed is not None:
-            image = image + self.noise * np.random.default_rng(noise_seed).standard_normal(image.shape, dtype=np.float32)
-        return torch.from_numpy(np.clip(image, -1, 1).astype(np.float32)).permute(2, 0, 1).contiguous()
+            noise = self.noise * np.random.default_rng(noise_seed).standard_normal((self.image_size, self.image_size, 3), dtype=np.float32)
+        image = noise + flat if noise is not None else np.broadcast_to(flat, (self.image_size, self.image_size, 3)).copy()
+        half = slice(rows.start // 2, rows.stop // 2), slice(cols.start // 2, cols.stop // 2)
+        image[half] = means(drawn) if noise is None else means(drawn) + noise[half]
+        return torch.from_numpy(np.clip(image, -1, 1)).permute(2, 0, 1).contiguous()
 
     def noise_seed(self, index: int) -> int:
         """The seed of item ``index``'s pixel noise (one stream per seed, split and index)."""
