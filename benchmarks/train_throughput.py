@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print("| preset | variant | batch | images/s | MFU | peak memory (MB) | step (ms) |\n|---|---|---|---|---|---|---|")
     rows: list[dict] = []
     for preset in args.presets.split(","):
         for variant in args.variants.split(","):
@@ -144,5 +145,4 @@ def _row(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    print("| preset | variant | batch | images/s | MFU | peak memory (MB) | step (ms) |\n|---|---|---|---|---|---|---|")
     main()
