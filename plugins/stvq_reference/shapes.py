@@ -64,6 +64,11 @@ def _object_window(f: dict[str, float], n: int) -> tuple[slice, slice]:
     return span(f["y"]), span(f["x"])
 
 
+def _means(x: np.ndarray) -> np.ndarray:
+    """(2h, 2w, 3) -> (h, w, 3): the mean of each 2x2 block, summed in one order everywhere."""
+    return (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]) * np.float32(0.25)
+
+
 def _inside(shape: str, u: np.ndarray, v: np.ndarray, r: float) -> np.ndarray:
     """Boolean mask of ``shape`` with radius r, in coordinates (u, v) already rotated about its centre."""
     if shape == "circle":
@@ -142,18 +147,11 @@ class ShapesDataset(FactorDataset):
             du, dv = (u / period) % 1 - 0.5, (v / period) % 1 - 0.5
             color = np.where((du**2 + dv**2 < 0.06)[..., None], -color, color)
         background = PALETTE[int(f["background"])]
-        drawn = np.where(mask, color, background)  # (h, w, 3), the window's supersampled pixels
-
-        def means(x: np.ndarray) -> np.ndarray:  # 2x2 means, summed in one order everywhere
-            return (x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]) * np.float32(0.25)
-
-        flat = means(np.broadcast_to(background, (2, 2, 3)))[0, 0]
-        noise = None
+        image = np.empty((self.image_size, self.image_size, 3), dtype=np.float32)
+        image[...] = _means(np.broadcast_to(background, (2, 2, 3)))  # the background's, computed as every mean is
+        image[rows.start // 2 : rows.stop // 2, cols.start // 2 : cols.stop // 2] = _means(np.where(mask, color, background))
         if self.noise and noise_seed is not None:
-            noise = self.noise * np.random.default_rng(noise_seed).standard_normal((self.image_size, self.image_size, 3), dtype=np.float32)
-        image = noise + flat if noise is not None else np.broadcast_to(flat, (self.image_size, self.image_size, 3)).copy()
-        half = slice(rows.start // 2, rows.stop // 2), slice(cols.start // 2, cols.stop // 2)
-        image[half] = means(drawn) if noise is None else means(drawn) + noise[half]
+            image = image + self.noise * np.random.default_rng(noise_seed).standard_normal(image.shape, dtype=np.float32)
         return torch.from_numpy(np.clip(image, -1, 1)).permute(2, 0, 1).contiguous()
 
     def noise_seed(self, index: int) -> int:
