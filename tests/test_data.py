@@ -102,6 +102,26 @@ def test_load_image_applies_the_exif_orientation_and_reads_every_mode(tmp_path):
         assert load_image(tmp_path / name, 32).shape == (3, 32, 32)
 
 
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_twice_the_size_and_looks_the_same(tmp_path):
+    from PIL import Image, ImageOps
+
+    from stvq.images import fit_image, from_pil, to_uint8
+
+    photo = to_uint8(PhotosDataset(512, "train", seed=3)[0])
+    Image.fromarray(photo).crop((0, 0, 512, 400)).save(tmp_path / "big.jpg", quality=90)
+    Image.fromarray(photo).crop((0, 0, 200, 180)).save(tmp_path / "small.jpg", quality=90)
+    for name, decoded_size in (("big.jpg", (256, 200)), ("small.jpg", (200, 180))):  # 400 // 128 = 3: 1/2; 180 // 128 = 1: whole
+        with Image.open(tmp_path / name) as img:
+            got = fit_image(img, 64)
+            assert img.size == decoded_size
+        with Image.open(tmp_path / name) as img:
+            whole = from_pil(ImageOps.fit(img.convert("RGB"), (64, 64), Image.Resampling.BICUBIC))
+        if decoded_size == (200, 180):
+            assert torch.equal(got, whole)
+        else:
+            assert 10 * torch.log10(4 / (got - whole).square().mean()) > 40  # dB: JPEG's own error is larger
+
+
 def load_image_of(array):
     from stvq.images import from_pil
     from PIL import Image
