@@ -100,7 +100,9 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int = 300
     checkpoint_every: int = 200
-    num_workers: int = 0
+    # DataLoader workers; None: 0 on a CPU, where a step outweighs reading its batch, and one per core (at
+    # most 8) on a GPU, whose steps outrun one process's decoding (stvq.streams.training_workers)
+    num_workers: int | None = None
     tensorboard: bool = False  # also write the log records and sample grids to RUN/tensorboard/
     # CPU, one process: split each step's batch into this many slices, each slice's forward and backward
     # in its own Python thread on a share of the intra-op threads, the gradients summed in slice order
@@ -115,7 +117,7 @@ class LoopConfig:
                 raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (isinstance(self.lr_scales, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in self.lr_scales.items())):
             raise StvqError(f'lr_scales must map parameter-name substrings to numbers, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
         if not 0 <= self.step_threads <= self.batch_size:
             raise StvqError(f"step_threads must be between 0 (auto) and the batch size {self.batch_size}, got {self.step_threads}")

@@ -27,6 +27,7 @@ from stvq.errors import StvqError
 from stvq.interfaces import FactorDataset
 from stvq.losses import psnr
 from stvq.registry import create
+from stvq.streams import training_workers
 
 #: The data set whose factors the oracle reads unless `--train data=...` names another (a
 #: :class:`stvq.interfaces.FactorDataset` with factor vectors).
@@ -126,7 +127,7 @@ def run_oracle(
     val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
     check_batch_fits(cfg.batch_size, train_set[0], device)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=cfg.num_workers)
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=training_workers(cfg.num_workers, device))
     def point(step: int, seconds: float) -> dict[str, float]:
         value, renders = _val_psnr(net, val_factors, val_images)
         result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()

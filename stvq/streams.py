@@ -26,6 +26,15 @@ def default_workers() -> int:
     return min(8, cores())
 
 
+def training_workers(asked: int | None, device: torch.device) -> int:
+    """A training run's DataLoader workers: ``asked``, or where it is None 0 on a CPU (README, "Data at
+    scale": a step there outweighs reading its batch, and workers only take its cores) and
+    :func:`default_workers` on a GPU, whose steps outrun one process's decoding."""
+    if asked is not None:
+        return asked
+    return default_workers() if device.type == "cuda" else 0
+
+
 def cores() -> int:
     """This process's share of the cores it may run on: under torchrun, split between the node's processes."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -38,7 +38,7 @@ from stvq.losses import AdversarialLoss, ReconstructionLoss, mean_image_psnr, ps
 from stvq.optim import MuonAdamW
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir, cache_key
-from stvq.streams import StreamBatches, StreamState, loader
+from stvq.streams import StreamBatches, StreamState, loader, training_workers
 
 
 
@@ -406,6 +406,8 @@ class BaseTrainer:
     def __init__(self, cfg: LoopConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
         self.cfg, self.dir, self.resume = cfg, RunDir(run), resume
         self.rank, self.world, self.device = init_distributed()
+        if cfg.num_workers is None:  # resolved before train.json is written: a resume reads the same number
+            self.cfg = replace(cfg, num_workers=training_workers(None, self.device))
         self.is_main = self.rank == 0
         self.progress, self.console = progress and self.is_main, console
         if not resume and self.dir.checkpoint.exists():

@@ -144,6 +144,7 @@ CASES = [
     ("quantize --run {root}/negative --k 4", 1, "negative/train.json is not a train.json that stvq wrote (--steps must be at least 1"),
     ("train --resume {root}/quantized --steps 5", 1, "was quantized after its training"),
     ("train --seed 99999999999999999999999 --run-dir {root}/t", 2, "is not in the range 0<=x<=9223372036854775807"),
+    ("train --num-workers -1 --run-dir {root}/t", 2, "'--num-workers': -1 is not in the range x>=0"),
     ("train --lr nan --run-dir {root}/t", 2, "'nan' is not a finite number"),
     ("train --batch-size 1000000000 --steps 1 --run-dir {root}/t", 1, "--batch-size 1000000000: its items alone take 45,776.4 GiB, more than the"),
 ]

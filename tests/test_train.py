@@ -279,7 +279,7 @@ def test_readme_ema_flag_runs_from_the_cli(runner, tmp_path):
         (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
         (["train", "--eval-every", "0"], "--eval-every must be at least 1"),
         (["train", "--lr", "-1"], "--lr must be a positive number"),
-        (["train", "--num-workers", "-1"], "--num-workers must be 0 or more"),
+        (["train", "--train", "num_workers=-1"], "--num-workers must be 0 or more"),
         (["train", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["train", "--train", "step_threads=25"], "step_threads must be between 0 (auto) and the batch size 24, got 25"),
         (["train", "--adversarial-weight", "0.5", "--train", "step_threads=2"], "(adversarial training: the discriminator's loss"),
@@ -650,3 +650,16 @@ def test_step_threads_zero_splits_where_it_can_and_a_split_that_cannot_be_is_ref
     assert trainer.split_refusal(model) == "the quantizer EMAVectorQuantizer updates its codebook in each forward"
     model.forward = lambda images, noise_sigma=0.0, quantize=False, codes=None, tail_drop=0.0: None  # a plugin's older forward
     assert trainer.split_refusal(model) == "StyledVQ.forward takes no generator to draw its noise from"
+
+
+def test_a_runs_workers_default_to_0_on_a_cpu_and_one_per_core_on_a_gpu_and_train_json_holds_the_number(tmp_path, monkeypatch):
+    from stvq import streams
+    from stvq.run import RunDir
+
+    monkeypatch.setattr(streams, "cores", lambda: 12)
+    assert streams.training_workers(None, torch.device("cpu")) == 0
+    assert streams.training_workers(None, torch.device("cuda")) == 8  # one per core, at most 8
+    assert streams.training_workers(3, torch.device("cuda")) == streams.training_workers(3, torch.device("cpu")) == 3
+    assert TrainConfig().num_workers is None
+    Trainer(small_config(steps=1), tmp_path / "run", progress=False).fit()
+    assert RunDir(tmp_path / "run").read_train_config().num_workers == 0  # resolved: a resume elsewhere reads the same

@@ -97,7 +97,7 @@ LOOP_FLAGS = {
     "eval_every": {},
     "checkpoint_every": {},
     "log_every": {},
-    "num_workers": {"help": "DataLoader worker processes (a wds: stream: one reader each)."},
+    "num_workers": {"type": click.IntRange(min=0), "help": "DataLoader worker processes (a wds: stream: one reader each; default: 0 on a CPU, one per core, at most 8, on a GPU)."},
     "tensorboard": {"help": "Also log to RUN/tensorboard/ (pip install 'stvq[tensorboard]')."},
 }
 
