@@ -655,11 +655,12 @@ class BaseTrainer:
             return losses["model"].detach() * share, {k: v * share for k, v in terms.items()}, grads
 
         results = list(pool.map(run, slices, seeds))
-        first = results[0][2]
-        present = [i for i, g in enumerate(first) if g is not None]  # a parameter the loss does not reach keeps no gradient
-        summed = [first[i] for i in present]
-        for _, _, grads in results[1:]:  # one fused add per slice, in slice order
-            torch._foreach_add_(summed, [grads[i] if grads[i] is not None else torch.zeros_like(first[i]) for i in present])
+        # a parameter no slice reaches keeps no gradient; one that some slices miss gets their zeros
+        present = [i for i in range(len(params)) if any(r[2][i] is not None for r in results)]
+        grads = [[r[2][i] if r[2][i] is not None else torch.zeros_like(params[i]) for i in present] for r in results]
+        summed = [g.contiguous() for g in grads[0]]  # a broadcast view (a sum's gradient) becomes its own memory
+        for more in grads[1:]:  # one fused add per slice, in slice order
+            torch._foreach_add_(summed, more)
         opt.zero_grad(set_to_none=True)
         for i, grad in zip(present, summed):
             params[i].grad = grad

@@ -608,6 +608,25 @@ def test_a_step_split_across_threads_gives_the_whole_steps_loss_and_gradient(tmp
         torch.testing.assert_close(p.grad, whole[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+def test_a_parameter_only_a_later_slice_reaches_keeps_that_slices_gradient(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    trainer, model, opt, batch = _built(small_config(batch_size=8), tmp_path / "run")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    a, b = params[0], params[1]
+
+    def step(net, part, step, generator=None):  # b enters the loss of the slice holding the last image only
+        later = torch.equal(part[-1], batch[-1])
+        return {"model": a.sum() * part.mean() + (b.sum() if later else 0)}, {}, len(part)
+
+    trainer.step = step
+    with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        trainer._split_step(pool, opt, batch, 0)
+    torch.testing.assert_close(b.grad, torch.full_like(b, 0.5))  # the second slice's share of the batch
+    torch.testing.assert_close(a.grad, torch.full_like(a, float(batch.mean())))
+    assert all(p.grad is None for p in params[2:])  # no slice reaches them
+
+
 def test_a_run_with_split_steps_repeats_itself_and_resumes_exactly(tmp_path, monkeypatch):
     """Each slice draws its noise from a generator seeded from the global RNG: a second run from the same
     seed, stopped after its step-5 checkpoint and resumed, logs the first run's losses and ends with its
