@@ -4,20 +4,19 @@ against the originals, and the share of shapes, colours and textures the recogni
 
     python benchmarks/blur_calibration.py [--images 512]
 
-The recogniser is trained once (about 6 CPU-minutes) and cached (``stvq.judge.recogniser``).
+The recogniser is trained once (about 6 CPU-minutes) and cached (``stvq_reference.shapes.recogniser.trained_recogniser``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch
 from torchvision.transforms.functional import gaussian_blur
 
 from stvq.data import first_images
-from stvq.judge import reading_accuracy, recogniser
-from stvq.losses import psnr
+from stvq.metrics import psnr
 from stvq_reference.shapes import ShapesDataset
+from stvq_reference.shapes.recogniser import trained_recogniser
 
 SIGMAS = (0.0, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
 
@@ -26,11 +25,11 @@ def calibrate(images: int = 512, sigmas: tuple[float, ...] = SIGMAS) -> list[dic
     """One row per sigma: {"sigma", "psnr" (inf for 0), "shape", "color", "texture"}."""
     val = ShapesDataset(64, "val")
     originals, truth = first_images(val, images), val.factor_table(images)
-    reader, _ = recogniser(64)
+    reader = trained_recogniser(64)
     rows = []
     for sigma in sigmas:
         blurred = originals if sigma == 0 else gaussian_blur(originals, int(6 * sigma) | 1, sigma)
-        read = reading_accuracy(reader, blurred, truth)
+        read = reader.reading_accuracy(blurred, truth)
         value = float("inf") if sigma == 0 else psnr(blurred, originals).mean().item()
         rows.append({"sigma": sigma, "psnr": value, **{name: read[f"{name}_accuracy"] for name in ("shape", "color", "texture")}})
     return rows

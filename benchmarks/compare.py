@@ -49,7 +49,7 @@ def build(out: Path, steps: int, k: int, quantize_images: int, images: int, orac
     evaluated = time.perf_counter() - start
     oracle = {}
     if oracle_steps:
-        from stvq.oracle import run_oracle
+        from stvq_reference.shapes.oracle import run_oracle
 
         for name in names:
             _, preset, decoder = TOKENIZERS[name]

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import main as throughput  # noqa: E402
 
 from stvq.checkpoint import write_json  # noqa: E402
-from stvq.oracle import run_oracle  # noqa: E402
-from stvq.train import TrainConfig, Trainer  # noqa: E402
+from stvq.config import TrainConfig  # noqa
+from stvq.train import Trainer  # noqa: E402
+from stvq_reference.shapes.oracle import run_oracle  # noqa: E402
 
 
 def oracle(out: Path, name: str, train: dict, seconds: float | None, eval_every: int, model: dict) -> dict:

@@ -20,8 +20,8 @@ import json
 import numpy as np
 import torch
 
-from stvq.evaluate import _probe_score
-from stvq.oracle import FactorItems, run_oracle
+from stvq.metrics import _probe_score
+from stvq_reference.shapes.oracle import FactorItems, run_oracle
 
 
 @torch.no_grad()
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test", type=int, default=1024, help="images they are scored on")
     parser.add_argument("--pixels", type=int, default=400_000, help="pixels the outline probe is fitted on")
     args = parser.parse_args(argv)
-    from stvq.cli.options import parse_overrides
+    from stvq.registry import parse_overrides
 
     result = run_oracle("styled", "tiny", parse_overrides(tuple(args.overrides), "decoder", "styled"), {"steps": args.steps}, eval_every=args.steps)
     report = {"steps": args.steps, "val_psnr": round(result.final_psnr, 2), **probe(result.model, args.fit, args.test, args.pixels)}

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import DEVICES, SIZES, sync
 from stvq_reference.config import StyledConfig
-from stvq_reference.literal_block import LiteralConditionBlock
 from stvq_reference.decoder import ConditionBlock
 from stvq_reference.layers import vit_block
+from stvq_reference.literal_block import LiteralConditionBlock
 
 
 def make(preset: str, batch: int, device: str, dtype=torch.float32):

@@ -8,7 +8,6 @@ from timm.models.vision_transformer import VisionTransformer
 
 import stvq
 from benchmarks.conftest import DEVICES, SIZES, sync
-
 from stvq_reference.config import StyledConfig
 
 

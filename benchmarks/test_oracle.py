@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from stvq.oracle import run_oracle
 from stvq.registry import list_plugins
+from stvq_reference.shapes.oracle import run_oracle
 
 SECONDS = float(os.environ.get("STVQ_ORACLE_SECONDS", "60"))
 

@@ -8,7 +8,7 @@ workers), so that a run says whether it is data- or compute-bound.
 
 Each row times ``--steps`` steps after ``--warmup`` steps (compilation happens there) of the step stage 1
 runs: the tokenizer's forward with code noise, the MSE, backward, gradient clipping and the optimizer
-(:func:`stvq.train.update`): training's default, Muon on the blocks' matrices and AdamW on the rest, or AdamW
+(:func:`stvq.optim.update`): training's default, Muon on the blocks' matrices and AdamW on the rest, or AdamW
 alone in the ``adamw`` variants. FLOPs per image are torch's count (:mod:`stvq.flops`); MFU is against the
 device's peak (bf16 for the bf16 rows). Prints a markdown table; ``--json`` writes the rows too. Run it
 alone: two torch jobs on one machine slow each other.
@@ -32,7 +32,7 @@ from stvq.config import TrainConfig
 from stvq.data import make_dataset
 from stvq.flops import count_flops, device_peak
 from stvq.images import to_uint8
-from stvq.train import make_optimizer, update
+from stvq.optim import make_optimizer, update
 from stvq_reference.folders import PhotosDataset
 
 VARIANTS = ("fp32", "bf16", "bf16+fused", "bf16+fused+adamw", "bf16+fused+compile", "fused", "fused+adamw")

@@ -32,7 +32,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:  # PEP 562: the one lazy re-export
     if name == "load_tokenizer":
-        from stvq.checkpoint import load_tokenizer
+        from stvq.pretrained import load_tokenizer
 
         return load_tokenizer
     raise AttributeError(f"module 'stvq' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Weights on disk: ``config.json`` + ``model.safetensors`` in a directory, written atomically.
 
 ``config.json`` names the plugin (kind and name) and the options that rebuild it, so
-``stvq.load_tokenizer(dir)`` can rebuild any registered plugin without importing it by name.
+:mod:`stvq.pretrained` can rebuild any registered plugin without importing it by name.
 """
 
 from __future__ import annotations
@@ -219,31 +219,3 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
-    """``stvq.load_tokenizer``: a directory written by stvq, or a registered tokenizer's name and options."""
-    from stvq.registry import create, plugin_table
-
-    if Path(path_or_spec).is_dir():
-        if options:
-            raise StvqError(f"options {sorted(options)} are not used when loading the directory {path_or_spec}")
-        return load_pretrained(path_or_spec, kind="tokenizer")
-    if str(path_or_spec) in plugin_table()["tokenizer"]:
-        return create("tokenizer", str(path_or_spec), **options)
-    raise StvqError(
-        f"{str(path_or_spec)!r} is neither a directory written by stvq nor a registered tokenizer "
-        f"({', '.join(sorted(plugin_table()['tokenizer'])) or 'none installed'})"
-    )
-
-
-def load_pretrained(directory: str | os.PathLike, kind: str | None = None) -> Any:
-    """Rebuild whatever plugin ``directory/config.json`` names (of ``kind``, where given) and load its weights."""
-    from stvq.registry import create
-
-    config = read_config(directory)
-    if kind is not None and config["kind"] != kind:
-        raise CheckpointError(f"{directory} holds a {config['kind']} ({config['name']}), not a {kind}; pass a directory that `stvq train` or `stvq compose` wrote")
-    model = create(config["kind"], config["name"], **config["options"])
-    model.load_weights(directory)
-    return model.eval()

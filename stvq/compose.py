@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import load_tokenizer, ranks_lock, read_json, save_npy, weights_fingerprint, write_json
+from stvq.checkpoint import ranks_lock, read_json, save_npy, weights_fingerprint, write_json
 from stvq.data import is_stream
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
 from stvq.images import codec_message
+from stvq.pretrained import load_tokenizer
 from stvq.registry import create, plugin_table
 from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 

@@ -4,11 +4,13 @@ fields, presets and overrides by name live with the plugin that builds the model
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 from stvq.errors import ConfigError, StvqError
+
 
 @dataclass(frozen=True)
 class PluginConfig:
@@ -47,6 +49,24 @@ class PluginConfig:
         return [(f.name, str(getattr(self, f.name))) for f in fields(self)]
 
 
+class FileSpec(str):
+    """A ``--data`` spec read back from a file (a run's ``train.json``), not typed by the user.
+
+    Run directories are shared and downloaded, so what they say may only name local files:
+    :func:`make_dataset` refuses a spec of this type that would run a command (webdataset's ``pipe:``) or
+    open a URL. Typed on one's own command line, the same spec is read as given."""
+
+    origin: str
+
+    def __new__(cls, value: str, origin: str) -> FileSpec:
+        spec = super().__new__(cls, value)
+        spec.origin = origin
+        return spec
+
+    def __reduce__(self):  # copies (dataclasses.asdict) and pickles (DataLoader workers) keep the origin
+        return FileSpec, (str(self), self.origin)
+
+
 #: The largest seed: torch and NumPy take any 63-bit integer.
 MAX_SEED = 2**63 - 1
 
@@ -69,7 +89,7 @@ WRITTEN_BEFORE = {"optimizer": "adamw"}
 
 @dataclass
 class LoopConfig:
-    """What every training loop of stvq shares (:class:`stvq.train.BaseTrainer`): optimizer, schedule,
+    """What every training loop of stvq shares (:class:`stvq.loop.BaseTrainer`): optimizer, schedule,
     precision, seed, and how often it logs, evaluates and checkpoints."""
 
     steps: int = 2400
@@ -183,8 +203,8 @@ class TrainConfig(LoopConfig):
     disc_start: int = 0  # first step of the adversarial term and of the discriminator's training
     adaptive_weight: bool = True
     lecam_weight: float = 0.0  # LeCam regularisation of the discriminator (TiTok: 0.001)
-    # Validation also reads the reconstructions with the factor recogniser (stvq.judge; shapes only; trained
-    # once, about 6 CPU-minutes, then cached): val_shape_accuracy and the other factors in the log.
+    # Validation also reads the reconstructions with the data set's recogniser (a FactorDataset's; shapes' is
+    # trained once, about 6 CPU-minutes, then cached): val_shape_accuracy and the other factors in the log.
     recognise: bool = False
     from_run: str | None = None  # stage 2: the stage-1 run to start from
     quantizer: dict[str, Any] | None = None  # stage 2: {"name": ..., **options}; None: the run's codebook
@@ -237,17 +257,41 @@ class PriorTrainConfig(LoopConfig):
             raise StvqError(f"heldout must be at least 1 image, got {self.heldout}")
 
 
-def __getattr__(name: str) -> Any:
-    """``stvq.config.ModelConfig`` and ``make_config`` from before the model's fields moved to the plugin
-    that builds it (issue 22): the registered ``styled`` tokenizer's config class and its ``make``, found
-    through the registry, with a DeprecationWarning naming the new home."""
-    if name not in ("ModelConfig", "make_config"):
-        raise AttributeError(f"module 'stvq.config' has no attribute {name!r}")
-    import warnings
+# --------------------------------------------------------------------------------- KEY=VALUE options
 
-    from stvq.registry import config_class
 
-    cls = config_class("tokenizer", "styled")
-    new = f"{cls.__module__}.{cls.__name__}" + (".make" if name == "make_config" else "")
-    warnings.warn(f"stvq.config.{name} moved to the plugin that owns the model's fields: use {new}", DeprecationWarning, stacklevel=2)
-    return cls if name == "ModelConfig" else cls.make
+def _parse_bool(value: str) -> bool:
+    if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(value)
+    return value.lower() in ("true", "1")
+
+
+CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+
+
+def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, example: str = "levels=[8,5,5,5]") -> dict[str, Any]:
+    """The one KEY=VALUE parser: ``("width=256", "lr_scales={\"encoder.\": 0.3}")`` -> a dict. With a
+    config dataclass ``schema``, keys must be its fields and values take the field's type (int, float,
+    bool, str; other types as JSON); without one, values are JSON where they parse, else strings."""
+    types = {f.name: f.type for f in fields(schema)} if schema else None
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not (sep and key and value):
+            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE, e.g. {flag} {example}")
+        if types is not None and key not in types:
+            raise ConfigError(f"{flag} {key}: unknown config field; known fields: {', '.join(sorted(types))}")
+        kind = types[key] if types is not None else None
+        try:
+            out[key] = CASTS[kind](value) if kind in CASTS else json.loads(value)
+        except ValueError:  # json.JSONDecodeError is a ValueError
+            if kind is None:
+                out[key] = value  # an option's plain string
+            else:
+                raise ConfigError(f"{flag} {key}={value}: expected a value of type {kind}") from None
+    return out
+
+
+def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
+    """``("levels=[8,5,5,5]", "decay=0.9")`` -> {"levels": [8, 5, 5, 5], "decay": 0.9}: a plugin's options."""
+    return parse_pairs(pairs, flag)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from stvq.config import FileSpec
 from stvq.errors import ConfigError, StvqError
 from stvq.interfaces import ImageDataset, ImageStream
 
@@ -39,24 +40,6 @@ def __getattr__(name: str):
         module = importlib.import_module(get("dataset", _MOVED[name]).factory.partition(":")[0])
     warnings.warn(f"stvq.data.{name} moved to {module.__name__}.{name}", DeprecationWarning, stacklevel=2)
     return getattr(module, name)
-
-class FileSpec(str):
-    """A ``--data`` spec read back from a file (a run's ``train.json``), not typed by the user.
-
-    Run directories are shared and downloaded, so what they say may only name local files:
-    :func:`make_dataset` refuses a spec of this type that would run a command (webdataset's ``pipe:``) or
-    open a URL. Typed on one's own command line, the same spec is read as given."""
-
-    origin: str
-
-    def __new__(cls, value: str, origin: str) -> "FileSpec":
-        spec = super().__new__(cls, value)
-        spec.origin = origin
-        return spec
-
-    def __reduce__(self):  # copies (dataclasses.asdict) and pickles (DataLoader workers) keep the origin
-        return FileSpec, (str(self), self.origin)
-
 
 def check_spec(spec: str) -> None:
     """Refuse a :class:`FileSpec` that names a command or a URL: the one place that decides what a data
@@ -157,3 +140,9 @@ def tokenize_source(spec: str, image_size: int, max_images: int | None = None):
             raise StvqError(f"--max-images applies to sources read by index; --data {spec} is a stream and is tokenized whole (name fewer shards in the pattern)")
         dataset = Subset(dataset, range(min(max_images, len(dataset))))
     return dataset, fingerprint
+
+
+def check_batch_fits(batch_size: int, item: Any, device: torch.device) -> None:
+    """Refuse a batch of items like ``item`` that alone exceed the device's memory (a step needs many times
+    more), before any is read."""
+    check_fits(batch_size, item, f"--batch-size {batch_size}: its items alone", "lower --batch-size", device)

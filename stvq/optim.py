@@ -1,4 +1,5 @@
-"""Muon beside AdamW as one optimizer (``--train optimizer=muon``), for :func:`stvq.train.make_optimizer`.
+"""The optimizers a training loop uses: :func:`make_optimizer` (AdamW, or Muon beside AdamW as one
+optimizer, ``--train optimizer=muon``), the schedule's rate (:func:`set_lr`) and the update (:func:`update`).
 
 torch.optim.Muon (Jordan et al., 2024; the RMS-matched rate of Liu et al., 2025, "Muon is scalable for LLM
 training") orthogonalises each matrix's momentum with Newton-Schulz iterations, one small matrix at a
@@ -14,10 +15,13 @@ the same function, fewer products; a `tiny` step's iterations 1.4x faster).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.optim._muon import _adjust_lr  # the rate adjustment torch.optim.Muon applies, kept identical
+
+from stvq.config import LoopConfig
 
 
 def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -117,3 +121,60 @@ class MuonAdamW(torch.optim.Optimizer):
                 same = [params[i] for i in index]
                 torch._foreach_mul_(same, 1 - lr * group["weight_decay"])
                 torch._foreach_add_(same, list(ortho.float().view(-1, *shape).unbind(0)), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], matrix))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW, or with ``cfg.optimizer == "muon"`` Muon on the hidden matrices and convolution weights
+    named by ``cfg.muon_params`` ("*": all of them; never an embedding table or the decoder's last layer,
+    which writes the pixels) and AdamW on the rest (:class:`stvq.optim.MuonAdamW`); no weight decay on
+    biases, norms and learned tokens (1-D or 3-D embeddings); a parameter whose name contains a key of
+    ``cfg.lr_scales`` learns at that multiple of the learning rate. ``weight_decay`` replaces
+    ``cfg.weight_decay`` (a discriminator trains without)."""
+    decay = cfg.weight_decay if weight_decay is None else weight_decay
+    groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
+    output = model.last_layer() if callable(getattr(model, "last_layer", None)) else None  # a model that writes pixels says which layer
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in cfg.lr_scales.items() if k in name), 1.0)
+            weight = p.ndim in (2, 4)  # a matrix or a convolution: not a bias, norm or learned token
+            named = any(k == "*" or k in name for k in cfg.muon_params)
+            muon = cfg.optimizer == "muon" and weight and named and p is not output and id(p) not in tables
+            groups.setdefault((scale, decay if weight else 0.0, muon), []).append(p)
+    params = [{"params": ps, "weight_decay": decay, "lr_scale": scale, "muon": muon} for (scale, decay, muon), ps in groups.items()]
+    fused = cfg.fused_optimizer or None
+    if cfg.optimizer == "muon":
+        return MuonAdamW(params, cfg.lr, (0.9, cfg.beta2), fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, cfg.beta2), fused=fused)
+
+
+def make_optimizers(parts: dict[str, torch.nn.Module], cfg: LoopConfig) -> dict[str, torch.optim.Optimizer]:
+    """One optimizer per trained part: the model's (:func:`make_optimizer`), and for each companion (a
+    discriminator) AdamW at the same rate, without weight decay, with no ``lr_scales``."""
+    companion = replace(cfg, lr_scales={}, optimizer="adamw")
+    return {name: make_optimizer(m, cfg) if name == "model" else make_optimizer(m, companion, weight_decay=0.0) for name, m in parts.items()}
+
+
+def update(opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], grad_clip: float) -> None:
+    """One step of each part that has a loss this step, in order (the model before its discriminator, whose
+    loss reads detached reconstructions): backward, clip the gradient norm (0: no clipping), step."""
+    for name, loss in losses.items():
+        opt = opts[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_and_step(opt, grad_clip)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, grad_clip: float) -> None:
+    """Clip the gradient norm of ``opt``'s parameters (0: no clipping), then step."""
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float, scales_weight: float = 1.0) -> None:
+    """The schedule's learning rate, times each group's ``lr_scale`` (moved towards 1 as
+    ``scales_weight`` goes from 1 to 0)."""
+    for group in opt.param_groups:
+        scale = group.get("lr_scale", 1.0)  # checkpoints of earlier versions have none
+        group["lr"] = lr * (1.0 + (scale - 1.0) * scales_weight)

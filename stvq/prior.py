@@ -15,18 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from stvq.checkpoint import load_pretrained, load_tokenizer, save_npy, weights_fingerprint, write_json
+from stvq.checkpoint import save_npy, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
 from stvq.data import first_images, make_dataset
-from stvq.distributed import device_of
+from stvq.distributed import device_of, in_batches
 from stvq.errors import OptionRangeError, StvqError
-from stvq.evaluate import in_batches, pyplot
+from stvq.features import features
 from stvq.flops import count_flops
 from stvq.images import save_image_grid
-from stvq.interfaces import Prior, Tokenizer
+from stvq.interfaces import FactorDataset, Prior, Recogniser, Tokenizer
+from stvq.loop import BaseTrainer
+from stvq.metrics import frechet_distance
+from stvq.plots import plot_bits
+from stvq.plugins import plugin_table
+from stvq.pretrained import load_pretrained, load_tokenizer
 from stvq.registry import create, require_subclass
 from stvq.run import RunDir
-from stvq.train import BaseTrainer
 
 # ------------------------------------------------------------------------------------------- shards
 
@@ -252,8 +256,9 @@ def load_prior(run: str | Path) -> tuple[Prior, PriorTrainConfig]:
 
 def evaluate_prior(run: str | Path, shards: str | Path | None = None, samples: int = 0, keeps: tuple[int, ...] = (), seed: int = 0) -> dict[str, Any]:
     """Held-out NLL per position (nats and bits) and bits per image of the prior in ``run``, on its own
-    held-out images (or every image of ``shards``). With ``samples`` on shapes shards: that many samples
-    judged by the factor recogniser (:mod:`stvq.judge`), and for each N in ``keeps`` the factors that
+    held-out images (or every image of ``shards``). With ``samples`` on shards of a data set with known
+    factors and a recogniser (``shapes``): that many samples judged by its recogniser
+    (:class:`stvq.interfaces.Recogniser`), and for each N in ``keeps`` the factors that
     survive when the first N ids of real images are kept. Writes prior_eval.json, prior_nll.png and
     samples.png (and keep_N.png) into the run."""
     prior, cfg = load_prior(run)
@@ -273,48 +278,50 @@ def evaluate_prior(run: str | Path, shards: str | Path | None = None, samples: i
     return result
 
 
-def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keeps: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
-    """Samples of ``prior`` decoded and read by the factor recogniser; variations keeping the first N ids
-    of real validation images, for each N in ``keeps``."""
-    from stvq import judge
+def judged_data(data: TokenShards, image_size: int) -> tuple[FactorDataset, Recogniser]:
+    """The validation images of the data set the shards were tokenized from, and its recogniser; refused
+    in one line where that data set has no known factors or no recogniser."""
+    fingerprint = str(data.manifest.get("data_fingerprint", ""))
+    name = fingerprint.partition(":")[0]
+    try:  # the fingerprint's first field names a registered data set: shapes:..., or folder:... without its location
+        val = make_dataset(f"{name}:", image_size, "val") if name in plugin_table()["dataset"] else None
+    except StvqError:
+        val = None
+    reader = val.recogniser() if isinstance(val, FactorDataset) else None
+    if reader is None:
+        raise StvqError(
+            f"judging samples reads images of a data set with known factors and a recogniser (shapes has both); {data.dir} holds ids of {fingerprint or 'another data set'}"
+        )
+    return val, reader
 
-    if not str(data.manifest.get("data_fingerprint", "")).startswith("shapes:"):
-        raise StvqError(f"judging samples reads shapes images; {data.dir} holds ids of {data.manifest.get('data_fingerprint') or 'another data set'}")
+
+def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keeps: tuple[int, ...], seed: int = 0) -> dict[str, Any]:
+    """Samples of ``prior`` decoded and read by the data's recogniser (clean share, per-factor total
+    variation against real images, the EfficientNet-Lite0 Frechet distance); variations keeping the first
+    N ids of real validation images, for each N in ``keeps``."""
     tokenizer = data.tokenizer()
-    model, accuracy = judge.recogniser(tokenizer.image_size)
-    val = make_dataset("shapes", tokenizer.image_size, "val")
+    val, reader = judged_data(data, tokenizer.image_size)
     count = max(samples, 1)
     real = first_images(val, count)
     allowed = data.allowed()
-    result: dict[str, Any] = {"recogniser": accuracy}
+    result: dict[str, Any] = {"recogniser": reader.accuracy}
     if samples:
         images = in_batches(tokenizer.decode, sample(prior, samples, seed=seed, allowed=allowed))
         save_image_grid(out / "samples.png", images[:64])
-        result["judge"] = judge.judge(model, images, real)
-    sources = model.read(real)
+        read, truth = reader.read(images), reader.read(real)
+        result["judge"] = {
+            "samples": len(images), "clean_share": reader.clean_share(read), "clean_share_real": reader.clean_share(truth),
+            "total_variation": reader.total_variation(read, truth), "fd_effnet_lite0": frechet_distance(features(images), features(real)),
+        }
+    sources = reader.read(real)
     real_ids = in_batches(tokenizer.encode, real)
     result["keep"] = {}
     for keep in keeps:
         variations = in_batches(tokenizer.decode, sample(prior, len(real), seed=seed, prefix=real_ids[:, :keep], allowed=allowed))
         save_image_grid(out / f"keep_{keep}.png", torch.cat([real[:8], variations[:8]]), per_row=8)  # sources above
-        read = model.read(variations)
-        result["keep"][str(keep)] = {"survival": judge.survival(read, sources), "clean_share": judge.clean_share(read)}
+        read = reader.read(variations)
+        result["keep"][str(keep)] = {"survival": reader.survival(read, sources), "clean_share": reader.clean_share(read)}
     return result
-
-
-def plot_bits(curves: dict[str, list[float]], path: Path) -> None:
-    """Bits per token position, one line per prior."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for name, bits in curves.items():
-        ax.plot(range(len(bits)), bits, marker=".", label=f"{name} ({sum(bits):.0f} bits/image)")
-    ax.set_xlabel("token position")
-    ax.set_ylabel("held-out NLL (bits)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 #: Samples shown in samples.png (the first ones); ``stvq prior sample -n`` is bounded by MAX_SAMPLES, whose

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from stvq.config import parse_pairs
 from stvq.errors import ConfigError, PluginError, StvqError, UnknownPluginError
 from stvq.hookspecs import KINDS
 from stvq.plugins import PluginInfo, plugin_table
@@ -89,3 +90,10 @@ def plugin_infos() -> list[PluginInfo]:
     """Every registered plugin, by kind then name."""
     table = plugin_table()
     return [table[k][n] for k in KINDS for n in sorted(table[k])]
+
+
+def parse_overrides(pairs: tuple[str, ...], kind: str = "tokenizer", name: str = "styled") -> dict[str, Any]:
+    """``("width=256", "attn_mask=causal-placeholders")`` -> overrides of the config fields of the plugin
+    ``kind``/``name``, typed by its ``config_class`` (:func:`stvq.registry.config_class`); a plugin that
+    declares none takes them as JSON values or strings."""
+    return parse_pairs(pairs, "--set", config_class(kind, name) if pairs else None, "width=256")

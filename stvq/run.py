@@ -1,7 +1,7 @@
 """A run directory: its layout, and every read and write of it, in one place (README, "Failure behaviour").
 
     train.json               the TrainConfig (read back by --resume)
-    checkpoint.safetensors   model, optimizer and RNG state in one file (stvq.train writes and reads it)
+    checkpoint.safetensors   model, optimizer and RNG state in one file (:func:`save_checkpoint`)
     config.json, model.safetensors   the exported model: ``stvq.load_tokenizer(run)``
     metrics.jsonl            one JSON line per logged step
     samples/step_NNNNNN.png  validation images (top) above their reconstructions (bottom)
@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from stvq.checkpoint import atomic_write, load_tensors, read_json, save_tensors, weights_fingerprint, write_json
-from stvq.config import WRITTEN_BEFORE, TrainConfig
-from stvq.data import FileSpec
-from stvq.errors import StvqError
+from stvq.config import WRITTEN_BEFORE, FileSpec, TrainConfig
+from stvq.errors import CheckpointError, StvqError, first_line
 
 
 def cache_key(encoder: torch.nn.Module, data: str, image_size: int, seed: int) -> str:
@@ -132,3 +132,83 @@ class RunDir:
 
     def save_codes(self, key: str, codes: torch.Tensor) -> Path:
         return save_tensors(self.codes_path(key), {"codes": codes}, metadata={"items": str(len(codes))})
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+def _optim_prefix(name: str) -> tuple[str, str]:
+    """(tensor prefix, metadata key) of a part's optimizer state; the model's keep their first names."""
+    return ("optim", "param_groups") if name == "model" else (f"optim_{name}", f"param_groups.{name}")
+
+
+def save_checkpoint(
+    path: Path, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], step: int, data_generator: torch.Generator,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Every part's weights and, for those in ``opts``, optimizer state (the model, companions such as a
+    discriminator, the weights' moving average), the RNG state and ``extra`` tensors (a stream's reader
+    positions) in one safetensors file: one atomic rename, never a torn mix."""
+    tensors = dict(extra or {})
+    metadata = {"step": str(step)}
+    for name, module in parts.items():
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        if name not in opts:
+            continue
+        prefix, groups = _optim_prefix(name)
+        state = opts[name].state_dict()
+        for index, entries in state["state"].items():
+            for key, value in entries.items():
+                tensors[f"{prefix}.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        metadata[groups] = json.dumps(state["param_groups"])
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.data"] = data_generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_tensors(path, tensors, metadata)
+
+
+def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], data_generator: torch.Generator) -> int:
+    """Restore what :func:`save_checkpoint` wrote; returns the step to continue from."""
+    if not path.is_file():
+        raise CheckpointError(f"no {path.name} in {path.parent}: the run never reached its first checkpoint; start it again")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # a torn file or a header that lies: safetensors raises several types
+        raise CheckpointError(f"{path} is not a readable stvq checkpoint ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
+    missing = [name for name in opts if _optim_prefix(name)[1] not in metadata]
+    missing += [name for name in parts if not any(k.startswith(f"{name}.") for k in tensors)]
+    if missing:
+        raise CheckpointError(f"{path} holds no {missing[0]}: it was written by a run without one; resume with the run's own train.json")
+    try:
+        for name, module in parts.items():
+            module.load_state_dict({k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")})
+            if name not in opts:
+                continue
+            prefix, groups = _optim_prefix(name)
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in tensors.items():
+                if key.startswith(f"{prefix}."):
+                    _, index, entry = key.split(".", 2)
+                    state.setdefault(int(index), {})[entry] = value
+            opts[name].load_state_dict({"state": state, "param_groups": json.loads(metadata[groups])})
+        torch.set_rng_state(tensors["rng.torch"])
+        data_generator.set_state(tensors["rng.data"])
+    except Exception as err:  # another model's tensors, missing entries: many types
+        raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return int(metadata["step"])
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds, read from its header alone; None where there is no checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            return int(f.metadata()["step"])
+    except Exception as err:  # a torn or foreign file: safetensors and int() raise their own types
+        raise CheckpointError(f"{path} is not a readable stvq checkpoint ({first_line(err)}); start the run again in another directory") from None

@@ -13,7 +13,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from stvq.errors import StvqError
-from stvq.interfaces import ImageStream
 
 #: (epoch, piece index in the reader's list, member index) of the last sample a reader handed out; a new
 #: reader starts after START.
@@ -78,7 +77,7 @@ class StreamBatches(IterableDataset):
     (:class:`StreamState`) and a resume continues each reader right after it."""
 
     def __init__(
-        self, stream: ImageStream, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray,
+        self, stream: IterableDataset, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray,
         stop_step: int | None = None,
     ) -> None:
         count = len(stream.pieces())
@@ -136,7 +135,7 @@ class PieceBatches(IterableDataset):
     ``{"piece": i, "images", "keys", "last": the piece ends here, "unreadable": members skipped}``. A piece
     with no readable member gives one empty, last batch."""
 
-    def __init__(self, stream: ImageStream, pieces: list[int], batch_size: int) -> None:
+    def __init__(self, stream: IterableDataset, pieces: list[int], batch_size: int) -> None:
         self.stream, self.pieces, self.batch_size = stream, pieces, batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -160,3 +159,33 @@ class PieceBatches(IterableDataset):
         size = self.stream.image_size
         stacked = torch.stack(images) if images else torch.empty(0, 3, size, size)
         return {"piece": piece, "images": stacked, "keys": keys, "last": last, "unreadable": unreadable}
+
+
+class StepBatches:
+    """Deterministic batches by step: epoch e is a permutation seeded by (seed, e); step s takes the next
+    ``batch_size * world`` indices and this rank its slice. Resuming at step s gives the same batches."""
+
+    def __init__(self, length: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.length)
+        return self._perm
+
+    def indices(self, step: int) -> list[int]:
+        size = self.batch_size * self.world
+        first = step * size + self.rank * self.batch_size
+        out = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, self.length)
+            out.append(int(self._permutation(epoch)[offset]))
+        return out
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (self.indices(step) for step in range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start

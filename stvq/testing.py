@@ -176,7 +176,7 @@ class TokenizerContract:
     def test_save_and_load_round_trip(self, tokenizer, images, tmp_path):
         if not hasattr(tokenizer, "save_pretrained"):
             pytest.skip("this tokenizer is not saved by stvq")
-        from stvq.checkpoint import load_tokenizer
+        from stvq.pretrained import load_tokenizer
 
         tokenizer.save_pretrained(tmp_path / "tok")
         with torch.no_grad():
@@ -302,7 +302,7 @@ class PriorContract:
             torch.testing.assert_close(prior(changed)[:, :6], prior(ids)[:, :6])
 
     def test_save_and_load_round_trip(self, prior, tmp_path):
-        from stvq.checkpoint import load_pretrained
+        from stvq.pretrained import load_pretrained
 
         prior.save_pretrained(tmp_path / "prior")
         ids = torch.randint(0, self.vocab_size, (2, self.seq_len))
@@ -336,9 +336,7 @@ class DatasetContract:
     def test_training_images_in_order_and_a_stream_skips_exactly(self):
         from itertools import islice
 
-        from stvq.interfaces import ImageStream
-
-        from stvq.interfaces import ImageDataset
+        from stvq.interfaces import ImageDataset, ImageStream
 
         train = self.make_dataset("train", self.image_size)
         assert isinstance(train, (ImageDataset, ImageStream))

@@ -45,14 +45,13 @@ def _quick_recogniser(tmp_path_factory):
     (about 6 CPU-minutes) and cached under $STVQ_CACHE. The suite trains quick ones instead, in its own
     cache: 64 px up front for subprocesses (200 images, 50 steps of 64: the background read right, x within
     0.14), any other size on first use (64 images, 5 steps of 16: it only has to run)."""
-    import os
     from functools import partial
 
-    from stvq import judge
+    from stvq_reference.shapes import recogniser
 
     cache = tmp_path_factory.mktemp("stvq-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STVQ_CACHE", str(cache))
-        patch.setattr(judge, "train_recogniser", partial(judge.train_recogniser, images=64, steps=5, batch_size=16))
-        judge.recogniser(64, images=200, steps=50, batch_size=64)
+        patch.setattr(recogniser, "train_recogniser", partial(recogniser.train_recogniser, images=64, steps=5, batch_size=16))
+        recogniser.trained_recogniser(64, images=200, steps=50, batch_size=64)
         yield

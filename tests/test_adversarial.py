@@ -7,12 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_train import SMALL, metrics, small_config
 
 import stvq
 from stvq.losses import AdversarialLoss, adaptive_weight, hinge_discriminator_loss
 from stvq.train import Trainer
-
-from test_train import SMALL, metrics, small_config
 
 CRITIC = {"channels": 8, "layers": 2, "norm": "group"}
 ADVERSARIAL = dict(adversarial_weight=0.5, disc_start=4, discriminator_options=CRITIC, lecam_weight=0.01)
@@ -142,7 +141,7 @@ def test_train_flags_reach_the_config(runner, tmp_path):
 
 
 def test_the_oracle_trains_with_the_same_adversarial_objective():
-    from stvq.oracle import run_oracle
+    from stvq_reference.shapes.oracle import run_oracle
 
     result = run_oracle("styled", "tiny", {"width": 32, "heads": 2, "plain_layers": 1}, {"steps": 4, "batch_size": 4, **ADVERSARIAL, "disc_start": 2}, eval_every=4, val_count=4)
     assert [p["step"] for p in result.curve] == [0, 4] and all(p["val_psnr"] > 0 for p in result.curve)

@@ -14,14 +14,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_tokenizers import NotATensor, write_taming
 
 import stvq
 from stvq.cli import main
+from stvq.config import TrainConfig
 from stvq.data import make_dataset
 from stvq.images import load_image
-from stvq.train import TrainConfig, Trainer
+from stvq.train import Trainer
 from stvq_reference.folders import ImageFolderDataset
-from test_tokenizers import NotATensor, write_taming
 
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
 
@@ -293,8 +294,9 @@ def test_a_yaml_alias_bomb_is_refused_before_it_expands(runner, files, tmp_path)
 def test_a_huge_tar_member_is_skipped_unread_with_one_warning(tmp_path, monkeypatch):
     import tarfile
 
-    import stvq_reference.sources as sources
     from test_sources import write_shards
+
+    import stvq_reference.sources as sources
 
     spec = write_shards(tmp_path / "w", shards=1, per_shard=2)
     with tarfile.open(tmp_path / "w" / "train-000.tar", "a") as tar:  # a member "of gigabytes", scaled down

@@ -123,8 +123,9 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_twice_the_size
 
 
 def load_image_of(array):
-    from stvq.images import from_pil
     from PIL import Image
+
+    from stvq.images import from_pil
 
     return from_pil(Image.fromarray(array))
 

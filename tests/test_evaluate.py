@@ -11,10 +11,12 @@ import torch
 
 import stvq
 from stvq.cli import main
-from stvq.evaluate import frechet_distance, ordering_score, prefix_curve, probe_scores, ssim
+from stvq.config import TrainConfig
+from stvq.evaluate import prefix_curve
+from stvq.features import efficientnet_lite0, features
 from stvq.images import load_image
-from stvq.losses import efficientnet_lite0, features, masked_psnr, psnr
-from stvq.train import TrainConfig, Trainer
+from stvq.metrics import frechet_distance, masked_psnr, ordering_score, probe_scores, psnr, ssim
+from stvq.train import Trainer
 from stvq_reference.folders import photo_paths
 from stvq_reference.shapes import FACTORS
 

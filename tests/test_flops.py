@@ -68,7 +68,7 @@ def test_the_cpu_peak_is_an_estimate_from_cores_clock_and_flags(flags, bf16, per
 @pytest.mark.parametrize("flags,emulated", [("avx2 fma", True), ("avx2 fma avx512f", True), ("avx512f avx512_bf16", False), ("amx_bf16", False)])
 def test_bf16_is_emulated_on_a_cpu_without_avx512_bf16_or_amx_and_training_says_so(flags, emulated, monkeypatch):
     from stvq import flops
-    from stvq.train import warn_if_bf16_is_emulated
+    from stvq.flops import warn_if_bf16_is_emulated
 
     assert emulates_bf16(torch.device("cpu"), CPUINFO.format(flags)) is emulated
     assert not emulates_bf16(torch.device("cpu"), "processor : 0\nFeatures : fp asimd bf16\n")  # no x86 flags: nothing to say
@@ -138,7 +138,7 @@ def test_the_throughput_benchmark_runs_on_cpu_and_reports_each_variant(tmp_path,
 
 
 def test_a_fused_optimizer_takes_the_same_step():
-    from stvq.train import make_optimizer
+    from stvq.optim import make_optimizer
 
     steps = []
     for fused in (False, True):
@@ -190,7 +190,7 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly()
     same-shaped ones) or AdamW (all else) gives it, in torch's bfloat16 iterations to within float32
     rounding and in the CPU's default float32 iterations to within bfloat16's; a state_dict round trip
     continues as the uninterrupted optimizer."""
-    from stvq.train import make_optimizer
+    from stvq.optim import make_optimizer
 
     def model():
         torch.manual_seed(0)
@@ -249,7 +249,7 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly()
 def test_muon_steps_a_convolution_as_the_matrix_of_its_linear_map():
     """A convolution's weight (out, in, k, k) named in muon_params takes the step that the (out, in k k)
     matrix with its gradients takes, at that matrix's adjusted rate, and its momentum keeps the weight's shape."""
-    from stvq.train import make_optimizer
+    from stvq.optim import make_optimizer
 
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, bias=False)

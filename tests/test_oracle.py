@@ -1,4 +1,4 @@
-"""The decoder oracle: factor vectors that encode the shapes factors exactly, a short run for every
+"""The decoder oracle (the reference plugin's ``stvq oracle``): factor vectors that encode the shapes factors exactly, a short run for every
 registered decoder that reports its curve (and, for the Styled decoder, beats its untrained start), and
 the wall-time budget."""
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from stvq.cli import main
 from stvq.data import make_dataset
 from stvq.errors import StvqError
-from stvq.oracle import FactorItems, run_oracle
-from stvq.oracle import main as oracle_main  # python -m stvq.oracle
 from stvq.registry import list_plugins
 from stvq_reference.shapes import FACTOR_DIM, PALETTE, SHAPES, TEXTURES
+from stvq_reference.shapes.oracle import FactorItems, run_oracle
 
 
 def test_factor_vector_holds_every_factor():
@@ -33,11 +33,9 @@ def test_the_oracle_refuses_data_without_factor_vectors():
         FactorItems(64, "val", data="photos")
 
 
-def test_python_m_stvq_oracle_refuses_a_batch_larger_than_memory_in_one_line(capsys):
-    with pytest.raises(SystemExit) as exit:
-        oracle_main(["--seconds", "0", "--train", "steps=1", "--train", "batch_size=1000000000"])
-    err = capsys.readouterr().err
-    assert exit.value.code == 1 and err.startswith("Error: --batch-size 1000000000: its items alone take") and len(err.splitlines()) == 1
+def test_stvq_oracle_refuses_a_batch_larger_than_memory_in_one_line(runner):
+    result = runner.invoke(main, ["oracle", "--seconds", "0", "--train", "steps=1", "--train", "batch_size=1000000000"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: --batch-size 1000000000: its items alone take") and len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -69,15 +67,15 @@ def test_oracle_stops_at_its_time_budget():
 
 
 @pytest.mark.slow
-def test_python_m_stvq_oracle_runs_as_readme_documents_it(tmp_path):
-    """README's `python -m stvq.oracle --seconds 300 --grid oracle.png`, on a one-second budget."""
+def test_stvq_oracle_runs_as_the_docs_document_it(tmp_path):
+    """The documented `stvq oracle --seconds 300 --grid oracle.png`, on a one-second budget, in a process of its own."""
     import json
     import os
     import subprocess
     import sys
 
     grid = tmp_path / "oracle.png"
-    cmd = [sys.executable, "-m", "stvq.oracle", "--seconds", "1", "--set", "width=32", "--set", "heads=2", "--set", "plain_layers=1",
+    cmd = [sys.executable, "-m", "stvq.cli", "oracle", "--seconds", "1", "--set", "width=32", "--set", "heads=2", "--set", "plain_layers=1",
            "--train", "batch_size=4", "--eval-every", "1000000", "--grid", str(grid)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
@@ -85,19 +83,17 @@ def test_python_m_stvq_oracle_runs_as_readme_documents_it(tmp_path):
     assert last["steps"] >= 1 and math.isfinite(last["final_psnr"]) and grid.is_file()
 
 
-def test_the_oracle_without_a_time_budget_runs_its_cosine_over_the_steps(capsys):
-    """`python -m stvq.oracle --seconds 0 --train steps=N` (README's equal-step rows): N steps, the
+def test_the_oracle_without_a_time_budget_runs_its_cosine_over_the_steps(runner):
+    """`stvq oracle --seconds 0 --train steps=N` (the equal-step rows of the records): N steps, the
     schedule over them; without steps it is refused in one line, not run for a million steps."""
     import json
 
-    from stvq.oracle import main
-
     small = ["--set", "width=32", "--set", "heads=2", "--set", "plain_layers=1", "--eval-every", "1000000"]
-    main(["--seconds", "0", "--train", "steps=3", "--train", "batch_size=4", *small])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 3
-    with pytest.raises(SystemExit) as exit_:
-        main(["--seconds", "0", *small])
-    assert exit_.value.code == 2 and "give them, e.g. --train steps=1400" in capsys.readouterr().err
+    result = runner.invoke(main, ["oracle", "--seconds", "0", "--train", "steps=3", "--train", "batch_size=4", *small])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 3
+    result = runner.invoke(main, ["oracle", "--seconds", "0", *small])
+    assert result.exit_code == 2 and "give them, e.g. --train steps=1400" in result.stderr
 
 
 def test_readme_shape_probe_reads_the_oracles_codes_tokens_and_pixel_features():

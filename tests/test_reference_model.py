@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import stvq
-from stvq.checkpoint import load_pretrained
 from stvq.errors import ConfigError
-from stvq.evaluate import _probe_score
+from stvq.metrics import _probe_score
+from stvq.pretrained import load_pretrained
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
 from stvq_reference.encoder import StyledEncoder
@@ -335,7 +335,7 @@ def test_the_titok_decoder_puts_every_code_in_context_and_runs_plain_vit_layers_
     outputs = []
     hook = titok.condition_blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
     with torch.no_grad():
-        first, second = titok(codes), titok(perturbed)
+        first, _ = titok(codes), titok(perturbed)
     hook.remove()
     assert first.shape == (1, 3, 64, 64) and not torch.equal(outputs[0], outputs[1])  # the last code reaches layer 0
     run = tmp_path / "titok"
@@ -411,7 +411,8 @@ def test_a_model_saved_before_its_fields_moved_to_the_plugin_still_loads(tmp_pat
     assert (tmp_path / "config.json").read_text() == saved.read_text()  # loading rewrites nothing
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        from stvq.config import ModelConfig, make_config as old_make_config
+        from stvq.config import ModelConfig
+        from stvq.config import make_config as old_make_config
     assert ModelConfig is StyledConfig and old_make_config("tiny", width=32) == make_config("tiny", width=32)
     assert [str(w.message) for w in caught] == [
         "stvq.config.ModelConfig moved to the plugin that owns the model's fields: use stvq_reference.config.StyledConfig",

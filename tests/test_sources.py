@@ -13,18 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from click.testing import CliRunner
+from PIL import Image
 
 import stvq
 from stvq.cli import main
+from stvq.config import TrainConfig
 from stvq.data import make_dataset, parse_data
 from stvq.images import to_uint8
 from stvq.prior import TokenShards
 from stvq.streams import StreamBatches, StreamState, loader
-from stvq.train import TrainConfig, Trainer
-
+from stvq.train import Trainer
 from stvq_reference.config import make_config
 
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}

@@ -20,8 +20,11 @@ from safetensors.torch import load_file
 
 import stvq
 from stvq.cli import main
+from stvq.config import TrainConfig
+from stvq.optim import make_optimizer, set_lr
 from stvq.quantize import fit_codebook
-from stvq.train import StepBatches, TrainConfig, Trainer, make_optimizer, set_lr
+from stvq.streams import StepBatches
+from stvq.train import Trainer
 
 # A narrow tiny model so that a step takes milliseconds; still 36 tokens and 18 condition layers.
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
@@ -38,9 +41,9 @@ def metrics(run: Path) -> list[dict]:
 
 
 def fit_until_interrupted(cfg: TrainConfig, run: Path, monkeypatch, function: str, calls: int) -> None:
-    """Train ``cfg`` in ``run`` until ``stvq.train.<function>``'s ``calls``-th call, which raises
-    KeyboardInterrupt in its place: a run stopped between checkpoints."""
-    import stvq.train as train_module
+    """Train ``cfg`` in ``run`` until the loop's ``<function>``'s ``calls``-th call (:mod:`stvq.loop`), which
+    raises KeyboardInterrupt in its place: a run stopped between checkpoints."""
+    import stvq.loop as train_module
 
     real, seen = getattr(train_module, function), {"n": 0}
 
@@ -218,8 +221,7 @@ def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path, extra):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import stvq.train as train_module
-
+    from stvq.errors import TrainingDiverged
     from stvq.losses import ReconstructionLoss
 
     real = ReconstructionLoss.__call__
@@ -231,7 +233,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
         return (loss * float("nan"), terms) if calls["n"] == 7 else (loss, terms)
 
     monkeypatch.setattr(ReconstructionLoss, "__call__", poisoned)
-    with pytest.raises(train_module.TrainingDiverged, match="loss became nan at step 6; the last good checkpoint"):
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 6; the last good checkpoint"):
         Trainer(small_config(checkpoint_every=5), tmp_path / "run", progress=False).fit()
     state = load_file(str(tmp_path / "run" / "checkpoint.safetensors"))
     assert torch.isfinite(state["model.decoder.out_conv.weight"]).all()
@@ -310,8 +312,8 @@ def test_empty_folder_and_stage2_without_codebook(runner, tmp_path, stage1_run):
 
 def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatch):
     from stvq.run import RunDir, cache_key
-    from stvq_reference.shapes import ShapesDataset
     from stvq_reference.encoder import StyledEncoder
+    from stvq_reference.shapes import ShapesDataset
 
     run = tmp_path / "s1"
     Trainer(small_config(steps=2), run, progress=False).fit()
@@ -553,7 +555,7 @@ def test_training_keeps_freed_activation_memory_instead_of_faulting_it_in_every_
     processes, 15,335 to 612,800 faults measured, so the contrast sets the static defaults explicitly.)"""
     code = """
 import resource, sys, torch
-from stvq.train import keep_freed_memory
+from stvq.distributed import keep_freed_memory
 if sys.argv[1] == "kept":
     keep_freed_memory()
 else:  # glibc's documented defaults, set explicitly: that turns its dynamic adjustment off
@@ -581,7 +583,7 @@ def _built(cfg: TrainConfig, run: Path) -> tuple[Trainer, torch.nn.Module, torch
 
 
 def test_a_batch_splits_into_slices_of_the_same_kind():
-    from stvq.train import batch_length, split_batch
+    from stvq.loop import batch_length, split_batch
 
     images, codes = torch.arange(7.0), torch.arange(14).view(7, 2)  # stage 2's (images, cached codes)
     parts = split_batch((images, codes), 2)

@@ -15,7 +15,6 @@ from einops import rearrange, repeat
 from torch import nn
 
 from stvq.interfaces import Decoder
-
 from stvq_reference.config import StyledConfig, make_config
 
 

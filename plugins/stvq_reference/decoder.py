@@ -15,7 +15,6 @@ from timm.layers import Attention, Mlp
 from torch import nn
 
 from stvq.interfaces import Decoder
-
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.heads import make_head
 from stvq_reference.layers import BlendedUnpatchify, LayerNorm, OverlapUnpatchify, Unpatchify, init_weights, learned_tokens, position_tokens, vit_block

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from stvq.errors import ConfigError
 from stvq.interfaces import QuantizerOutput
-
 from stvq_reference.codebook import CodebookQuantizer
 
 

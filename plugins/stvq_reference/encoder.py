@@ -8,7 +8,6 @@ from einops import rearrange
 from torch import nn
 
 from stvq.interfaces import Encoder
-
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.layers import LayerNorm, init_weights, learned_tokens, lecun_init, position_tokens, vit_block
 

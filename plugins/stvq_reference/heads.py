@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # the pixel and film heads' nonlinearity (``head_activation``); the modules hold no parameters, so a
 # checkpoint loads under any of them
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}

@@ -9,9 +9,7 @@ import torch
 
 from stvq.errors import StvqError
 from stvq.interfaces import FittableQuantizer, QuantizerOutput
-
 from stvq_reference.codebook import CodebookQuantizer
-
 
 INIT_METHODS = {
     "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,

@@ -11,7 +11,6 @@ from stvq import registry
 from stvq.checkpoint import PretrainedMixin
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, drop_tail
-
 from stvq_reference.config import StyledConfig, make_config
 
 StyledOutput = CodeTokenizerOutput  # the name earlier versions exported

@@ -61,9 +61,13 @@ def register_discriminators(register):
 
 @hookimpl
 def register_commands(cli):
-    """The reference plugins' own options: a part's source and config for ``stvq compose``, k-means's
-    options for ``stvq quantize``."""
+    """The reference plugins' own command (``stvq oracle``) and options: a part's source and config for
+    ``stvq compose``, k-means's options for ``stvq quantize``."""
     import click
+
+    from stvq_reference.shapes.oracle import oracle
+
+    cli.add_command(oracle)
 
     from stvq.cli.options import meta_option
     from stvq.cli.tokens import PARTS

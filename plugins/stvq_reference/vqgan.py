@@ -10,7 +10,6 @@ nearest-codeword indices of the latent grid, flattened row-major in (b, h, w) or
 from __future__ import annotations
 
 import warnings
-
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +21,6 @@ from torch import nn
 from stvq.checkpoint import PretrainedMixin, check_state_dict
 from stvq.errors import CheckpointError, ConfigError, first_line
 from stvq.interfaces import Tokenizer, check_ids, check_images
-
 from stvq_reference.codebook import nearest
 
 

@@ -14,13 +14,14 @@ import click
 from rich.table import Table
 
 from stvq.cli.evaluate import evaluate_command
-from stvq.cli.options import console, parse_overrides, preset_option, set_option
+from stvq.cli.options import console, preset_option, set_option
 from stvq.cli.prior import prior
 from stvq.cli.tokens import compose, decode, encode, tokenize
 from stvq.cli.train import quantize, train
 from stvq.config import TrainConfig
 from stvq.errors import OptionRangeError, StvqError
 from stvq.plugins import add_plugin_commands
+from stvq.registry import parse_overrides
 
 
 class StvqGroup(click.Group):

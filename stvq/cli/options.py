@@ -1,10 +1,10 @@
-"""What the commands share: the console, the one KEY=VALUE parser, options derived from a config
+"""What the commands share: the console, options derived from a config
 dataclass (one source of defaults), and options that plugins add to a command (``register_commands``)."""
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -16,52 +16,6 @@ from stvq.config import MAX_SEED
 from stvq.errors import ConfigError
 
 console = Console()
-
-
-def _parse_bool(value: str) -> bool:
-    if value.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(value)
-    return value.lower() in ("true", "1")
-
-
-CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
-
-
-def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, example: str = "levels=[8,5,5,5]") -> dict[str, Any]:
-    """The one KEY=VALUE parser: ``("width=256", "lr_scales={\"encoder.\": 0.3}")`` -> a dict. With a
-    config dataclass ``schema``, keys must be its fields and values take the field's type (int, float,
-    bool, str; other types as JSON); without one, values are JSON where they parse, else strings."""
-    types = {f.name: f.type for f in fields(schema)} if schema else None
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not (sep and key and value):
-            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE, e.g. {flag} {example}")
-        if types is not None and key not in types:
-            raise ConfigError(f"{flag} {key}: unknown config field; known fields: {', '.join(sorted(types))}")
-        kind = types[key] if types is not None else None
-        try:
-            out[key] = CASTS[kind](value) if kind in CASTS else json.loads(value)
-        except ValueError:  # json.JSONDecodeError is a ValueError
-            if kind is None:
-                out[key] = value  # an option's plain string
-            else:
-                raise ConfigError(f"{flag} {key}={value}: expected a value of type {kind}") from None
-    return out
-
-
-def parse_overrides(pairs: tuple[str, ...], kind: str = "tokenizer", name: str = "styled") -> dict[str, Any]:
-    """``("width=256", "attn_mask=causal-placeholders")`` -> overrides of the config fields of the plugin
-    ``kind``/``name``, typed by its ``config_class`` (:func:`stvq.registry.config_class`); a plugin that
-    declares none takes them as JSON values or strings."""
-    from stvq.registry import config_class
-
-    return parse_pairs(pairs, "--set", config_class(kind, name) if pairs else None, "width=256")
-
-
-def parse_options(pairs: tuple[str, ...], flag: str) -> dict[str, Any]:
-    """``("levels=[8,5,5,5]", "decay=0.9")`` -> {"levels": [8, 5, 5, 5], "decay": 0.9}: a plugin's options."""
-    return parse_pairs(pairs, flag)
 
 
 class FiniteFloat(click.FloatRange):
@@ -170,8 +124,49 @@ def given_meta(key: str) -> dict[str, Any]:
 
 def load_tokenizer_dir(path: str):
     """The tokenizer in ``path``, a run or a directory written by ``stvq compose``."""
-    from stvq.checkpoint import load_tokenizer
+    from stvq.pretrained import load_tokenizer
 
     if not Path(path).is_dir():
         raise ConfigError(f"--tokenizer {path} is not a directory; pass a run or a directory written by `stvq compose`")
     return load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------------- training commands
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
+def resume_config(ctx: click.Context, run: str, schema: type, steps: int):
+    """The config a ``--resume RUN`` continues with: the run's own (read as ``schema``), with ``--steps``
+    the one change it accepts (to extend the run); any other option given is refused."""
+    from stvq.run import RunDir
+
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and _given(ctx, p.name)]
+    if given:
+        raise ConfigError(f"--resume continues {run} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
+    cfg = RunDir(run).read_train_config(schema)
+    if _given(ctx, "steps"):
+        cfg.steps = steps
+    return cfg
+
+
+def fit(trainer, run: str, command: str = "stvq train") -> dict | None:
+    """Run ``trainer.fit()``; the summary on rank 0 of a run that trained, None otherwise. Ctrl-C names the
+    last checkpoint and the --resume command (exit status 130); a finished run says how to extend it."""
+    from stvq.run import RunDir, checkpoint_step
+
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        step = checkpoint_step(RunDir(run).checkpoint)
+        where = f"the last checkpoint (step {step}) is in {run}: continue with {command} --resume {run}" if step else "no checkpoint was written yet: start the run again"
+        click.echo(f"Interrupted; {where}", err=True)
+        sys.exit(130)
+    if not trainer.is_main:
+        return None
+    if "finished" in summary:
+        click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
+        return None
+    return summary

@@ -8,9 +8,8 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, SEED, FiniteFloat, config_options, console, parse_pairs
-from stvq.cli.train import fit, resume_config
-from stvq.config import PriorTrainConfig
+from stvq.cli.options import LOOP_FLAGS, SEED, FiniteFloat, config_options, console, fit, resume_config
+from stvq.config import PriorTrainConfig, parse_pairs
 from stvq.flops import mfu_text
 
 #: The PriorTrainConfig fields that are flags of ``stvq prior train``; others: --train KEY=VALUE.

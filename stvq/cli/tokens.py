@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from stvq.cli.options import console, distributed_tokenizer, given_meta, load_tokenizer_dir, parse_pairs, workers_option
+from stvq.cli.options import console, distributed_tokenizer, given_meta, load_tokenizer_dir, workers_option
+from stvq.config import parse_pairs
 from stvq.errors import ConfigError
 
 #: Where plugins' options of ``stvq compose`` (``register_commands``, :func:`stvq.cli.options.meta_option`)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -10,10 +9,11 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, SEED, config_options, console, given_meta, parse_options, parse_overrides, parse_pairs, workers_option
-from stvq.config import TrainConfig
+from stvq.cli.options import LOOP_FLAGS, SEED, config_options, console, fit, given_meta, resume_config, workers_option
+from stvq.config import TrainConfig, parse_options, parse_pairs
 from stvq.errors import ConfigError
 from stvq.flops import mfu_text
+from stvq.registry import parse_overrides
 
 #: The TrainConfig fields that are flags of ``stvq train``, in the order --help lists them; every other field
 #: is set with ``--train KEY=VALUE``. Types and defaults come from TrainConfig.
@@ -39,10 +39,6 @@ TRAIN_FLAGS = {
 def _default_run(stage: int, name: str) -> str:
     """runs/PRESET-stage1-TIME, or runs/SOURCE-stage2-TIME for a stage-2 run started from SOURCE."""
     return f"runs/{name}-stage{stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _given(ctx: click.Context, name: str) -> bool:
-    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
 @click.command()
@@ -81,41 +77,6 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
     summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)
     if summary:
         console.print(_summary_panel(summary))
-
-
-def resume_config(ctx: click.Context, run: str, schema: type, steps: int):
-    """The config a ``--resume RUN`` continues with: the run's own (read as ``schema``), with ``--steps``
-    the one change it accepts (to extend the run); any other option given is refused."""
-    from stvq.run import RunDir
-
-    given = [p.opts[0] for p in ctx.command.params if p.name not in ("resume_dir", "steps", "no_progress") and _given(ctx, p.name)]
-    if given:
-        raise ConfigError(f"--resume continues {run} with its own train.json; drop {', '.join(given)} (only --steps may change, to extend the run)")
-    cfg = RunDir(run).read_train_config(schema)
-    if _given(ctx, "steps"):
-        cfg.steps = steps
-    return cfg
-
-
-def fit(trainer, run: str, command: str = "stvq train") -> dict | None:
-    """Run ``trainer.fit()``; the summary on rank 0 of a run that trained, None otherwise. Ctrl-C names the
-    last checkpoint and the --resume command (exit status 130); a finished run says how to extend it."""
-    from stvq.run import RunDir
-    from stvq.train import checkpoint_step
-
-    try:
-        summary = trainer.fit()
-    except KeyboardInterrupt:
-        step = checkpoint_step(RunDir(run).checkpoint)
-        where = f"the last checkpoint (step {step}) is in {run}: continue with {command} --resume {run}" if step else "no checkpoint was written yet: start the run again"
-        click.echo(f"Interrupted; {where}", err=True)
-        sys.exit(130)
-    if not trainer.is_main:
-        return None
-    if "finished" in summary:
-        click.echo(f"{run} is finished (step {summary['finished']}); nothing to do: extend it with --resume {run} --steps N")
-        return None
-    return summary
 
 
 def _summary_panel(summary: dict) -> Panel:

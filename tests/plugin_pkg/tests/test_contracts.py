@@ -1,9 +1,10 @@
 """The example package's own tests: stvq's contracts, subclassed as any third-party package would."""
 
-import stvq
-from stvq.testing import CodeTokenizerContract, EncoderDecoderContract, QuantizerContract
 from stvq_plugin_example import SignQuantizer
 from stvq_plugin_example.tokenizer import ConvConfig, ConvDecoder, ConvEncoder
+
+import stvq
+from stvq.testing import CodeTokenizerContract, EncoderDecoderContract, QuantizerContract
 
 SMALL = ConvConfig.make("tiny", width=8)
 

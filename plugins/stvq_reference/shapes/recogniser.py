@@ -1,8 +1,7 @@
-"""Judging generated ``shapes`` images without downloads: a small CNN, the factor recogniser, is trained on
-the built-in shapes' known factors and reads each generated image (background, shape, colour, texture;
-size and position). From its readings: the share of samples it reads as a clean one-object scene with
-confidence, the total-variation distance between the factor distributions of samples and data, and how
-often each factor of a source image survives in variations that keep its first ids."""
+"""The factor recogniser of ``shapes``: a small CNN trained on the built-in shapes' known factors reads
+each image (background, shape, colour, texture; size and position), without downloads. ``stvq eval``,
+``--train recognise=true`` and ``stvq prior eval`` reach it through :meth:`ShapesDataset.recogniser`, as
+:class:`ShapesRecogniser` (an :class:`stvq.interfaces.Recogniser`)."""
 
 from __future__ import annotations
 
@@ -18,19 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from stvq.checkpoint import load_tensors, save_tensors
-from stvq.data import first_images, make_dataset
+from stvq.config import LoopConfig
+from stvq.data import first_images
+from stvq.distributed import keep_freed_memory
 from stvq.errors import StvqError
-from stvq.interfaces import FactorDataset
+from stvq.interfaces import FactorDataset, Recogniser
+from stvq.optim import make_optimizers, set_lr, update
 
-#: The data set the recogniser learns to read, through the registry.
-DATA = "shapes"
 #: What it reads (its heads): the class factors with their class counts, and the regressed ones. Checked
 #: against what the data set declares (``factor_classes``) before it trains.
 CLASSES = {"background": 8, "shape": 5, "color": 8, "texture": 3}
 REGRESSED = ("size", "x", "y")
 #: Survival tolerances for the regressed factors (about a tenth of their range).
 TOLERANCE = {"size": 0.03, "x": 0.1, "y": 0.1}
-CONFIDENT = 0.9  # a clean scene: every class factor read with at least this probability, colour != background
 
 
 class FactorRecogniser(nn.Module):
@@ -68,12 +67,14 @@ class FactorRecogniser(nn.Module):
         return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def factor_data(image_size: int, split: str, seed: int = 0) -> FactorDataset:
-    """:data:`DATA` at ``image_size``, refused in one line unless it declares the factors the recogniser reads."""
-    data = make_dataset(DATA, image_size, split, seed)
+def factor_data(image_size: int, split: str, seed: int = 0, data: FactorDataset | None = None) -> FactorDataset:
+    """``shapes`` at ``image_size`` (or ``data``), refused in one line unless it declares the factors the recogniser reads."""
+    from stvq_reference.shapes import ShapesDataset
+
+    data = ShapesDataset(image_size, split, seed) if data is None else data
     declared = data.factor_classes if isinstance(data, FactorDataset) else {}
     if {n: declared.get(n) for n in CLASSES} != CLASSES or not set(REGRESSED) <= set(declared):
-        raise StvqError(f"the factor recogniser reads {', '.join([*CLASSES, *REGRESSED])}; --data {DATA} declares {dict(declared) or 'no factors'}")
+        raise StvqError(f"the factor recogniser reads {', '.join([*CLASSES, *REGRESSED])}; the data declares {dict(declared) or 'no factors'}")
     return data
 
 
@@ -87,16 +88,13 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
     """Train on ``images`` rendered shapes (train split) and report accuracy on the 512 validation images
     (class factors: share right; regressed: mean absolute error). The defaults read the shape right 95 % of
     the time (20,000 images and 1,500 steps: 80 %; README); about 6 minutes on 2 CPU cores."""
-    from stvq.config import LoopConfig
-    from stvq.train import keep_freed_memory, make_optimizers, set_lr, update
-
     keep_freed_memory()
     torch.manual_seed(seed)
     train = factor_data(image_size, "train", seed + 1)  # another stream than the tokenizers' training images
     x = first_images(train, images)
     y = _factor_targets(train, images)
     model = FactorRecogniser()
-    # The training loop's optimizer, schedule and update (stvq.train), with a classifier's settings.
+    # The training loop's optimizer, schedule and update (stvq.optim), with a classifier's settings.
     cfg = LoopConfig(steps=steps, batch_size=batch_size, lr=2e-3, weight_decay=0.01, beta2=0.999, warmup_steps=steps * 3 // 10, min_lr_ratio=0.0, grad_clip=0.0, seed=seed)
     opts = make_optimizers({"model": model}, cfg)
     generator = torch.Generator().manual_seed(seed)
@@ -110,23 +108,31 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
     return model.eval(), recogniser_accuracy(model, image_size)
 
 
-def reading_accuracy(model: FactorRecogniser, images: torch.Tensor, truth: dict[str, np.ndarray]) -> dict[str, float]:
-    """How well ``images`` (B, 3, S, S) show the factors ``truth`` (arrays of B) to the recogniser: accuracy
-    per class factor, mean absolute error per regressed one. On reconstructions this sees sharpness that
-    PSNR misses: a blob in the right place and colour scores well in PSNR and reads as no shape."""
-    read = model.read(images.cpu())
-    out = {f"{n}_accuracy": float((read[n] == truth[n]).mean()) for n in CLASSES}
-    out.update({f"{n}_mae": float(np.abs(read[n] - truth[n]).mean()) for n in REGRESSED})
-    return out
+class ShapesRecogniser(Recogniser):
+    """The :class:`stvq.interfaces.Recogniser` of ``shapes``: a trained :class:`FactorRecogniser` and its
+    accuracy on the validation images. A clean scene also has an object colour other than the
+    background's, as every real shapes image has."""
+
+    factors = {**CLASSES, **{n: 0 for n in REGRESSED}}
+    tolerance = TOLERANCE
+
+    def __init__(self, model: FactorRecogniser, accuracy: dict[str, float]) -> None:
+        self.model, self.accuracy = model.eval(), accuracy
+
+    def read(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        return self.model.read(images)
+
+    def clean(self, read: dict[str, np.ndarray]) -> np.ndarray:
+        return super().clean(read) & (read["color"] != read["background"])
 
 
 def recogniser_accuracy(model: FactorRecogniser, image_size: int = 64) -> dict[str, float]:
-    """:func:`reading_accuracy` on the 512 real validation images."""
+    """:meth:`Recogniser.reading_accuracy` on the 512 real validation images."""
     val = factor_data(image_size, "val")
-    return reading_accuracy(model, first_images(val, len(val)), val.factor_table())
+    return ShapesRecogniser(model, {}).reading_accuracy(first_images(val, len(val)), val.factor_table())
 
 
-def recogniser(image_size: int = 64, cache: str | Path | None = None, **train_options: Any) -> tuple[FactorRecogniser, dict[str, float]]:
+def trained_recogniser(image_size: int = 64, cache: str | Path | None = None, **train_options: Any) -> ShapesRecogniser:
     """The recogniser for ``image_size``, trained once (6 CPU minutes; ``train_options`` go to
     :func:`train_recogniser`) and kept in the cache directory (``$STVQ_CACHE``, default ``~/.cache/stvq``)
     as safetensors beside its accuracy."""
@@ -137,55 +143,9 @@ def recogniser(image_size: int = 64, cache: str | Path | None = None, **train_op
     if weights.is_file() and report.is_file():
         model = FactorRecogniser()
         model.load_state_dict(load_tensors(weights))
-        return model.eval(), json.loads(report.read_text())
+        return ShapesRecogniser(model, json.loads(report.read_text()))
     model, accuracy = train_recogniser(image_size, **train_options)
     root.mkdir(parents=True, exist_ok=True)
     save_tensors(weights, model.state_dict())
     report.write_text(json.dumps(accuracy, indent=1))
-    return model, accuracy
-
-
-# ---------------------------------------------------------------------------------------- judging
-
-
-def clean_share(read: dict[str, np.ndarray]) -> float:
-    """Share of images read as a clean one-object scene: every class factor at probability >= CONFIDENT,
-    and an object colour other than the background's (as every real shapes image has)."""
-    confident = np.all([read[f"{n}_p"] >= CONFIDENT for n in CLASSES], axis=0)
-    return float((confident & (read["color"] != read["background"])).mean())
-
-
-def _histogram(values: np.ndarray, name: str) -> np.ndarray:
-    if name in CLASSES:
-        counts = np.bincount(values.astype(int), minlength=CLASSES[name])
-    else:
-        counts = np.histogram(values, bins=8, range=(0.0, 1.0))[0]
-    return counts / max(1, counts.sum())
-
-
-def total_variation(samples: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per factor, half the L1 distance between the distributions read from samples and from real images
-    (0: the same; 1: disjoint); regressed factors in 8 bins over [0, 1]."""
-    return {n: float(0.5 * np.abs(_histogram(samples[n], n) - _histogram(data[n], n)).sum()) for n in (*CLASSES, *REGRESSED)}
-
-
-def survival(variations: dict[str, np.ndarray], sources: dict[str, np.ndarray]) -> dict[str, float]:
-    """Per factor, the share of variations that keep their source image's reading (regressed: within
-    :data:`TOLERANCE`)."""
-    out = {n: float((variations[n] == sources[n]).mean()) for n in CLASSES}
-    out.update({n: float((np.abs(variations[n] - sources[n]) <= TOLERANCE[n]).mean()) for n in REGRESSED})
-    return out
-
-
-def judge(model: FactorRecogniser, samples: torch.Tensor, real: torch.Tensor) -> dict[str, Any]:
-    """Validity and per-factor total variation of ``samples`` against ``real`` images, and the
-    EfficientNet-Lite0 Frechet distance between them."""
-    from stvq.evaluate import frechet_distance
-    from stvq.losses import features
-
-    read, data = model.read(samples), model.read(real)
-    return {
-        "samples": len(samples), "clean_share": clean_share(read), "clean_share_real": clean_share(data),
-        "total_variation": total_variation(read, data),
-        "fd_effnet_lite0": frechet_distance(features(samples), features(real)),
-    }
+    return ShapesRecogniser(model, accuracy)

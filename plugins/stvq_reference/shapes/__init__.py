@@ -167,10 +167,10 @@ class ShapesDataset(FactorDataset):
         return {name: np.array([row[name] for row in rows]) for name in FACTORS}
 
     def recogniser(self):
-        """The factor recogniser (:func:`stvq.judge.recogniser`: trained once, then cached)."""
-        from stvq.judge import recogniser
+        """The factor recogniser (:func:`stvq_reference.shapes.recogniser.trained_recogniser`: trained once, then cached)."""
+        from stvq_reference.shapes.recogniser import trained_recogniser
 
-        return recogniser(self.image_size)[0]
+        return trained_recogniser(self.image_size)
 
     def heldout_scenes(self) -> DrawnScenes:
         return DrawnScenes(self.image_size, self.seed)
@@ -192,7 +192,7 @@ class ShapesDataset(FactorDataset):
 
 class UprightShapesDataset(ShapesDataset):
     """``shapes-upright``: the ``shapes`` images with every rotation 0 (the other factors and the noise the
-    same images'), to ask how much of what a decoder has to learn is the rotation (README, issue 21)."""
+    same images'), to ask how much of what a decoder has to learn is the rotation."""
 
     name, rotates = "shapes-upright", False
 

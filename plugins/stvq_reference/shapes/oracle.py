@@ -1,4 +1,4 @@
-"""The decoder oracle: a registered decoder fed the true factors of ``shapes`` images, trained alone.
+"""The decoder oracle (``stvq oracle``): a registered decoder fed the true factors of ``shapes`` images, trained alone.
 
 A learned linear map turns each image's factor vector (one-hot background, shape, colour and texture;
 size, x, y; sin and cos of 4x the rotation, whose period is the squares' 90 degrees) into the 36 codes,
@@ -6,27 +6,34 @@ and the decoder learns to render the image from them. No encoder takes part, so 
 PSNR against steps and wall time measures how fast a decoder learns to render, the question that limits
 stage 1 (an encoder cannot learn to encode what the decoder cannot yet use). Optimizer, schedule, objective
 (reconstruction, and a discriminator where ``adversarial_weight`` > 0) and update are stage 1's
-(:class:`stvq.config.TrainConfig`, :class:`stvq.train.ImageObjective`, :func:`stvq.train.update`), so a
+(:class:`stvq.config.TrainConfig`, :class:`stvq.losses.ImageObjective`, :func:`stvq.optim.update`), so a
 recipe that speeds the oracle carries over.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import click
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from stvq.config import TrainConfig
-from stvq.data import make_dataset
+from stvq.config import TrainConfig, parse_options
+from stvq.data import check_batch_fits, make_dataset
+from stvq.distributed import keep_freed_memory
 from stvq.errors import StvqError
+from stvq.flops import warn_if_bf16_is_emulated
+from stvq.images import save_image_grid
 from stvq.interfaces import FactorDataset
-from stvq.losses import psnr
-from stvq.registry import create
+from stvq.losses import ImageObjective
+from stvq.metrics import psnr
+from stvq.optim import make_optimizers, set_lr, update
+from stvq.registry import create, parse_overrides
 from stvq.streams import training_workers
 
 #: The data set whose factors the oracle reads unless `--train data=...` names another (a
@@ -75,8 +82,6 @@ class OracleResult:
 
     def save_grid(self, path: str | Path) -> None:
         """The last validation renderings as one PNG, the originals in the row above."""
-        from stvq.images import save_image_grid
-
         save_image_grid(Path(path), self.samples.flatten(0, 1), per_row=self.samples.shape[1])
 
 
@@ -108,8 +113,6 @@ def run_oracle(
     recogniser's accuracy on the renderings to every point (``val_shape_accuracy``...: whether the decoder
     draws the shape, which PSNR does not tell). ``on_point`` is called with every point as it is measured
     (a long run shows its curve as it goes). Returns the validation curve."""
-    from stvq.train import ImageObjective, check_batch_fits, keep_freed_memory, make_optimizers, set_lr, update, warn_if_bf16_is_emulated
-
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     keep_freed_memory()
     torch.manual_seed(seed)
@@ -133,13 +136,11 @@ def run_oracle(
         result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()
         out = {"step": step, "seconds": round(seconds, 2), "val_psnr": value}
         if reader is not None:
-            out.update({f"val_{k}": v for k, v in reading_accuracy(reader, renders, truth).items() if k.endswith("accuracy")})
+            out.update({f"val_{k}": v for k, v in reader.reading_accuracy(renders, truth).items() if k.endswith("accuracy")})
         return out
 
     reader = None
     if recognise:
-        from stvq.judge import reading_accuracy
-
         reader, truth = val.data.recogniser(), val.data.factor_table(val_count)
     result = OracleResult()
 
@@ -173,40 +174,32 @@ def run_oracle(
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m stvq.oracle --decoder styled --seconds 300 --set width=96 --train lr=2e-3``."""
-    import argparse
-    import json
+@click.command()
+@click.option("--decoder", default="styled", show_default=True, help="The registered decoder to train.")
+@click.option("--preset", default="tiny", show_default=True, help="The decoder's preset.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="A field of the decoder's config; repeatable.")
+@click.option("--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="A TrainConfig field (JSON value); repeatable.")
+@click.option("--seconds", type=click.FloatRange(min=0), default=300.0, show_default=True, help="Training wall time; 0: none, the cosine runs over --train steps=N.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=60, show_default=True, help="Steps between validation points.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda where there is one).")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write the last validation renderings to this PNG.")
+@click.option("--recognise", is_flag=True, help="Read the renderings' factors with the recogniser at every point.")
+def oracle(decoder, preset, overrides, train_fields, seconds, eval_every, device, grid, recognise) -> None:
+    """The decoder oracle: a decoder fed the true factors of shapes images, trained alone; prints its
+    validation curve as JSON lines as it is measured, then the final PSNR and images/s.
 
-    from stvq.cli.options import parse_options, parse_overrides
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decoder", default="styled")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="a field of the decoder's config")
-    parser.add_argument("--train", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig field (JSON value)")
-    parser.add_argument("--seconds", type=float, default=300.0, help="training wall time; 0: none, the cosine runs over --train steps=N")
-    parser.add_argument("--eval-every", type=int, default=60)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
-    parser.add_argument("--grid", default=None, help="write the last validation renderings to this PNG")
-    parser.add_argument("--recognise", action="store_true", help="read the renderings' factors with the recogniser at every point")
-    args = parser.parse_args(argv)
-    try:
-        options = parse_options(tuple(args.train), "--train")
-        if not args.seconds and "steps" not in options:
-            parser.error("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
-        train = {"steps": 10**6, **options}
-        overrides = parse_overrides(tuple(args.overrides), "decoder", args.decoder)
-        result = run_oracle(
-            args.decoder, args.preset, overrides, train, args.seconds or None, args.eval_every, device=args.device, recognise=args.recognise,
-            on_point=lambda point: print(json.dumps(point), flush=True),  # as it is measured
-        )
-    except StvqError as err:
-        parser.exit(1, f"Error: {err}\n")  # one line, as the stvq commands print
-    print(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
-    if args.grid:
-        result.save_grid(args.grid)
-
-
-if __name__ == "__main__":
-    main()
+    \b
+    Example:
+      stvq oracle --seconds 300 --grid oracle.png
+      stvq oracle --seconds 0 --train steps=1400 --set width=96
+    """
+    options = parse_options(tuple(train_fields), "--train")
+    if not seconds and "steps" not in options:
+        raise click.UsageError("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
+    result = run_oracle(
+        decoder, preset, parse_overrides(tuple(overrides), "decoder", decoder), {"steps": 10**6, **options}, seconds or None, eval_every,
+        device=device, recognise=recognise, on_point=lambda point: click.echo(json.dumps(point)),  # as it is measured
+    )
+    click.echo(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
+    if grid:
+        result.save_grid(grid)
