@@ -187,6 +187,10 @@ class PretrainedMixin:
 
     plugin_kind: str
     plugin_name: str
+    # what the nn.Module it is mixed into provides
+    state_dict: Callable[..., dict[str, torch.Tensor]]
+    load_state_dict: Callable[..., Any]
+    eval: Callable[[], Any]
 
     def init_options(self) -> dict[str, Any]:
         raise NotImplementedError

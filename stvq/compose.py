@@ -157,7 +157,7 @@ def tokenize_dataset(
         mine = range(rank, shards, world)
         pending = [i for i in mine if _shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) is None]
         with Progress(console=console, disable=not (progress and rank == 0)) as bar:
-            task = bar.add_task("tokenizing", total=None if stream else sum(rows_of(i) for i in pending))
+            task = bar.add_task("tokenizing", total=None if stream else sum(rows_of(i) or 0 for i in pending))
             _write_shards(tokenizer, _batches(dataset, pending, shard_size, batch_size, num_workers), out, dtype, num_workers, lambda n: bar.update(task, advance=n))
         skipped = sum(all_gather_objects(len(mine) - len(pending)))  # also waits for every rank's shards
         if rank == 0:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from stvq.errors import ConfigError, StvqError
 
@@ -266,7 +266,7 @@ def _parse_bool(value: str) -> bool:
     return value.lower() in ("true", "1")
 
 
-CASTS = {"int": int, "float": float, "str": str, "bool": _parse_bool}
+CASTS: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _parse_bool}
 
 
 def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, example: str = "levels=[8,5,5,5]") -> dict[str, Any]:
@@ -281,7 +281,7 @@ def parse_pairs(pairs: tuple[str, ...], flag: str, schema: type | None = None, e
             raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE, e.g. {flag} {example}")
         if types is not None and key not in types:
             raise ConfigError(f"{flag} {key}: unknown config field; known fields: {', '.join(sorted(types))}")
-        kind = types[key] if types is not None else None
+        kind = str(types[key]) if types is not None else None
         try:
             out[key] = CASTS[kind](value) if kind in CASTS else json.loads(value)
         except ValueError:  # json.JSONDecodeError is a ValueError

@@ -5,9 +5,7 @@ what ``stvq tokenize`` reads. The data sets themselves are plugins (the referenc
 
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +15,6 @@ from stvq.config import FileSpec
 from stvq.errors import ConfigError, StvqError
 from stvq.interfaces import ImageDataset, ImageStream
 
-#: Names this module held before it was split by job (issue 22) -> the data set whose module holds them now
-#: (found through the registry), or "images" for :mod:`stvq.images`.
-_MOVED = {
-    **dict.fromkeys(("IMAGE_SUFFIXES", "codec_message", "fit_image", "from_pil", "load_image", "save_image_grid", "to_uint8"), "images"),
-    **dict.fromkeys(("ShapesDataset", "DrawnScenes", "PALETTE", "SHAPES", "TEXTURES", "FACTORS", "SPLITS", "VAL_SIZE"), "shapes"),
-    **dict.fromkeys(("ImageFolderDataset",), "folder"),
-    **dict.fromkeys(("PhotosDataset", "PHOTO_FILES", "photo_paths"), "photos"),
-}
-
-
-def __getattr__(name: str):
-    """``from stvq.data import ShapesDataset`` and the like keep working, with a DeprecationWarning that
-    names the new home."""
-    if name not in _MOVED:
-        raise AttributeError(f"module 'stvq.data' has no attribute {name!r}")
-    if _MOVED[name] == "images":
-        module = importlib.import_module("stvq.images")
-    else:
-        from stvq.registry import get
-
-        module = importlib.import_module(get("dataset", _MOVED[name]).factory.partition(":")[0])
-    warnings.warn(f"stvq.data.{name} moved to {module.__name__}.{name}", DeprecationWarning, stacklevel=2)
-    return getattr(module, name)
 
 def check_spec(spec: str) -> None:
     """Refuse a :class:`FileSpec` that names a command or a URL: the one place that decides what a data

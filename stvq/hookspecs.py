@@ -90,9 +90,21 @@ def register_discriminators(register):
 
 @hookspec
 def register_commands(cli):
-    """Add commands or options to the ``stvq`` command line, e.g. ``cli.add_command(my_command)``.
+    """Add commands to the ``stvq`` command line, e.g. ``cli.add_command(my_command)``.
 
-    ``cli`` is the :class:`click.Group` of ``stvq`` with its commands built (as simonw/llm's hook). A new
-    option of a stock command is a :func:`stvq.cli.options.meta_option`, which hands its value to the
-    command (e.g. the reference plugin's ``--vqgan-config`` of ``stvq compose``).
+    ``cli`` is the :class:`click.Group` of ``stvq`` with its commands built (as simonw/llm's hook). Options
+    of a stock command are added through :func:`register_options`, never by editing its parameters.
+    """
+
+
+@hookspec
+def register_options(register):
+    """Add options to a stock command, e.g. ``register('quantize', '--niter', 'niter', 'k-means iterations.', type=int)``.
+
+    ``register(command, flag, key, help, **click_options)``: the commands that read plugins' options, and
+    what ``key`` names there, are listed in :data:`stvq.cli.PLUGIN_OPTIONS`: ``compose`` reads ``PART.KEY``
+    (an option of the part ``PART``, e.g. ``vqgan.config``), ``quantize`` an option of the quantizer. A
+    value the user gives reaches the command as if given with its generic flag (``--part-option``,
+    ``--quantizer-option``); an option left out hands nothing on. ``click_options`` are click's
+    (``type``, ``is_flag``...).
     """

@@ -245,7 +245,7 @@ class FactorDataset(ImageDataset):
         """A :class:`Recogniser` that reads the factors back from images, or None where the data has none."""
         return None
 
-    def heldout_scenes(self) -> Dataset | None:
+    def heldout_scenes(self) -> Any:
         """Items (image, object mask (1, S, S) bool) of the same kind of scene drawn by another generator,
         for the object-pixel PSNR of ``stvq eval``; None where the data has none."""
         return None

@@ -7,13 +7,15 @@ what to build and what a step computes: :class:`stvq.train.Trainer` (tokenizers)
 
 from __future__ import annotations
 
+import operator
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import replace
+from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -46,14 +48,21 @@ def batch_length(batch: torch.Tensor | tuple | list) -> int:
     return len(batch if isinstance(batch, torch.Tensor) else batch[0])
 
 
-class BaseTrainer:
+#: What a trainer trains (a CodeTokenizer, a Prior) and the config of its runs.
+ModelT = TypeVar("ModelT", bound=torch.nn.Module)
+ConfigT = TypeVar("ConfigT", bound=LoopConfig)
+
+
+class BaseTrainer(Generic[ModelT, ConfigT]):
     """One training job in the run directory ``run`` (``resume=True`` continues it from its checkpoint):
     the loop every stvq model shares. :meth:`fit` reads top to bottom: build, lock, restore, then per step
     :meth:`step`, the log record (with :meth:`evaluate` every ``eval_every``) and the checkpoint, and the
     summary. A subclass says what to build (:meth:`build`), what a step computes (:meth:`step`) and how
     to evaluate; :class:`Trainer` trains tokenizers, :class:`stvq.prior.PriorTrainer` priors."""
 
-    def __init__(self, cfg: LoopConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
+    cfg: ConfigT
+
+    def __init__(self, cfg: ConfigT, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:
         self.cfg, self.dir, self.resume = cfg, RunDir(run), resume
         self.rank, self.world, self.device = init_distributed()
         if cfg.num_workers is None:  # resolved before train.json is written: a resume reads the same number
@@ -65,16 +74,16 @@ class BaseTrainer:
 
     # ----------------------------------------------------------------------- what a subclass says
 
-    def build(self) -> tuple[torch.nn.Module, Dataset, Any]:
+    def build(self) -> tuple[ModelT, Dataset, Any]:
         """(model on self.device, training data set, validation data): bad data fails here, before the
         run directory is written."""
         raise NotImplementedError
 
-    def prepare(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> tuple[Dataset, dict[str, Any]]:
+    def prepare(self, model: ModelT, dataset: Dataset, val: Any) -> tuple[Dataset, dict[str, Any]]:
         """After restoring: modes, cached inputs; returns the data set to train on and summary entries."""
         return dataset, {}
 
-    def compile(self, model: torch.nn.Module) -> None:
+    def compile(self, model: ModelT) -> None:
         """``--compile``: compile the model in place (parameter names, and so checkpoints, stay the same)."""
         model.compile()
 
@@ -83,7 +92,7 @@ class BaseTrainer:
         own optimizer, and its weights and optimizer state live in the checkpoint, not in the model's files."""
         return {}
 
-    def flops_per_item(self, model: torch.nn.Module) -> int:
+    def flops_per_item(self, model: ModelT) -> int:
         """The model FLOPs of one training item, forward and backward (:func:`stvq.flops.count_flops`),
         for MFU; counted after :meth:`prepare`, before :meth:`compile`."""
         raise NotImplementedError
@@ -98,13 +107,13 @@ class BaseTrainer:
         (:meth:`split_refusal` says when it may be)."""
         raise NotImplementedError
 
-    def split_refusal(self, model: torch.nn.Module) -> str | None:
+    def split_refusal(self, model: ModelT) -> str | None:
         """Why a step of this trainer cannot be split across threads (``LoopConfig.step_threads``), or None
         where its batch's slices may run side by side: each slice's loss its mean, the forward drawing only
         from the generator :meth:`step` is given and changing no shared state."""
         return f"{type(self).__name__} runs its steps whole"
 
-    def evaluate(self, model: torch.nn.Module, val: Any, step: int) -> dict[str, float]:
+    def evaluate(self, model: ModelT, val: Any, step: int) -> dict[str, float]:
         """Validation numbers at ``step``, for the log record."""
         raise NotImplementedError
 
@@ -126,10 +135,10 @@ class BaseTrainer:
         with run_lock(self.dir.path) if self.is_main else nullcontext():  # one writer per run directory
             return self._train(model, dataset, val)
 
-    def _train(self, model: torch.nn.Module, dataset: Dataset, val: Any) -> dict[str, Any]:
+    def _train(self, model: ModelT, dataset: Dataset, val: Any) -> dict[str, Any]:
         cfg = self.cfg
         keep_freed_memory()
-        parts = {"model": model, **self.companions()}
+        parts: dict[str, torch.nn.Module] = {"model": model, **self.companions()}
         opts = make_optimizers(parts, cfg)
         ema = ModelEmaV3(model, cfg.ema_decay, use_warmup=True, warmup_power=0.75) if cfg.ema_decay else None
         saved = {**parts, "ema": ema.module} if ema else parts  # what the checkpoint holds
@@ -143,7 +152,7 @@ class BaseTrainer:
             self.compile(model)
         check_batch_fits(cfg.batch_size, next(iter(dataset), None) if is_stream(dataset) else dataset[0], self.device)  # None: an empty stream, refused by its reader
         batches, stream = self._batches(dataset, start, data_generator)
-        self.nets = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
+        self.nets: dict[str, torch.nn.Module] = {name: DistributedDataParallel(m) if self.world > 1 else m for name, m in parts.items()}
         intra = max(1, torch.get_num_threads() // self.threads)  # set in each worker thread: the main thread keeps its own
 
         clock = _Clock(logged_seconds)
@@ -169,7 +178,7 @@ class BaseTrainer:
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     evaluation = self._evaluate(model, ema, val, done) if done % cfg.eval_every == 0 or done == cfg.steps else {}
                     last_eval = evaluation or last_eval
-                    record = {"step": done, "loss": losses["model"].item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
+                    record: dict[str, Any] = {"step": done, "loss": losses["model"].item(), **{k: float(v) for k, v in terms.items()}, "lr": cfg.lr_at(step), **clock.lap(), **evaluation}
                     record["mfu"] = mfu(flops, record["images_per_s"], peak, self.world)
                     if self.is_main:
                         self.dir.log(record)
@@ -180,7 +189,8 @@ class BaseTrainer:
                     readers = {"data.positions": torch.from_numpy(np.stack(all_gather_objects(stream.positions)))} if stream else {}
                     if self.is_main:
                         save_checkpoint(self.dir.checkpoint, saved, opts, done, data_generator, readers)
-                        (ema.module if ema else model).save_pretrained(self.dir.path)
+                        exported: Any = ema.module if ema else model  # a model with save_pretrained
+                        exported.save_pretrained(self.dir.path)
                 bar.update(task, completed=done)
         images_per_s = clock.images / max(clock.elapsed(), 1e-9)
         summary = {
@@ -191,7 +201,7 @@ class BaseTrainer:
         }
         return self._finish(parts, summary)
 
-    def _evaluate(self, model: torch.nn.Module, ema: ModelEmaV3 | None, val: Any, step: int) -> dict[str, float]:
+    def _evaluate(self, model: ModelT, ema: ModelEmaV3 | None, val: Any, step: int) -> dict[str, float]:
         """:meth:`evaluate` of the weights the run saves: the moving average where there is one; at the last
         step the live weights too, as ``live_*``, so the summary says what the average gained."""
         if ema is None:
@@ -199,7 +209,7 @@ class BaseTrainer:
         live = {f"live_{k}": v for k, v in self.evaluate(model, val, step).items()} if step == self.cfg.steps else {}
         return {**live, **self.evaluate(ema.module, val, step)}  # the average's grid is the one kept
 
-    def _flops(self, model: torch.nn.Module) -> int | None:
+    def _flops(self, model: ModelT) -> int | None:
         """:meth:`flops_per_item`, or None with one warning for a model that cannot run on the meta device
         (a third party's, say): MFU is then not reported, and training goes on."""
         try:
@@ -208,17 +218,17 @@ class BaseTrainer:
             warnings.warn(f"model FLOPs not counted, so no MFU is reported ({first_line(err)})", stacklevel=2)
             return None
 
-    def _batches(self, dataset: Dataset, start: int, data_generator: torch.Generator) -> tuple[Any, StreamState | None]:
+    def _batches(self, dataset: Any, start: int, data_generator: torch.Generator) -> tuple[Any, StreamState | None]:
         """The batches from ``start`` on: by index (:class:`StepBatches`), or from a stream, whose readers'
         positions (a :class:`StreamState`, saved in each checkpoint) a resume continues from."""
-        cfg = self.cfg
+        cfg, workers = self.cfg, self.cfg.num_workers or 0  # resolved in __init__
         if not is_stream(dataset):
             batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps, self.rank, self.world)
-            return loader(dataset, cfg.num_workers, batch_sampler=batches, generator=data_generator), None
-        readers = max(1, cfg.num_workers)
+            return loader(dataset, workers, batch_sampler=batches, generator=data_generator), None
+        readers = max(1, workers)
         state = StreamState(readers, self._stream_positions(readers) if start else None)
         reader = StreamBatches(dataset, cfg.batch_size, cfg.seed, self.rank, self.world, readers, start, state.positions, cfg.steps)
-        return loader(reader, cfg.num_workers, batch_size=None, generator=data_generator), state
+        return loader(reader, workers, batch_size=None, generator=data_generator), state
 
     def _stream_positions(self, readers: int) -> np.ndarray:
         """This rank's readers' positions in the checkpoint; a resume with other ranks or readers is refused."""
@@ -265,7 +275,7 @@ class BaseTrainer:
         start = load_checkpoint(self.dir.checkpoint, parts, opts, data_generator)
         return start, self.dir.trim_metrics(start) if self.is_main else 0.0
 
-    def _step_threads(self, model: torch.nn.Module) -> int:
+    def _step_threads(self, model: ModelT) -> int:
         """How many threads a step's batch is split across: ``cfg.step_threads``, 0 resolved (2 where the step
         can be split and torch has two threads or more, else 1); a split asked for where it cannot be is refused in one line."""
         asked = self.cfg.step_threads
@@ -315,7 +325,7 @@ class BaseTrainer:
         for i, grad in zip(present, summed):
             params[i].grad = grad
         terms = {k: sum(r[1][k] for r in results) for k in results[0][1]}
-        return {"model": sum(r[0] for r in results)}, terms, total
+        return {"model": reduce(operator.add, (r[0] for r in results))}, terms, total
 
     def _update(self, opts: dict[str, torch.optim.Optimizer], losses: dict[str, torch.Tensor], step: int, backward: bool = True) -> None:
         """:func:`update` (``backward=False``: the gradient is already in ``.grad``, from :meth:`_split_step`);

@@ -5,7 +5,9 @@ puts them together for stage 1, stage 2 and the decoder oracle."""
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torc
 
     with torch.no_grad():
         target = stages(images)
-    return sum((a - b).pow(2).sum(1).mean() for a, b in zip(stages(reconstructions), target))
+    return reduce(operator.add, ((a - b).pow(2).sum(1).mean() for a, b in zip(stages(reconstructions), target)))
 
 
 @dataclass
@@ -83,6 +85,9 @@ class AdversarialLoss(nn.Module):
     Adversarial Networks under Limited Data", as TiTok uses it): the discriminator's mean logits on real and
     reconstructed images are pulled towards the moving averages of the other kind's, which keeps it from
     over-fitting a small data set. The averages are buffers, saved in the checkpoint with the weights."""
+
+    ema_real: torch.Tensor  # buffers: the logits' moving averages, for LeCam
+    ema_fake: torch.Tensor
 
     def __init__(self, discriminator: nn.Module, weight: float, start: int = 0, adaptive: bool = True, lecam_weight: float = 0.0, lecam_decay: float = 0.999) -> None:
         super().__init__()

@@ -73,7 +73,7 @@ class MuonAdamW(torch.optim.Optimizer):
         flat = [{**g, "params": [p.detach().view(len(p), -1) for p in g["params"]]} for g in muon]
         self._muon = torch.optim.Muon(flat, lr=lr, adjust_lr_fn="match_rms_adamw") if muon else None
         for g in muon:
-            g.update({k: v for k, v in self._muon.defaults.items() if k not in g})
+            g.update({k: v for k, v in self._muon.defaults.items() if k not in g})  # type: ignore[union-attr]  # muon: _muon is built
         self._adamw = torch.optim.AdamW(adamw, lr=lr, betas=betas, fused=fused) if adamw else None
         super().__init__(muon + adamw, {})  # the same group dicts, each optimizer's defaults filled in
         self._link()
@@ -90,7 +90,7 @@ class MuonAdamW(torch.optim.Optimizer):
         self._link()
 
     @torch.no_grad()
-    def step(self, closure: None = None) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: the loop computes the loss
         if self._muon is not None:
             self._muon_step()
         if self._adamw is not None:
@@ -99,6 +99,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muon_step(self) -> None:
         """torch.optim.Muon's step (Nesterov momentum, Newton-Schulz, decoupled weight decay, the adjusted
         rate), with same-shaped matrices batched."""
+        assert self._muon is not None
         for group in self._muon.param_groups:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
@@ -132,7 +133,8 @@ def make_optimizer(model: torch.nn.Module, cfg: LoopConfig, weight_decay: float 
     ``cfg.weight_decay`` (a discriminator trains without)."""
     decay = cfg.weight_decay if weight_decay is None else weight_decay
     groups: dict[tuple[float, float, bool], list[torch.nn.Parameter]] = {}
-    output = model.last_layer() if callable(getattr(model, "last_layer", None)) else None  # a model that writes pixels says which layer
+    last_layer = getattr(model, "last_layer", None)  # a model that writes pixels says which layer (CodeTokenizer.last_layer)
+    output = last_layer() if callable(last_layer) else None
     tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
         if p.requires_grad:

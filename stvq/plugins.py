@@ -43,7 +43,7 @@ class PluginInfo:
             return self.factory
         module, _, attr = self.factory.partition(":")
         try:
-            obj = importlib.import_module(module)
+            obj: Any = importlib.import_module(module)
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as err:
@@ -136,6 +136,18 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
 def plugin_table() -> dict[str, dict[str, PluginInfo]]:
     """The registry's contents, discovered once per process."""
     return collect(*plugin_manager())
+
+
+def add_plugin_options(register: Callable[..., None]) -> None:
+    """Let every plugin add options to stock commands (``register_options``) through ``register``. A package
+    whose hook fails, or names a command that takes no plugin options, gives one :class:`StvqPluginWarning`."""
+    pm, providers = plugin_manager()
+    for impl in pm.hook.register_options.get_hookimpls():
+        try:
+            impl.function(register=register)
+        except Exception as err:  # any failure of a third-party package
+            package = providers.get(impl.plugin_name, (impl.plugin_name, "?"))[0]
+            warnings.warn(f"stvq plugin package {package!r} failed to add its options: {type(err).__name__}: {err}", StvqPluginWarning, stacklevel=2)
 
 
 def add_plugin_commands(cli: Any) -> None:

@@ -124,6 +124,7 @@ def layout_mask(layout: dict[str, Any] | None, num_tokens: int, vocab_size: int)
         first, last = part["positions"]
         mask[first:last, part["offset"] : part["offset"] + part["vocab_size"]] = True
         covered[first:last] = True
+    assert layout is not None  # parts, or begin and separator ids: a layout was given
     for position in (~covered).nonzero().flatten().tolist():  # the special ids' places
         special = layout.get("begin_id") if position == 0 and layout.get("begin_id") is not None else layout.get("separator_id")
         mask[position, special] = True
@@ -139,10 +140,8 @@ def next_id_loss(prior: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
 
 
-class PriorTrainer(BaseTrainer):
+class PriorTrainer(BaseTrainer[Prior, PriorTrainConfig]):
     """Trains a prior on token shards; evaluates its held-out negative log-likelihood."""
-
-    cfg: PriorTrainConfig
 
     def build(self) -> tuple[Prior, Dataset, torch.Tensor]:
         cfg = self.cfg
@@ -153,7 +152,7 @@ class PriorTrainer(BaseTrainer):
         heldout = self.shards.rows(train_count, train_count + held).to(self.device)
         return prior.to(self.device), Subset(self.shards, range(train_count)), heldout
 
-    def prepare(self, prior: Prior, dataset: Dataset, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
+    def prepare(self, prior: Prior, dataset: Any, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
         return dataset, {
             "shards": str(self.shards.dir), "vocab_size": self.shards.vocab_size, "num_tokens": self.shards.num_tokens,
             "train_images": len(dataset), "heldout_images": len(val), "parameters": sum(p.numel() for p in prior.parameters()),
@@ -163,7 +162,7 @@ class PriorTrainer(BaseTrainer):
         """Forward and backward over one image's ids."""
         return count_flops(prior, torch.zeros(1, self.shards.num_tokens, dtype=torch.long))
 
-    def step(self, net, batch: torch.Tensor, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    def step(self, net, batch: torch.Tensor, step: int, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         loss = next_id_loss(net, batch.to(self.device)).mean()
         return {"model": loss}, {"bits_per_token": loss.detach() / math.log(2)}, len(batch)
 
@@ -278,7 +277,7 @@ def evaluate_prior(run: str | Path, shards: str | Path | None = None, samples: i
     return result
 
 
-def judged_data(data: TokenShards, image_size: int) -> tuple[FactorDataset, Recogniser]:
+def judged_data(data: TokenShards, image_size: int) -> tuple[Any, Recogniser]:
     """The validation images of the data set the shards were tokenized from, and its recogniser; refused
     in one line where that data set has no known factors or no recogniser."""
     fingerprint = str(data.manifest.get("data_fingerprint", ""))

@@ -97,7 +97,7 @@ def fit_codebook(
         count = max_images if is_stream(dataset) else min(max_images, len(dataset))
         cached = run_dir.load_codes(key)  # a stream's first images are as fixed as an indexed set's
         from_cache = cached is not None and len(cached) >= count
-        if from_cache:
+        if cached is not None and from_cache:
             codes = cached[:count]  # the frozen encoder's codes for these images are already known
         else:
             codes = encode_dataset(model, dataset, count, batch_size, console, progress, num_workers)
@@ -111,8 +111,10 @@ def fit_codebook(
             barrier()
             raise StvqError(f"--k {k} is larger than the {per_codebook:,} code vectors collected per codebook; raise --max-images or lower --k")
         model.set_quantizer({"name": quantizer, **(options or {}), "codebook_size": k, "positions": model.num_tokens if per_position else 0, "seed": seed})
-        model.quantizer.to(device).fit(codes)
-        stats = model.quantizer.eval()(codes.to(device)).stats
+        fitted = model.quantizer
+        assert isinstance(fitted, FittableQuantizer)  # set_quantizer built the one require_subclass checked
+        fitted.to(device).fit(codes)
+        stats = fitted.eval()(codes.to(device)).stats
         model.save_pretrained(run)
         result = {"k": k, "vectors": int(codes.shape[0] * codes.shape[1]), "images": len(codes), "codes_from_cache": from_cache, **stats}
         run_dir.write_quantize(result)

@@ -77,7 +77,7 @@ class StreamBatches(IterableDataset):
     (:class:`StreamState`) and a resume continues each reader right after it."""
 
     def __init__(
-        self, stream: IterableDataset, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray,
+        self, stream: Any, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray,
         stop_step: int | None = None,
     ) -> None:
         count = len(stream.pieces())
@@ -135,7 +135,7 @@ class PieceBatches(IterableDataset):
     ``{"piece": i, "images", "keys", "last": the piece ends here, "unreadable": members skipped}``. A piece
     with no readable member gives one empty, last batch."""
 
-    def __init__(self, stream: IterableDataset, pieces: list[int], batch_size: int) -> None:
+    def __init__(self, stream: Any, pieces: list[int], batch_size: int) -> None:
         self.stream, self.pieces, self.batch_size = stream, pieces, batch_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -168,7 +168,7 @@ class StepBatches:
     def __init__(self, length: int, batch_size: int, seed: int, start: int, stop: int, rank: int = 0, world: int = 1) -> None:
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.start, self.stop, self.rank, self.world = start, stop, rank, world
-        self._epoch, self._perm = -1, None
+        self._epoch, self._perm = -1, np.arange(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:

@@ -50,7 +50,7 @@ class Stage:
     def set_modes(self, model: CodeTokenizer) -> None:
         """After ``model.train()``: put the parts that do not train back into eval mode."""
 
-    def forward_options(self, cfg: TrainConfig, step: int) -> dict[str, Any]:
+    def forward_options(self, cfg: TrainConfig, step: int | None) -> dict[str, Any]:
         """Keyword arguments of :meth:`CodeTokenizer.forward` at a training ``step``; ``step=None``: at
         validation."""
         raise NotImplementedError
@@ -83,7 +83,7 @@ class QuantizedStage(Stage):
     number = 2
 
     def build(self, cfg: TrainConfig) -> CodeTokenizer:
-        source = Path(cfg.from_run)
+        source = Path(cfg.from_run or "")  # TrainConfig refuses stage 2 without --from
         if not (source / "config.json").is_file():
             raise StvqError(f"--from {source}: not a run directory (no config.json); pass a finished stage-1 run")
         model = _code_tokenizer(load_pretrained(source).train())
@@ -103,7 +103,7 @@ class QuantizedStage(Stage):
     def with_cached_codes(self, cfg: TrainConfig, model: CodeTokenizer, dataset: Dataset) -> tuple[Dataset, int | None]:
         if not cfg.cache_codes or is_stream(dataset):  # a stream's images have no index to look codes up by
             return dataset, None
-        cached = RunDir(cfg.from_run).load_codes(cache_key(model.encoder, cfg.data, model.config.image_size, cfg.seed))
+        cached = RunDir(cfg.from_run or "").load_codes(cache_key(model.encoder, cfg.data, model.config.image_size, cfg.seed))
         return (dataset, None) if cached is None else (WithCodes(dataset, cached), len(cached))
 
 
@@ -122,7 +122,7 @@ def build_model(cfg: TrainConfig) -> CodeTokenizer:
     return STAGES[cfg.stage].build(cfg)
 
 
-class Trainer(BaseTrainer):
+class Trainer(BaseTrainer[CodeTokenizer, TrainConfig]):
     """Trains a tokenizer, stage 1 or 2 (:class:`ContinuousStage`, :class:`QuantizedStage`)."""
 
     def __init__(self, cfg: TrainConfig, run: str | Path, resume: bool = False, progress: bool = True, console=None) -> None:

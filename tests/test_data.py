@@ -179,18 +179,3 @@ def test_drawing_in_the_objects_window_gives_the_whole_grids_image_to_the_bit(na
         assert torch.equal(image, data[i]), (i, data.factors(i))
     sizes = [data.factors(i)["size"] for i in indices]
     assert min(sizes) < 0.17 and max(sizes) > 0.31
-
-
-def test_names_from_before_the_split_still_import_with_a_deprecation_warning():
-    import stvq.data
-    from stvq.images import load_image
-
-    with pytest.warns(DeprecationWarning, match="stvq.data.ShapesDataset moved to stvq_reference.shapes.ShapesDataset"):
-        assert stvq.data.ShapesDataset is ShapesDataset
-    with pytest.warns(DeprecationWarning, match="stvq.data.PhotosDataset moved to stvq_reference.folders.PhotosDataset"):
-        assert stvq.data.PhotosDataset is PhotosDataset
-    with pytest.warns(DeprecationWarning, match="stvq.data.load_image moved to stvq.images.load_image"):
-        from stvq.data import load_image as old
-    assert old is load_image
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
-        stvq.data.nope

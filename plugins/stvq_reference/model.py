@@ -13,9 +13,6 @@ from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, drop_tail
 from stvq_reference.config import StyledConfig, make_config
 
-StyledOutput = CodeTokenizerOutput  # the name earlier versions exported
-
-
 class StyledVQ(PretrainedMixin, CodeTokenizer):
     """The Styled VQ tokenizer. ``quantizer`` is ``{"name": registered quantizer, **options}`` or None
     (a stage-1 model: continuous codes only)."""

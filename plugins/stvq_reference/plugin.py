@@ -61,28 +61,24 @@ def register_discriminators(register):
 
 @hookimpl
 def register_commands(cli):
-    """The reference plugins' own command (``stvq oracle``) and options: a part's source and config for
-    ``stvq compose``, k-means's options for ``stvq quantize``."""
-    import click
-
+    """The decoder oracle: ``stvq oracle``."""
     from stvq_reference.shapes.oracle import oracle
 
     cli.add_command(oracle)
 
-    from stvq.cli.options import meta_option
-    from stvq.cli.tokens import PARTS
-    from stvq.cli.train import QUANTIZER_OPTIONS
 
-    cli.commands["compose"].params[1:1] = [
-        meta_option("--styled", PARTS, "styled.source", "The styled part: a run directory (stage 2, or stage 1 + `stvq quantize`).", type=click.Path()),
-        meta_option("--vqgan", PARTS, "vqgan.source", "The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.", type=click.Path()),
-        meta_option("--vqgan-config", PARTS, "vqgan.config", "The taming YAML config of --vqgan.", type=click.Path()),
-    ]
-    cli.commands["quantize"].params += [
-        meta_option("--niter", QUANTIZER_OPTIONS, "niter", "k-means iterations (default 20).", type=click.IntRange(min=1)),
-        meta_option("--spherical", QUANTIZER_OPTIONS, "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True),
-        meta_option(
-            "--max-points-per-centroid", QUANTIZER_OPTIONS, "max_points_per_centroid",
-            "k-means trains on at most K x this many code vectors, sampled by faiss (default 256).", type=click.IntRange(min=1),
-        ),
-    ]
+@hookimpl
+def register_options(register):
+    """The reference plugins' options of stock commands: a part's source and config for ``stvq compose``,
+    k-means's options for ``stvq quantize``."""
+    import click
+
+    register("compose", "--styled", "styled.source", "The styled part: a run directory (stage 2, or stage 1 + `stvq quantize`).", type=click.Path())
+    register("compose", "--vqgan", "vqgan.source", "The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.", type=click.Path())
+    register("compose", "--vqgan-config", "vqgan.config", "The taming YAML config of --vqgan.", type=click.Path())
+    register("quantize", "--niter", "niter", "k-means iterations (default 20).", type=click.IntRange(min=1))
+    register("quantize", "--spherical", "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True)
+    register(
+        "quantize", "--max-points-per-centroid", "max_points_per_centroid",
+        "k-means trains on at most K x this many code vectors, sampled by faiss (default 256).", type=click.IntRange(min=1),
+    )

@@ -14,13 +14,13 @@ import click
 from rich.table import Table
 
 from stvq.cli.evaluate import evaluate_command
-from stvq.cli.options import console, preset_option, set_option
+from stvq.cli.options import console, meta_option, preset_option, set_option
 from stvq.cli.prior import prior
-from stvq.cli.tokens import compose, decode, encode, tokenize
-from stvq.cli.train import quantize, train
+from stvq.cli.tokens import PARTS, compose, decode, encode, tokenize
+from stvq.cli.train import QUANTIZER_OPTIONS, quantize, train
 from stvq.config import TrainConfig
 from stvq.errors import OptionRangeError, StvqError
-from stvq.plugins import add_plugin_commands
+from stvq.plugins import add_plugin_commands, add_plugin_options
 from stvq.registry import parse_overrides
 
 
@@ -131,14 +131,14 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
         model = create("tokenizer", tokenizer, preset=preset, **parse_overrides(overrides, "tokenizer", tokenizer))
     cfg = model.config
     table = Table(title=f"preset {preset}: parameters")
-    for column, justify in (("part", "left"), ("modules", "right"), ("parameters", "right")):
-        table.add_column(column, justify=justify)
+    for column in ("part", "modules", "parameters"):
+        table.add_column(column, justify="left" if column == "part" else "right")
     for part, modules, count, total in parameter_rows(model):
         table.add_row(*((f"[bold]{part}[/]", "", f"[bold]{count:,}[/]") if total else (part, modules, f"{count:,}")))
     console.print(table)
     flops = Table(title="FLOPs per image")
-    for column, justify in (("pass", "left"), ("GFLOPs", "right")):
-        flops.add_column(column, justify=justify)
+    for column in ("pass", "GFLOPs"):
+        flops.add_column(column, justify="left" if column == "pass" else "right")
     counted = tokenizer_flops(model, cfg.image_size)
     for name, what in (("forward", "forward (encode + decode)"), ("train", "training step, stage 1 (forward + backward)"), ("decoder", "decode (decoder forward)")):
         flops.add_row(what, f"{counted[name] / 1e9:,.3f}")
@@ -151,4 +151,20 @@ def info(preset: str, overrides: tuple[str, ...], tokenizer: str) -> None:
 
 for command in (train, quantize, compose, encode, decode, tokenize, evaluate_command, prior):
     main.add_command(command)
+
+#: The stock commands that read options plugins add (``register_options``), and where each reads them:
+#: ``compose`` a part's options (key ``PART.KEY``), ``quantize`` the quantizer's (key ``KEY``).
+PLUGIN_OPTIONS = {"compose": PARTS, "quantize": QUANTIZER_OPTIONS}
+
+
+def register_option(command: str, flag: str, key: str, help: str, **click_options: Any) -> None:
+    """The ``register`` of the ``register_options`` hook: ``flag`` joins ``stvq COMMAND``'s options."""
+    if command not in PLUGIN_OPTIONS:
+        raise StvqError(f"stvq {command} takes no plugin options; these commands do: {', '.join(PLUGIN_OPTIONS)}")
+    if flag in {o for p in main.commands[command].params for o in p.opts}:
+        raise StvqError(f"stvq {command} already has {flag}")
+    main.commands[command].params.append(meta_option(flag, PLUGIN_OPTIONS[command], key, help, **click_options))
+
+
+add_plugin_options(register_option)
 add_plugin_commands(main)

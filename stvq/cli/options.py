@@ -42,7 +42,7 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALU
 
 #: The flags of every training command, for the fields of :class:`stvq.config.LoopConfig` (each command
 #: adds its own before these).
-LOOP_FLAGS = {
+LOOP_FLAGS: dict[str, dict[str, Any]] = {
     "steps": {},
     "lr": {"help": "Peak learning rate (warmup, then cosine decay)."},
     "bf16": {"help": "Autocast to bfloat16."},
@@ -71,7 +71,7 @@ def config_options(schema: type, flags: dict[str, dict[str, Any]]) -> Callable:
             if f.type == "bool":
                 option = click.option(flag if not default else "--no-" + flag[2:], name, is_flag=True, flag_value=not default, default=default, **extra)
             else:
-                kind = extra.pop("type", {"int": int, "float": FiniteFloat()}.get(f.type, str))
+                kind = extra.pop("type", {"int": int, "float": FiniteFloat()}.get(str(f.type), str))
                 option = click.option(flag, name, type=kind, default=default, show_default=default is not None, **extra)
             command = option(command)
         return command

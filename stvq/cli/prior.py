@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 from rich.panel import Panel
@@ -13,7 +14,7 @@ from stvq.config import PriorTrainConfig, parse_pairs
 from stvq.flops import mfu_text
 
 #: The PriorTrainConfig fields that are flags of ``stvq prior train``; others: --train KEY=VALUE.
-PRIOR_FLAGS = {
+PRIOR_FLAGS: dict[str, dict[str, Any]] = {
     "shards": {"type": click.Path(file_okay=False), "help": "Token shards written by stvq tokenize."},
     "prior": {"help": "The registered prior to train."},
     "preset": {"help": "The prior's preset (gpt: tiny, small, base)."},

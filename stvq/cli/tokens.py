@@ -9,7 +9,7 @@ from stvq.cli.options import console, distributed_tokenizer, given_meta, load_to
 from stvq.config import parse_pairs
 from stvq.errors import ConfigError
 
-#: Where plugins' options of ``stvq compose`` (``register_commands``, :func:`stvq.cli.options.meta_option`)
+#: Where plugins' options of ``stvq compose`` (``register_options``)
 #: put a part's source and options, e.g. the reference plugin's ``--vqgan`` and ``--vqgan-config``.
 PARTS = "stvq.compose.parts"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.panel import Panel
@@ -17,7 +18,7 @@ from stvq.registry import parse_overrides
 
 #: The TrainConfig fields that are flags of ``stvq train``, in the order --help lists them; every other field
 #: is set with ``--train KEY=VALUE``. Types and defaults come from TrainConfig.
-TRAIN_FLAGS = {
+TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "stage": {"type": click.IntRange(1, 2), "help": "1: continuous codes; 2: quantized codes, frozen encoder."},
     "preset": {"help": "Model preset: tiny, small or reference."},
     "model": {"flag": "--set", "multiple": True, "metavar": "KEY=VALUE", "help": "Override a model config field; repeatable."},
@@ -73,7 +74,7 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
         q = {"name": quantizer, **parse_options(quantizer_options, "--quantizer-option")} if quantizer else None
         options = {**flags, "model": parse_overrides(flags["model"], "tokenizer", flags["tokenizer"]), "quantizer": q}
         cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
-        run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run).name)
+        run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run or '').name)
     summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)
     if summary:
         console.print(_summary_panel(summary))
@@ -93,7 +94,7 @@ def _summary_panel(summary: dict) -> Panel:
     return Panel("\n".join(lines), title="stvq train: done", expand=False)
 
 
-#: Where plugins' options of ``stvq quantize`` (``register_commands``, :func:`stvq.cli.options.meta_option`)
+#: Where plugins' options of ``stvq quantize`` (``register_options``)
 #: put the quantizer's options, e.g. the reference plugin's ``--niter`` for k-means.
 QUANTIZER_OPTIONS = "stvq.quantize.options"
 
