@@ -9,10 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -187,33 +188,29 @@ class PretrainedMixin:
 
     plugin_kind: str
     plugin_name: str
-    # what the nn.Module it is mixed into provides
-    state_dict: Callable[..., dict[str, torch.Tensor]]
-    load_state_dict: Callable[..., Any]
-    eval: Callable[[], Any]
 
     def init_options(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
-        save_tensors(directory / WEIGHTS_NAME, self.state_dict(), metadata={"format": "pt"})
+        save_tensors(directory / WEIGHTS_NAME, cast(torch.nn.Module, self).state_dict(), metadata={"format": "pt"})
         config = {"kind": self.plugin_kind, "name": self.plugin_name, "stvq_version": metadata.version("stvq"), "options": self.init_options()}
         write_json(directory / CONFIG_NAME, config)
         return directory
 
     def load_weights(self, directory: str | os.PathLike) -> None:
         path = Path(directory) / WEIGHTS_NAME
-        state = load_tensors(path)
-        check_state_dict(self.state_dict(), state, str(path))
-        self.load_state_dict(state)
+        state, module = load_tensors(path), cast(torch.nn.Module, self)
+        check_state_dict(module.state_dict(), state, str(path))
+        module.load_state_dict(state)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike):
         config = read_config(directory)
         model = cls(**config["options"])
         model.load_weights(directory)
-        return model.eval()
+        return cast(torch.nn.Module, model).eval()
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:

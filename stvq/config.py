@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from stvq.errors import ConfigError, StvqError
 

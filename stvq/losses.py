@@ -46,7 +46,7 @@ class ReconstructionLoss:
     perceptual_weight: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg) -> "ReconstructionLoss":
+    def from_config(cls, cfg) -> ReconstructionLoss:
         """The weights of a :class:`stvq.config.TrainConfig`."""
         return cls(cfg.l1_weight, cfg.mse_weight, cfg.perceptual_weight)
 

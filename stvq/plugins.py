@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -124,7 +125,7 @@ def collect(pm: pluggy.PluginManager, providers: dict[str, tuple[str, str]]) -> 
     return table
 
 
-@lru_cache(maxsize=None)
+@cache
 def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
     """The plugin manager with every entry point registered, and their providers; once per process."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -132,7 +133,7 @@ def plugin_manager() -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]]]:
     return pm, load_entry_points(pm)
 
 
-@lru_cache(maxsize=None)
+@cache
 def plugin_table() -> dict[str, dict[str, PluginInfo]]:
     """The registry's contents, discovered once per process."""
     return collect(*plugin_manager())

@@ -5,8 +5,9 @@ read piece by piece with each reader's position known, so that training over it 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -312,7 +312,7 @@ def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():
     perturbed[:, 35] += 1.0
     for decoder, reaches in ((styled, False), (unordered, True)):
         outputs = []
-        hook = decoder.condition_blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
+        hook = decoder.condition_blocks[0].register_forward_hook(lambda mod, args, out, outputs=outputs: outputs.append(out))
         with torch.no_grad():
             decoder(codes), decoder(perturbed)
         hook.remove()
@@ -418,8 +418,7 @@ def test_the_core_holds_no_field_of_a_plugins_model():
     assert [f.name for f in fields(stvq.config.PluginConfig)] == []
     source = Path(stvq.config.__file__).read_text()
     assert "condition_layers" not in source and "head_channels" not in source
-    with pytest.raises(AttributeError):
-        stvq.config.PRESETS
+    assert not hasattr(stvq.config, "PRESETS")
 
 
 def test_the_film_head_reads_the_coordinates_and_ends_in_its_own_last_layer():

@@ -22,6 +22,8 @@ class BroadcastDecoder(Decoder):
     """codes (B, N, code_dim) -> MLP -> latent (B, L), tiled over (H, W) with x, y in [-1, 1] -> ``convs``
     3x3 convolutions of ``channels`` -> a 1x1 convolution to RGB."""
 
+    coords: torch.Tensor  # a buffer
+
     config_class = StyledConfig
 
     def __init__(self, config: StyledConfig | dict | str | None = None, channels: int = 32, convs: int = 4, latent: int = 64, **overrides) -> None:
@@ -38,7 +40,7 @@ class BroadcastDecoder(Decoder):
         self.register_buffer("coords", grid.unsqueeze(0), persistent=False)  # derived, not learned
 
     def last_layer(self) -> torch.Tensor:
-        return self.convs[-1].weight
+        return self.convs[-1].weight  # type: ignore[return-value]  # a Conv2d's weight
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N, code_dim) -> images (B, 3, H, W)."""

@@ -32,6 +32,8 @@ class CodebookQuantizer(Quantizer):
     positions; ``positions=N`` gives each of the N positions (the second-last axis of z) its own, and ids
     then index the position's codebook (all ids stay in [0, codebook_size))."""
 
+    codebook: torch.Tensor  # a buffer
+
     def __init__(self, dim: int, codebook_size: int, positions: int = 0) -> None:
         super().__init__()
         if codebook_size < 1 or dim < 1:

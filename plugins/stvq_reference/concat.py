@@ -7,8 +7,9 @@ separator between parts) sit after all parts' ids. Each part sees the image resi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,7 @@ class ComposedTokenizer(PretrainedMixin, Tokenizer):
         if not parts:
             raise StvqError("a composed tokenizer needs at least one part")
         built = [p if isinstance(p, Tokenizer) else registry.create("tokenizer", p["name"], **p["options"]) for p in parts]
-        self.parts = nn.ModuleList(built)
+        self.parts: Any = nn.ModuleList(built)  # the part tokenizers, in order
         self.begin, self.separator = begin, separator
         self.decode_with = decode_with % len(built)
         self.offsets, total = [], 0
@@ -82,10 +83,10 @@ class ComposedTokenizer(PretrainedMixin, Tokenizer):
         """images (B, 3, H, W) -> ids (B, num_tokens) in one vocabulary."""
         pieces = []
         b = len(images)
-        if self.begin:
+        if self.begin_id is not None:
             pieces.append(torch.full((b, 1), self.begin_id, dtype=torch.long))
         for i, (part, offset) in enumerate(zip(self.parts, self.offsets)):
-            if i and self.separator:
+            if i and self.separator_id is not None:
                 pieces.append(torch.full((b, 1), self.separator_id, dtype=torch.long))
             pieces.append(part.encode(resize(images, part.image_size)).cpu() + offset)
         return torch.cat(pieces, dim=1)
@@ -117,7 +118,9 @@ class ComposedTokenizer(PretrainedMixin, Tokenizer):
 
 
 class ConcatComposer(Composer):
-    def compose(self, tokenizers: Sequence[Tokenizer], begin: bool = False, separator: bool = False, decode_with: int = -1) -> ComposedTokenizer:
+    def compose(  # type: ignore[override]  # a composer's options are its own keywords
+        self, tokenizers: Sequence[Tokenizer], begin: bool = False, separator: bool = False, decode_with: int = -1
+    ) -> ComposedTokenizer:
         for t in tokenizers:
             if not isinstance(t, PretrainedMixin):
                 raise StvqError(f"{type(t).__name__} cannot be saved inside a composed tokenizer (it lacks save_pretrained)")

@@ -73,6 +73,8 @@ def placeholder_mask(num_tokens: int, seq_len: int) -> torch.Tensor:
 class StyledDecoder(Decoder):
     """Placeholders + position tokens, 2N/2 condition layers, plain ViT layers, out_conv (un-patchify)."""
 
+    attn_mask: torch.Tensor | None  # a buffer, where the placeholders attend causally
+
     config_class = StyledConfig
 
     def __init__(self, config: StyledConfig | dict | str | None = None, **overrides) -> None:
@@ -86,6 +88,7 @@ class StyledDecoder(Decoder):
         self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
         out = (cfg.width, cfg.head_channels or 3, cfg.patch_size)
+        self.out_conv: nn.ConvTranspose2d
         if cfg.patch_overlap:
             self.out_conv = OverlapUnpatchify(*out, cfg.patch_overlap)
         else:
@@ -105,7 +108,7 @@ class StyledDecoder(Decoder):
             if isinstance(module, (Attention, Mlp)):
                 out = module.proj if isinstance(module, Attention) else module.fc2
                 nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)
+                nn.init.zeros_(out.bias)  # type: ignore[arg-type]  # timm builds both with a bias
             elif isinstance(module, AdaLN):
                 nn.init.zeros_(module.modulation.weight)
                 nn.init.zeros_(module.modulation.bias)

@@ -29,6 +29,10 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 class EMAVectorQuantizer(CodebookQuantizer):
+    cluster_size: torch.Tensor  # a buffer
+    embed_sum: torch.Tensor  # a buffer
+    initialized: torch.Tensor  # a buffer
+
     updates_in_forward = True  # its codebook moves in each training forward
 
     def __init__(

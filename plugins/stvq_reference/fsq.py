@@ -10,7 +10,7 @@ of levels gives the integers -L/2 .. L/2 - 1 and an odd one -(L-1)/2 .. (L-1)/2,
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -29,6 +29,10 @@ def round_ste(z: torch.Tensor) -> torch.Tensor:
 class FSQ(Quantizer):
     """FSQ over ``dim``-wide codes; a linear projection to and from ``len(levels)`` channels is added when
     ``dim != len(levels)``."""
+
+    levels: torch.Tensor  # a buffer
+    basis: torch.Tensor  # a buffer
+    half_width: torch.Tensor  # a buffer
 
     def __init__(self, levels: Sequence[int] = (8, 8, 8, 5, 5, 5), dim: int | None = None, eps: float = 1e-3) -> None:
         super().__init__()

@@ -74,6 +74,8 @@ class FiLMHead(PixelHead):
     of what the tokens say (angle, centre, size) with where the pixel is, which one FiLM layer computes
     exactly and an unmodulated MLP of the features must approximate."""
 
+    coords: torch.Tensor  # a buffer
+
     def __init__(self, width: int, channels: int, image_size: int, frequencies: int = 4, activation: str = "gelu") -> None:
         super().__init__(width, channels, activation=activation)
         del self.mlp  # the pixel head's features stay; the FiLM layers below replace its MLP

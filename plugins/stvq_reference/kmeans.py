@@ -23,6 +23,8 @@ class KMeansQuantizer(CodebookQuantizer, FittableQuantizer):
     random seeding misses clusters even on well-separated data. The auxiliary loss is zero (the encoder is
     frozen in stage 2); the quantization error is in ``stats["mse"]``."""
 
+    fitted: torch.Tensor  # a buffer
+
     def __init__(
         self,
         dim: int = 16,
@@ -68,7 +70,7 @@ class KMeansQuantizer(CodebookQuantizer, FittableQuantizer):
             )
             kmeans.train(x.contiguous().numpy())
             self.codebook[g] = torch.from_numpy(kmeans.centroids).to(self.codebook)
-            objective += float(kmeans.obj[-1])
+            objective += float(kmeans.obj[-1])  # type: ignore[index]  # faiss fills obj in train()
         self.fitted.fill_(True)
         return {"objective": objective}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+LayerNorm: Any = partial(nn.LayerNorm, eps=1e-6)  # a norm layer class, as timm takes it
 
 
 def vit_block(width: int, heads: int, mlp_ratio: float, qk_norm: bool = False) -> Block:
@@ -67,7 +68,9 @@ class Unpatchify(nn.ConvTranspose2d):
     def __init__(self, width: int, channels: int, patch: int) -> None:
         super().__init__(width, channels, patch, stride=patch)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    bias: torch.Tensor  # always built with one
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # no output_size: the grid decides
         """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
         p = self.stride[0]
         patches = F.linear(rearrange(grid, "b d h w -> b h w d"), self.weight.flatten(1).T, self.bias.repeat_interleave(p * p))
@@ -89,12 +92,12 @@ class BlendedUnpatchify(Unpatchify):
     uniform grid gives out_conv's output; where two patches of one tiling meet, that tiling weighs 1/patch
     and the others, continuous there, the rest. Four matrix products where out_conv takes one."""
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # no output_size: the grid decides
         """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
         p, (h, w) = self.stride[0], grid.shape[-2:]
         padded = F.pad(grid, (1, 1, 1, 1), mode="replicate")
         wy, wx = (triangle_window(n * p, p).to(grid) for n in (h, w))
-        out = 0
+        out: Any = 0
         for sy in (0, 1):
             for sx in (0, 1):
                 tokens = F.avg_pool2d(padded[..., 1 - sy : h + 1 + sy, 1 - sx : w + 1 + sx], (1 + sy, 1 + sx), stride=1)
@@ -113,16 +116,19 @@ class OverlapUnpatchify(nn.ConvTranspose2d):
     out_conv's parameters and products, p/4 2.25 times. Tokens that draw flat footprints give the
     bilinear interpolation of the grid (o = p/2), not patches."""
 
+    window: torch.Tensor  # a buffer
+    bias: torch.Tensor  # always built with one
+
     def __init__(self, width: int, channels: int, patch: int, overlap: int) -> None:
         super().__init__(width, channels, patch + 2 * overlap, stride=patch, padding=overlap)
         u = torch.arange(patch + 2 * overlap, dtype=torch.float32) + 0.5
         ramp = (torch.minimum(u, patch + 2 * overlap - u) / (2 * overlap)).clamp(max=1)
         self.register_buffer("window", ramp[:, None] * ramp, persistent=False)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # no output_size: the grid decides
         """grid (B, D, h, w) -> (B, C, h * patch, w * patch), channels-last."""
         (h, w), p = grid.shape[-2:], self.stride[0]
-        size, fold = (h * p, w * p), dict(kernel_size=self.kernel_size, stride=p, padding=self.padding)
+        size, fold = (h * p, w * p), dict[str, Any](kernel_size=self.kernel_size, stride=p, padding=self.padding)
         footprints = F.linear(rearrange(grid, "b d h w -> b (h w) d"), (self.weight * self.window).flatten(1).T)
         pixels = F.fold(footprints.mT, size, **fold)
         cover = F.fold(self.window.reshape(1, -1, 1).expand(1, -1, h * w), size, **fold)

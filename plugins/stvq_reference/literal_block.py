@@ -5,6 +5,8 @@ Do not optimise it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -46,7 +48,7 @@ class LiteralConditionBlock(nn.Module):
         return x
 
     @classmethod
-    def from_block(cls, block: nn.Module) -> "LiteralConditionBlock":
+    def from_block(cls, block: Any) -> LiteralConditionBlock:  # a stvq_reference.decoder.ConditionBlock
         """A literal block holding the same weights as a ``ConditionBlock``."""
         width = block.condition_1.in_features
         literal = cls(block.index, width, block.attn.num_heads, block.mlp.fc1.out_features / width)

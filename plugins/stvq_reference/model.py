@@ -13,6 +13,7 @@ from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, check_ids, check_images, drop_tail
 from stvq_reference.config import StyledConfig, make_config
 
+
 class StyledVQ(PretrainedMixin, CodeTokenizer):
     """The Styled VQ tokenizer. ``quantizer`` is ``{"name": registered quantizer, **options}`` or None
     (a stage-1 model: continuous codes only)."""
@@ -28,7 +29,7 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
         self.encoder = registry.create("encoder", cfg.encoder, config=cfg)
         self.decoder = registry.create("decoder", cfg.decoder, config=cfg)
         self.quantizer = None
-        self.quantizer_spec = None
+        self.quantizer_spec: dict[str, Any] | None = None
         if quantizer is not None:
             self.set_quantizer(quantizer)
 
@@ -40,7 +41,7 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
         self.quantizer_spec = {"name": spec["name"], **options}
 
     @property
-    def vocab_size(self) -> int:
+    def vocab_size(self) -> int:  # type: ignore[override]  # known once a quantizer is attached
         return self._require_quantizer().codebook_size
 
     def _require_quantizer(self):

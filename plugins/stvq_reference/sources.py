@@ -7,8 +7,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -83,7 +83,7 @@ class WebDatasetSource(ImageStream):
             warnings.warn(f"skipped unreadable member {sample['__key__']} of {piece} ({codec_message(err)})", stacklevel=2)
             return None
 
-    def validation(self) -> "ImageList":
+    def validation(self) -> ImageList:
         """The first :data:`VAL_IMAGES` readable images of the last shard."""
         images = []
         for _, _, image in self.read(self.urls[-1]):
@@ -112,8 +112,10 @@ def _members(url: str) -> Iterator[dict]:
                 if info.size > MAX_MEMBER_BYTES:
                     warnings.warn(f"skipped member {info.name!r} of {url}: {info.size:,} bytes, over the {MAX_MEMBER_BYTES:,} an image may hold", stacklevel=2)
                     continue
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-                tar.members = []  # a stream holds no index: keep memory flat over a long shard
+                member = tar.extractfile(info)
+                assert member is not None  # a regular member has its bytes
+                yield {"fname": info.name, "data": member.read(), "__url__": url}
+                tar.members = []  # type: ignore[attr-defined]  # a stream holds no index: keep memory flat over a long shard
     except (tarfile.TarError, OSError, EOFError) as err:
         warnings.warn(f"{url} is not a readable tar file past this point ({type(err).__name__}: {err}); read what came before", stacklevel=2)
 
@@ -171,7 +173,7 @@ class HFImageDataset(ImageDataset):
         main = named or ("train" if "train" in splits else next(iter(splits)))
         table = splits[main]
         val_name = next((n for n in self.VAL_NAMES if n in splits and n != main), None) if named is None else None
-        rows = range(len(table))
+        rows: Sequence[int] = range(len(table))
         if split == "val":
             table, rows = (splits[val_name], range(len(splits[val_name]))) if val_name else (table, rows[::20])
         elif split == "train" and val_name is None and len(table) > 1:
@@ -184,7 +186,8 @@ class HFImageDataset(ImageDataset):
         if column is None:
             raise StvqError(f"hf:{location}: no column of the Image feature type (columns: {', '.join(table.features)})")
         self.table, self.rows, self.column, self.image_size = table, list(rows), column, image_size
-        self.location, self.broken = location, []
+        self.location = location
+        self.broken: list[int] = []  # rows that failed to decode
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -10,8 +10,9 @@ nearest-codeword indices of the latent grid, flattened row-major in (b, h, w) or
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +86,7 @@ def _level(blocks: list[nn.Module], attns: list[nn.Module]) -> nn.Module:
     return level
 
 
-def _run_level(level: nn.Module, h: torch.Tensor, resample: str) -> torch.Tensor:
+def _run_level(level: Any, h: torch.Tensor, resample: str) -> torch.Tensor:
     """A level's ResNet blocks (each followed by its attention block, where the level has them), then
     its ``downsample`` or ``upsample`` if it has one."""
     for i, block in enumerate(level.block):
@@ -95,20 +96,21 @@ def _run_level(level: nn.Module, h: torch.Tensor, resample: str) -> torch.Tensor
     return getattr(level, resample)(h) if hasattr(level, resample) else h
 
 
-def _middle(channels: int) -> nn.Module:
-    mid = nn.Module()
+def _middle(channels: int) -> Any:
+    mid: Any = nn.Module()
     mid.block_1, mid.attn_1, mid.block_2 = ResnetBlock(channels, channels), AttnBlock(channels), ResnetBlock(channels, channels)
     return mid
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], in_channels: int, resolution: int, z_channels: int, double_z: bool = False, **_: Any) -> None:
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], in_channels: int, resolution: int, z_channels: int, double_z: bool = False, **unused: Any) -> None:  # the rest of a taming ddconfig
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         res, block_in = resolution, ch
         for i, mult in enumerate(ch_mult):
-            blocks, attns = [], []
+            blocks: list[nn.Module] = []
+            attns: list[nn.Module] = []
             for _ in range(num_res_blocks):
                 blocks.append(ResnetBlock(block_in, ch * mult))
                 block_in = ch * mult
@@ -119,7 +121,7 @@ class Encoder(nn.Module):
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _middle(block_in)
+        self.mid: Any = _middle(block_in)
         self.norm_out = normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
@@ -132,15 +134,16 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], resolution: int, z_channels: int, **_: Any) -> None:
+    def __init__(self, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], resolution: int, z_channels: int, **unused: Any) -> None:  # the rest of a taming ddconfig
         super().__init__()
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _middle(block_in)
-        levels = []
+        self.mid: Any = _middle(block_in)
+        levels: list[nn.Module] = []
         for i in reversed(range(len(ch_mult))):
-            blocks, attns = [], []
+            blocks: list[nn.Module] = []
+            attns: list[nn.Module] = []
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResnetBlock(block_in, ch * ch_mult[i]))
                 block_in = ch * ch_mult[i]

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import torch
@@ -29,7 +30,7 @@ from stvq.distributed import keep_freed_memory
 from stvq.errors import StvqError
 from stvq.flops import warn_if_bf16_is_emulated
 from stvq.images import save_image_grid
-from stvq.interfaces import FactorDataset
+from stvq.interfaces import Decoder, FactorDataset
 from stvq.losses import ImageObjective
 from stvq.metrics import psnr
 from stvq.optim import make_optimizers, set_lr, update
@@ -59,7 +60,7 @@ class FactorItems(Dataset):
 class OracleModel(nn.Module):
     """factor vector (B, factor_dim) -> linear map -> codes (B, N, code_dim) -> decoder -> images."""
 
-    def __init__(self, decoder: nn.Module, factor_dim: int) -> None:
+    def __init__(self, decoder: Decoder, factor_dim: int) -> None:
         super().__init__()
         self.decoder = decoder
         self.codes = nn.Linear(factor_dim, decoder.num_tokens * decoder.code_dim)
@@ -82,6 +83,7 @@ class OracleResult:
 
     def save_grid(self, path: str | Path) -> None:
         """The last validation renderings as one PNG, the originals in the row above."""
+        assert self.samples is not None, "no point measured yet"
         save_image_grid(Path(path), self.samples.flatten(0, 1), per_row=self.samples.shape[1])
 
 
@@ -116,21 +118,21 @@ def run_oracle(
     cfg = TrainConfig(**{"seed": seed, **(train or {})})
     keep_freed_memory()
     torch.manual_seed(seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # where it trains
     built = create("decoder", decoder, preset=preset, **(model or {}))
     image_size = built.image_size
     val, train_set = FactorItems(image_size, "val", seed, cfg.data), FactorItems(image_size, "train", seed, cfg.data)
-    net = OracleModel(built, len(val.data.factor_vector(0))).to(device)
+    net = OracleModel(built, len(val.data.factor_vector(0))).to(on)
     objective = ImageObjective(cfg, image_size)  # stage 1's: reconstruction, and a discriminator where asked
-    parts = {"model": net, **{name: m.to(device) for name, m in objective.companions().items()}}
+    parts = {"model": net, **{name: m.to(on) for name, m in objective.companions().items()}}
     opts = make_optimizers(parts, cfg)
-    warn_if_bf16_is_emulated(device, cfg.bf16)
+    warn_if_bf16_is_emulated(on, cfg.bf16)
     if cfg.compile:
         net.decoder.compile()
-    val_factors, val_images = (torch.stack(t).to(device) for t in zip(*(val[i] for i in range(val_count))))
-    check_batch_fits(cfg.batch_size, train_set[0], device)
+    val_factors, val_images = (torch.stack(t).to(on) for t in zip(*(val[i] for i in range(val_count))))
+    check_batch_fits(cfg.batch_size, train_set[0], on)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=training_workers(cfg.num_workers, device))
+    loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=training_workers(cfg.num_workers, on))
     def point(step: int, seconds: float) -> dict[str, float]:
         value, renders = _val_psnr(net, val_factors, val_images)
         result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()
@@ -153,11 +155,11 @@ def run_oracle(
     elapsed, images_seen = 0.0, 0
     started = time.perf_counter()
     for step, (factors, images) in enumerate(loader):
-        factors, images = factors.to(device, non_blocking=True), images.to(device, non_blocking=True)
+        factors, images = factors.to(on, non_blocking=True), images.to(on, non_blocking=True)
         now = elapsed + time.perf_counter() - started
         for opt in opts.values():
             set_lr(opt, cfg.lr_at(step, now / seconds if seconds else None), cfg.scales_weight_at(step))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):  # as stage 1 steps
+        with torch.autocast(on.type, dtype=torch.bfloat16, enabled=cfg.bf16):  # as stage 1 steps
             losses, _ = objective(net(factors), images, None, step, net.decoder)
         update(opts, losses, cfg.grad_clip)
         images_seen += len(images)

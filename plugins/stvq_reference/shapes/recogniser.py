@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import os
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +105,8 @@ def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 400
         set_lr(opts["model"], cfg.lr_at(step))
         index = torch.randint(0, images, (batch_size,), generator=generator)
         out = model(x[index])
-        loss = sum(F.cross_entropy(out[n], y[n][index]) for n in CLASSES) + 10 * sum(F.mse_loss(out[n], y[n][index]) for n in REGRESSED)
+        classes = reduce(operator.add, (F.cross_entropy(out[n], y[n][index]) for n in CLASSES))
+        loss = classes + 10 * reduce(operator.add, (F.mse_loss(out[n], y[n][index]) for n in REGRESSED))
         update(opts, {"model": loss}, cfg.grad_clip)
     return model.eval(), recogniser_accuracy(model, image_size)
 
@@ -136,7 +139,7 @@ def trained_recogniser(image_size: int = 64, cache: str | Path | None = None, **
     """The recogniser for ``image_size``, trained once (6 CPU minutes; ``train_options`` go to
     :func:`train_recogniser`) and kept in the cache directory (``$STVQ_CACHE``, default ``~/.cache/stvq``)
     as safetensors beside its accuracy."""
-    root = Path(cache or os.environ.get("STVQ_CACHE", Path.home() / ".cache" / "stvq"))
+    root = Path(cache or os.environ.get("STVQ_CACHE") or Path.home() / ".cache" / "stvq")
     factors = factor_data(image_size, "val").factor_classes
     key = hashlib.sha256(json.dumps([image_size, sorted(factors.items()), "v3"]).encode()).hexdigest()[:12]
     weights, report = root / f"recogniser-{image_size}-{key}.safetensors", root / f"recogniser-{image_size}-{key}.json"
