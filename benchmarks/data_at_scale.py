@@ -118,9 +118,7 @@ def main() -> None:
         report[f"tokenize_images_per_s_{name}"] = rate
         report[f"tokenize_{name}_over_today"] = rate / median["today"]
         report[f"tokenize_{name}_over_workers0"] = rate / median["workers0"]
-    report["tokenize_ids_identical_across_workers"] = all(
-        torch.equal(TokenShards(root / "ids-w0").rows(0, args.images), TokenShards(root / f"ids-w{w}").rows(0, args.images)) for w in (1, 2, 3)
-    )
+    report["tokenize_ids_identical_across_workers"] = all(torch.equal(TokenShards(root / "ids-w0").rows(0, args.images), TokenShards(root / f"ids-w{w}").rows(0, args.images)) for w in (1, 2, 3))
 
     # 2. two processes under torchrun against one, each reading with one worker
     for procs in (1, 2):
@@ -139,8 +137,22 @@ def main() -> None:
         for name, data in (("folder", str(folder)), ("wds", shards))[:: 1 if pair % 2 else -1]:
             run = root / f"train-{name}"
             subprocess.run(["rm", "-rf", str(run)], check=True)
-            cli("train", "--data", data, "--run-dir", str(run), "--steps", str(args.train_steps), "--num-workers", "2",
-                "--eval-every", str(args.train_steps), "--log-every", str(max(1, args.train_steps // 8)), "--no-progress")
+            cli(
+                "train",
+                "--data",
+                data,
+                "--run-dir",
+                str(run),
+                "--steps",
+                str(args.train_steps),
+                "--num-workers",
+                "2",
+                "--eval-every",
+                str(args.train_steps),
+                "--log-every",
+                str(max(1, args.train_steps // 8)),
+                "--no-progress",
+            )
             windows = [json.loads(line)["images_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()][1:]
             rates[name] = sum(windows) / len(windows)
         ratios.append(rates["wds"] / rates["folder"])

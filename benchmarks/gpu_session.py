@@ -40,8 +40,7 @@ from stvq_reference.shapes.oracle import run_oracle  # noqa: E402
 
 def oracle(out: Path, name: str, train: dict, seconds: float | None, eval_every: int, model: dict) -> dict:
     with open(out / f"{name}.jsonl", "w") as log:
-        result = run_oracle("styled", "tiny", model, train, seconds, eval_every, recognise=True,
-                            on_point=lambda point: print(json.dumps(point), file=log, flush=True))
+        result = run_oracle("styled", "tiny", model, train, seconds, eval_every, recognise=True, on_point=lambda point: print(json.dumps(point), file=log, flush=True))
     result.save_grid(out / f"{name}.png")
     return {"steps": result.curve[-1]["step"], "images_per_s": result.images_per_s, "last": result.curve[-1]}
 
@@ -70,9 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
         write_json(out / "session.json", session)
 
     if args.smoke:
-        rows = throughput(["--presets", "tiny", "--variants", "fp32,bf16", "--batches", "2", "--steps", "1", "--warmup", "1", "--workers", "0", "--data-batches", "1", "--json", str(out / "throughput.json")])
+        rows = throughput(
+            ["--presets", "tiny", "--variants", "fp32,bf16", "--batches", "2", "--steps", "1", "--warmup", "1", "--workers", "0", "--data-batches", "1", "--json", str(out / "throughput.json")]
+        )
     else:
-        rows = throughput(["--presets", "tiny,small,reference", "--variants", "fp32,bf16,bf16+fused,bf16+fused+adamw", "--batches", "32,128", "--steps", "8", "--warmup", "2", "--json", str(out / "throughput.json")])
+        rows = throughput(
+            ["--presets", "tiny,small,reference", "--variants", "fp32,bf16,bf16+fused,bf16+fused+adamw", "--batches", "32,128", "--steps", "8", "--warmup", "2", "--json", str(out / "throughput.json")]
+        )
     keep("throughput", rows)
 
     batch = 4 if args.smoke else args.oracle_batch
@@ -86,8 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     batch = 2 if args.smoke else args.train_batch
     rate = max((r["images_per_s"] for r in rows if r.get("preset") == "tiny" and r.get("variant") == "bf16"), default=100.0)
     train_steps = 2 if args.smoke else max(2, int(args.train_seconds * rate / batch))
-    cfg = TrainConfig(preset="tiny", model=small, bf16=cuda, batch_size=batch, num_workers=workers, steps=train_steps,
-                      eval_every=max(1, train_steps // 5), log_every=max(1, train_steps // 20), recognise=True)
+    cfg = TrainConfig(
+        preset="tiny", model=small, bf16=cuda, batch_size=batch, num_workers=workers, steps=train_steps, eval_every=max(1, train_steps // 5), log_every=max(1, train_steps // 20), recognise=True
+    )
     summary = Trainer(cfg, out / "train_tiny", progress=False).fit()
     keep("train_tiny", {"steps": train_steps, "batch": batch, **{k: v for k, v in summary.items() if isinstance(v, (int, float, str))}})
     return session

@@ -41,12 +41,16 @@ def main(path: str) -> None:
             f, t = groups.get(f"block forward {preset} {device}", {}), groups.get(f"block forward+backward {preset} {device}", {})
             if f or t:
                 batch = next(iter((f or t).values()))["extra_info"]["batch"]
-                print(f"| {preset} {device} | {batch} | {ms(f, 'ours')} | {ratio(f, 'ours', 'literal')} | {ratio(f, 'ours', 'bare')} | {ms(t, 'ours')} | {ratio(t, 'ours', 'literal')} | {ratio(t, 'ours', 'bare')} |")
+                print(
+                    f"| {preset} {device} | {batch} | {ms(f, 'ours')} | {ratio(f, 'ours', 'literal')} | {ratio(f, 'ours', 'bare')} | {ms(t, 'ours')} | {ratio(t, 'ours', 'literal')} | {ratio(t, 'ours', 'bare')} |"
+                )
     bf16 = groups.get("block forward+backward reference cuda bf16", {})
     if bf16:
         print(f"| reference cuda bf16 | 16 | | | | {ms(bf16, 'ours')} | {ratio(bf16, 'ours', 'literal')} | |")
     print()
-    print("| condition block, interleaved (the four called in turn; medians of per-round ratios) | fwd ours/literal | fwd ours/bare | fwd timm/bare | fwd+bwd ours/literal | fwd+bwd ours/bare | fwd+bwd timm/bare |")
+    print(
+        "| condition block, interleaved (the four called in turn; medians of per-round ratios) | fwd ours/literal | fwd ours/bare | fwd timm/bare | fwd+bwd ours/literal | fwd+bwd ours/bare | fwd+bwd timm/bare |"
+    )
     print("|---|---|---|---|---|---|---|")
     pairs = ("ours/literal", "ours/bare", "timm/bare")
     for preset in presets:

@@ -15,8 +15,17 @@ def timm_peer(cfg, depth: int) -> VisionTransformer:
     """A timm ViT with cfg's patches, width and heads, ``depth`` blocks and 36 register tokens, so its
     sequence is the same num_patches + 36 tokens."""
     return VisionTransformer(
-        img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=depth, num_heads=cfg.heads,
-        mlp_ratio=cfg.mlp_ratio, qkv_bias=True, class_token=False, reg_tokens=cfg.num_tokens, num_classes=0, global_pool="",
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        embed_dim=cfg.width,
+        depth=depth,
+        num_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=True,
+        class_token=False,
+        reg_tokens=cfg.num_tokens,
+        num_classes=0,
+        global_pool="",
     )
 
 

@@ -20,6 +20,10 @@ def test_decoder_oracle(benchmark, decoder):
     result = benchmark.pedantic(lambda: run_oracle(decoder, "tiny", train={"steps": 10**6}, seconds=SECONDS), rounds=1, iterations=1)
     benchmark.group = f"decoder oracle tiny {SECONDS:.0f} s"
     benchmark.extra_info.update(
-        decoder=decoder, impl=decoder, seconds=SECONDS, final_psnr=result.final_psnr,
-        images_per_s=result.images_per_s, curve=result.curve,
+        decoder=decoder,
+        impl=decoder,
+        seconds=SECONDS,
+        final_psnr=result.final_psnr,
+        images_per_s=result.images_per_s,
+        curve=result.curve,
     )

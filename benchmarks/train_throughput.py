@@ -75,8 +75,15 @@ def time_steps(preset: str, variant: str, batch: int, steps: int, warmup: int, d
     images_per_s = batch * steps / seconds
     memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {
-        "preset": preset, "variant": variant, "optimizer": cfg.optimizer, "batch": batch, "images_per_s": images_per_s, "gflops_per_image": flops / 1e9,
-        "mfu": flops * images_per_s / peak if peak else None, "peak_memory_mb": memory, "step_ms": 1000 * seconds / steps,
+        "preset": preset,
+        "variant": variant,
+        "optimizer": cfg.optimizer,
+        "batch": batch,
+        "images_per_s": images_per_s,
+        "gflops_per_image": flops / 1e9,
+        "mfu": flops * images_per_s / peak if peak else None,
+        "peak_memory_mb": memory,
+        "step_ms": 1000 * seconds / steps,
     }
 
 

@@ -163,11 +163,7 @@ def check_state_dict(expected: dict[str, torch.Tensor], found: dict[str, torch.T
     (``expected``) and a checkpoint's (``found``)."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    shapes = [
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in found and found[k].shape != expected[k].shape
-    ]
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}" for k in expected if k in found and found[k].shape != expected[k].shape]
     dtypes = [f"{k}: checkpoint {found[k].dtype} vs model {expected[k].dtype}" for k in expected if k in found and found[k].dtype != expected[k].dtype]
     broken = [k for k in expected if k in found and found[k].is_floating_point() and not torch.isfinite(found[k]).all()]
     problems = []

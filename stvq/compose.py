@@ -128,8 +128,16 @@ def _batches(dataset, pending: list[int], shard_size: int, batch_size: int, num_
 
 
 def tokenize_dataset(
-    tokenizer, dataset, out: str | Path, shard_size: int = 1024, batch_size: int = 32, console=None, progress: bool = True,
-    data_fingerprint: str = "", tokenizer_dir: str | Path | None = None, num_workers: int = 0,
+    tokenizer,
+    dataset,
+    out: str | Path,
+    shard_size: int = 1024,
+    batch_size: int = 32,
+    console=None,
+    progress: bool = True,
+    data_fingerprint: str = "",
+    tokenizer_dir: str | Path | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Write ``shard_NNNNN.npy`` files of ids and ``manifest.json``. An indexed data set gives shards of
     ``shard_size`` rows; a stream (:class:`stvq.interfaces.ImageStream`) one shard per piece, with
@@ -147,10 +155,15 @@ def tokenize_dataset(
     shards = len(dataset.pieces()) if stream else -(-len(dataset) // shard_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     manifest = {
-        "num_images": None if stream else len(dataset), "num_shards": shards, "shard_size": None if stream else shard_size,
-        "num_tokens": tokenizer.num_tokens, "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
+        "num_images": None if stream else len(dataset),
+        "num_shards": shards,
+        "shard_size": None if stream else shard_size,
+        "num_tokens": tokenizer.num_tokens,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": np.dtype(dtype).name,
         "layout": tokenizer.manifest(),
-        "tokenizer_sha256": weights_fingerprint(tokenizer), "data_fingerprint": data_fingerprint,
+        "tokenizer_sha256": weights_fingerprint(tokenizer),
+        "data_fingerprint": data_fingerprint,
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
     }
     with ranks_lock(out, lambda: _start_manifest(out, manifest)):  # rank 0 writes the manifest, the ranks apart shards

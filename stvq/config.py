@@ -218,13 +218,14 @@ class TrainConfig(LoopConfig):
         if self.stage == 2 and not self.from_run:
             raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
         if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
-            raise StvqError("model and quantizer must be JSON objects of options, e.g. model={\"width\": 64}")
+            raise StvqError('model and quantizer must be JSON objects of options, e.g. model={"width": 64}')
         if not isinstance(self.discriminator_options, dict):
             raise StvqError('discriminator_options must be a JSON object of the discriminator\'s options, e.g. {"channels": 32}')
         if self.disc_start < 0:
             raise StvqError(f"--disc-start must be a step of 0 or more, got {self.disc_start}")
         check_ranges(
-            self, nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight", "adversarial_weight", "lecam_weight"),
+            self,
+            nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight", "adversarial_weight", "lecam_weight"),
             fractions=("tail_drop", "tail_drop_from"),
         )
 

@@ -53,8 +53,17 @@ def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.T
 
 @torch.no_grad()
 def evaluate(
-    model, out: Path, data: str = "shapes", images: int = 256, prefix_images: int = 64, probe_images: int = 2000, perceptual: bool = True,
-    seed: int = 0, name: str = "model", num_workers: int = 0, recognise: bool = True,
+    model,
+    out: Path,
+    data: str = "shapes",
+    images: int = 256,
+    prefix_images: int = 64,
+    probe_images: int = 2000,
+    perceptual: bool = True,
+    seed: int = 0,
+    name: str = "model",
+    num_workers: int = 0,
+    recognise: bool = True,
 ) -> dict[str, Any]:
     """Every measure of a tokenizer, written to ``out`` (eval.json, prefix_curve.png and, on
     data with known factors, factor_probe.png); returns the results. ``num_workers`` DataLoader workers
@@ -73,7 +82,10 @@ def evaluate(
     codes, codes_used, stats, recon = reconstruct(model, originals)
     quantized = model.quantizer is not None
     result: dict[str, Any] = {
-        "name": name, "data": data, "images": count, "quantized": quantized,
+        "name": name,
+        "data": data,
+        "images": count,
+        "quantized": quantized,
         "reconstruction": reconstruction_metrics(originals, recon, perceptual),
         "mean_image_psnr": mean_image_psnr(train_ds, originals),
         "codebook": stats,
@@ -102,8 +114,10 @@ def evaluate(
             drawn, masks = torch.stack([image for image, _ in scenes]), torch.stack([mask for _, mask in scenes])
             drawn_recon = reconstruct(model, drawn)[3].clamp(-1, 1)
             result["heldout"] = {
-                "generator": type(heldout).__name__, "images": len(scenes),
-                "psnr": psnr(drawn_recon, drawn).mean().item(), "object_psnr": masked_psnr(drawn_recon, drawn, masks).mean().item(),
+                "generator": type(heldout).__name__,
+                "images": len(scenes),
+                "psnr": psnr(drawn_recon, drawn).mean().item(),
+                "object_psnr": masked_psnr(drawn_recon, drawn, masks).mean().item(),
             }
     if is_main():
         write_json(out / "eval.json", result)
@@ -137,7 +151,9 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
     """The numbers a table shows for one evaluated model."""
     r, p = result["reconstruction"], result["prefix"]
     rows = {
-        "PSNR (dB)": f"{r['psnr']:.2f}", "SSIM": f"{r['ssim']:.3f}", "MAE": f"{r['mae']:.4f}",
+        "PSNR (dB)": f"{r['psnr']:.2f}",
+        "SSIM": f"{r['ssim']:.3f}",
+        "MAE": f"{r['mae']:.4f}",
         "mean-image PSNR (dB)": f"{result['mean_image_psnr']:.2f}",
     }
     if "fd_effnet_lite0" in r:
@@ -164,7 +180,5 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
         rows["cumulative probe, all tokens"] = " ".join(f"{f[:3]}:{row[-1]:.2f}" for f, row in zip(probe["factors"], probe["cumulative"]))
         rows["cumulative probe, first 8"] = " ".join(f"{f[:3]}:{row[7]:.2f}" for f, row in zip(probe["factors"], probe["cumulative"]) if len(row) > 7)
         best = np.array(probe["scores"]).max(1)
-        rows["first readable token"] = " ".join(
-            f"{f[:3]}:{j}({b:.2f})" for f, j, b, e in zip(probe["factors"], probe["first_readable"], best, probe["encoded"]) if e
-        ) or "none"
+        rows["first readable token"] = " ".join(f"{f[:3]}:{j}({b:.2f})" for f, j, b, e in zip(probe["factors"], probe["first_readable"], best, probe["encoded"]) if e) or "none"
     return rows

@@ -159,5 +159,7 @@ def tokenizer_flops(model: Any, image_size: int) -> dict[str, int]:
 def warn_if_bf16_is_emulated(device: torch.device, bf16: bool) -> None:
     """One warning when ``bf16`` autocast would run emulated on this CPU (:func:`stvq.flops.emulates_bf16`)."""
     if bf16 and emulates_bf16(device):
-        warnings.warn("bf16 on this CPU is emulated (it has neither AVX512_BF16 nor AMX): its matrix products run "
-                      "about 20x slower than float32's; leave bf16 off (--bf16, or --train bf16=true in the oracle)", stacklevel=2)
+        warnings.warn(
+            "bf16 on this CPU is emulated (it has neither AVX512_BF16 nor AMX): its matrix products run about 20x slower than float32's; leave bf16 off (--bf16, or --train bf16=true in the oracle)",
+            stacklevel=2,
+        )

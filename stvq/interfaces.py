@@ -113,8 +113,13 @@ class Tokenizer(nn.Module, ABC):
         """The layout of the ids, for token shards and tables: one part here; a composed tokenizer lists its
         parts with their id offsets and positions."""
         part = {
-            "name": getattr(self, "plugin_name", type(self).__name__), "offset": 0, "vocab_size": self.vocab_size,
-            "positions": [0, self.num_tokens], "num_tokens": self.num_tokens, "image_size": self.image_size, "resized_from": None,
+            "name": getattr(self, "plugin_name", type(self).__name__),
+            "offset": 0,
+            "vocab_size": self.vocab_size,
+            "positions": [0, self.num_tokens],
+            "num_tokens": self.num_tokens,
+            "image_size": self.image_size,
+            "resized_from": None,
         }
         return {"vocab_size": self.vocab_size, "num_tokens": self.num_tokens, "image_size": self.image_size, "parts": [part]}
 
@@ -176,9 +181,7 @@ class CodeTokenizer(Tokenizer):
         """Attach the registered quantizer ``spec["name"]`` built with the rest of ``spec`` as options."""
 
     @abstractmethod
-    def forward(
-        self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0
-    ) -> CodeTokenizerOutput:
+    def forward(self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0) -> CodeTokenizerOutput:
         """Reconstruct ``images``: Gaussian noise of std ``noise_sigma`` on the codes (stage 1), through the
         quantizer with ``quantize=True`` (stage 2); ``codes`` given skips the encoder; ``tail_drop`` p
         decodes a share p of the images from a random prefix of their codes (:func:`drop_tail`).
@@ -290,8 +293,7 @@ class Recogniser(ABC):
         """How well ``images`` show the factors ``truth`` (arrays of B): accuracy per class factor
         (``NAME_accuracy``), mean absolute error per continuous one (``NAME_mae``)."""
         read = self.read(images.cpu())
-        return {f"{n}_accuracy" if k else f"{n}_mae": float((read[n] == truth[n]).mean() if k else np.abs(read[n] - truth[n]).mean())
-                for n, k in self.factors.items()}
+        return {f"{n}_accuracy" if k else f"{n}_mae": float((read[n] == truth[n]).mean() if k else np.abs(read[n] - truth[n]).mean()) for n, k in self.factors.items()}
 
     def clean_share(self, read: dict[str, np.ndarray]) -> float:
         return float(self.clean(read).mean())
@@ -299,6 +301,7 @@ class Recogniser(ABC):
     def total_variation(self, samples: dict[str, np.ndarray], data: dict[str, np.ndarray]) -> dict[str, float]:
         """Per factor, half the L1 distance between the distributions read from samples and from real
         images (0: the same; 1: disjoint); continuous factors in 8 bins over [0, 1]."""
+
         def histogram(values: np.ndarray, classes: int) -> np.ndarray:
             counts = np.bincount(values.astype(int), minlength=classes) if classes else np.histogram(values, bins=8, range=(0.0, 1.0))[0]
             return counts / max(1, counts.sum())
@@ -308,8 +311,7 @@ class Recogniser(ABC):
     def survival(self, variations: dict[str, np.ndarray], sources: dict[str, np.ndarray]) -> dict[str, float]:
         """Per factor, the share of variations that keep their source image's reading (continuous: within
         :attr:`tolerance`)."""
-        return {n: float((variations[n] == sources[n]).mean() if k else (np.abs(variations[n] - sources[n]) <= self.tolerance[n]).mean())
-                for n, k in self.factors.items()}
+        return {n: float((variations[n] == sources[n]).mean() if k else (np.abs(variations[n] - sources[n]) <= self.tolerance[n]).mean()) for n, k in self.factors.items()}
 
 
 class ImageStream(IterableDataset, ABC):

@@ -97,9 +97,7 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
         for MFU; counted after :meth:`prepare`, before :meth:`compile`."""
         raise NotImplementedError
 
-    def step(
-        self, net: torch.nn.Module, batch: Any, step: int, generator: torch.Generator | None = None
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    def step(self, net: torch.nn.Module, batch: Any, step: int, generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         """Forward and losses of one batch at ``step``: ({"model": loss, companion: its loss, ...} to
         minimise, in update order; record entries as detached tensors or numbers, read only on logged steps
         so that a GPU is not synchronised every step; batch size). The loop runs companions as ``self.nets``.
@@ -194,10 +192,18 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
                 bar.update(task, completed=done)
         images_per_s = clock.images / max(clock.elapsed(), 1e-9)
         summary = {
-            "run": str(self.dir), "steps": cfg.steps, "resumed_from": start, "seconds": clock.elapsed(), "images_per_s": images_per_s,
-            "flops_per_item": flops, "peak_flops": peak, "peak_source": peak_source, "mfu": mfu(flops, images_per_s, peak, self.world),
+            "run": str(self.dir),
+            "steps": cfg.steps,
+            "resumed_from": start,
+            "seconds": clock.elapsed(),
+            "images_per_s": images_per_s,
+            "flops_per_item": flops,
+            "peak_flops": peak,
+            "peak_source": peak_source,
+            "mfu": mfu(flops, images_per_s, peak, self.world),
             "step_threads": self.threads,
-            **extras, **last_eval,
+            **extras,
+            **last_eval,
         }
         return self._finish(parts, summary)
 
@@ -236,10 +242,7 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
             positions = f.get_tensor("data.positions").numpy() if "data.positions" in f.keys() else None
         if positions is None or positions.shape[:2] != (self.world, readers):
             was = f"{positions.shape[0]} process(es) x {positions.shape[1]} reader(s)" if positions is not None else "no stream"
-            raise StvqError(
-                f"{self.dir} read its stream with {was}; resume it with the same torchrun --nproc_per_node and "
-                f"--num-workers (readers = max(1, workers)), or the data order would change"
-            )
+            raise StvqError(f"{self.dir} read its stream with {was}; resume it with the same torchrun --nproc_per_node and --num-workers (readers = max(1, workers)), or the data order would change")
         return positions[self.rank]
 
     def _tensorboard(self, start: int):
@@ -282,9 +285,12 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
         if asked == 1:
             return 1
         reason = (
-            "a GPU runs a step's kernels in one stream" if self.device.type != "cpu"
-            else "torchrun's processes already share the cores" if self.world > 1
-            else "torch.compile's graphs are run from one thread" if self.cfg.compile
+            "a GPU runs a step's kernels in one stream"
+            if self.device.type != "cpu"
+            else "torchrun's processes already share the cores"
+            if self.world > 1
+            else "torch.compile's graphs are run from one thread"
+            if self.cfg.compile
             else self.split_refusal(model)
         )
         if asked == 0:  # auto: no more threads than torch's own count (OMP_NUM_THREADS=1 stays on one core)
@@ -293,9 +299,7 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
             return asked
         raise StvqError(f"step_threads={asked}: a step here cannot be split across threads ({reason}); use step_threads=1")
 
-    def _split_step(
-        self, pool: ThreadPoolExecutor, opt: torch.optim.Optimizer, batch: Any, step: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
+    def _split_step(self, pool: ThreadPoolExecutor, opt: torch.optim.Optimizer, batch: Any, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
         """:meth:`step` of the batch in ``self.threads`` slices, one per thread of ``pool``, each drawing from its
         own generator (seeded here from the global RNG, so that a run and its resume draw alike); each
         slice's gradient, weighted by its share of the batch, summed in slice order into the ``.grad`` of
@@ -334,8 +338,7 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
             if not torch.isfinite(loss):
                 what = "loss" if name == "model" else f"the {name}'s loss"
                 raise TrainingDiverged(
-                    f"{what} became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept "
-                    f"(resume with --resume {self.dir}); lower --lr or keep gradient clipping on"
+                    f"{what} became {loss.item()} at step {step}; the last good checkpoint in {self.dir} is kept (resume with --resume {self.dir}); lower --lr or keep gradient clipping on"
                 )
         if backward:
             update(opts, losses, self.cfg.grad_clip)
@@ -346,9 +349,14 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         return Progress(
-            TextColumn(self.dir.path.name), BarColumn(), TextColumn("step {task.completed}/{task.total}"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=self.console, disable=not self.progress,
+            TextColumn(self.dir.path.name),
+            BarColumn(),
+            TextColumn("step {task.completed}/{task.total}"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.progress,
         )
 
     def _finish(self, parts: dict[str, torch.nn.Module], summary: dict[str, Any]) -> dict[str, Any]:

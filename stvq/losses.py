@@ -147,7 +147,13 @@ class ImageObjective:
         return {"discriminator": self.adversarial} if self.adversarial is not None else {}
 
     def __call__(
-        self, reconstruction: torch.Tensor, images: torch.Tensor, quantized, step: int, decoder: Decoder, critic: torch.nn.Module | None = None,
+        self,
+        reconstruction: torch.Tensor,
+        images: torch.Tensor,
+        quantized,
+        step: int,
+        decoder: Decoder,
+        critic: torch.nn.Module | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """({part: loss} for :func:`update`, the terms by name); ``decoder`` is the one that drew the
         reconstruction (its last layer weighs the adversarial term); ``critic`` is the companion as the loop

@@ -122,7 +122,11 @@ def _probe_score(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndar
 
 
 def probe_scores(
-    train_codes: np.ndarray, train_factors: dict[str, np.ndarray], test_codes: np.ndarray, test_factors: dict[str, np.ndarray], classes: dict[str, int],
+    train_codes: np.ndarray,
+    train_factors: dict[str, np.ndarray],
+    test_codes: np.ndarray,
+    test_factors: dict[str, np.ndarray],
+    classes: dict[str, int],
 ) -> dict[str, Any]:
     """How well each factor can be read from each token alone, by a linear probe on that token's code,
     and from the first n tokens together (``cumulative``: a factor spread over several tokens is found).

@@ -24,8 +24,7 @@ from torch.optim._muon import _adjust_lr  # the rate adjustment torch.optim.Muon
 from stvq.config import LoopConfig
 
 
-def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
-                  dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> torch.Tensor:
+def newton_schulz(updates: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float, dtype: torch.dtype = torch.bfloat16, gram: bool = False) -> torch.Tensor:
     """torch.optim.Muon's quintic Newton-Schulz orthogonalisation over a batch (B, m, n), in ``dtype``
     (torch's: bfloat16).
 
@@ -62,8 +61,7 @@ class MuonAdamW(torch.optim.Optimizer):
     ``param_groups`` are both's, its state one dict, so checkpoints, ``set_lr`` and clipping see one).
     ``ns_dtype`` is the Newton-Schulz iterations' precision; None: bfloat16 on CUDA, float32 elsewhere."""
 
-    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None,
-                 ns_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None, ns_dtype: torch.dtype | None = None) -> None:
         self.ns_dtype = ns_dtype
         muon = [g for g in groups if g["muon"]]
         adamw = [g for g in groups if not g["muon"]]

@@ -48,7 +48,9 @@ class PluginInfo:
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as err:
-            raise PluginError(f"{self.kind} {self.name!r} of package {self.package!r} names the factory {self.factory!r}, which cannot be loaded ({type(err).__name__}: {err}); fix or uninstall {self.package}") from None
+            raise PluginError(
+                f"{self.kind} {self.name!r} of package {self.package!r} names the factory {self.factory!r}, which cannot be loaded ({type(err).__name__}: {err}); fix or uninstall {self.package}"
+            ) from None
         return obj
 
 
@@ -80,13 +82,17 @@ def load_entry_points(pm: pluggy.PluginManager) -> dict[str, tuple[str, str]]:
         package, version = _distribution(ep)
         if ep.name in providers:
             if providers[ep.name][0] != package or values[ep.name] != ep.value:  # else: the same distribution seen twice on sys.path
-                _warn(f"stvq plugin package {package!r} uses the entry-point name {ep.name!r}, which {providers[ep.name][0]!r} already uses; its plugins are unavailable: rename it in its [project.entry-points.stvq]")
+                _warn(
+                    f"stvq plugin package {package!r} uses the entry-point name {ep.name!r}, which {providers[ep.name][0]!r} already uses; its plugins are unavailable: rename it in its [project.entry-points.stvq]"
+                )
             continue
         try:
             module = ep.load()
             pm.register(module, name=ep.name)
         except Exception as err:  # any import-time failure of a third-party package; pluggy's PluginValidationError
-            _warn(f"stvq plugin package {package!r} (entry point {ep.name} = {ep.value}) failed to load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; its plugins are unavailable")
+            _warn(
+                f"stvq plugin package {package!r} (entry point {ep.name} = {ep.value}) failed to load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; its plugins are unavailable"
+            )
             continue
         for attr in dir(module):
             if getattr(getattr(module, attr, None), f"{hookspecs.PROJECT}_impl", None) is not None and attr not in known:
@@ -120,7 +126,9 @@ def collect(pm: pluggy.PluginManager, providers: dict[str, tuple[str, str]]) -> 
             for name, info in mine.items():
                 existing = table[kind].get(name)
                 if existing is not None:
-                    info = replace(info, package=f"{existing.package}, {package}", clash=f"{kind} {name!r} is registered by both {existing.package!r} and {package!r}; uninstall one of them or rename the plugin")
+                    info = replace(
+                        info, package=f"{existing.package}, {package}", clash=f"{kind} {name!r} is registered by both {existing.package!r} and {package!r}; uninstall one of them or rename the plugin"
+                    )
                 table[kind][name] = info
     return table
 

@@ -20,10 +20,7 @@ def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
         return load_pretrained(path_or_spec, kind="tokenizer")
     if str(path_or_spec) in plugin_table()["tokenizer"]:
         return create("tokenizer", str(path_or_spec), **options)
-    raise StvqError(
-        f"{str(path_or_spec)!r} is neither a directory written by stvq nor a registered tokenizer "
-        f"({', '.join(sorted(plugin_table()['tokenizer'])) or 'none installed'})"
-    )
+    raise StvqError(f"{str(path_or_spec)!r} is neither a directory written by stvq nor a registered tokenizer ({', '.join(sorted(plugin_table()['tokenizer'])) or 'none installed'})")
 
 
 def load_pretrained(directory: str | os.PathLike, kind: str | None = None) -> Any:

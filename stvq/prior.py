@@ -41,7 +41,9 @@ def check_shard_ids(path: Path, ids: np.ndarray, vocab_size: int) -> None:
     if ids.dtype.kind not in "iu":
         raise StvqError(f"{path} holds {ids.dtype} values, not integer ids; write shards with stvq tokenize")
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise StvqError(f"{path} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size:,}) of its manifest; tokenize again with the tokenizer that the manifest names")
+        raise StvqError(
+            f"{path} holds ids in [{int(ids.min())}, {int(ids.max())}], outside the vocabulary [0, {vocab_size:,}) of its manifest; tokenize again with the tokenizer that the manifest names"
+        )
 
 
 class TokenShards(Dataset):
@@ -154,8 +156,12 @@ class PriorTrainer(BaseTrainer[Prior, PriorTrainConfig]):
 
     def prepare(self, prior: Prior, dataset: Any, val: torch.Tensor) -> tuple[Dataset, dict[str, Any]]:
         return dataset, {
-            "shards": str(self.shards.dir), "vocab_size": self.shards.vocab_size, "num_tokens": self.shards.num_tokens,
-            "train_images": len(dataset), "heldout_images": len(val), "parameters": sum(p.numel() for p in prior.parameters()),
+            "shards": str(self.shards.dir),
+            "vocab_size": self.shards.vocab_size,
+            "num_tokens": self.shards.num_tokens,
+            "train_images": len(dataset),
+            "heldout_images": len(val),
+            "parameters": sum(p.numel() for p in prior.parameters()),
         }
 
     def flops_per_item(self, prior: Prior) -> int:
@@ -191,7 +197,11 @@ def heldout_nll(prior: Prior, ids: torch.Tensor, batch_size: int = 256) -> list[
 
 
 def pick(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
     allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One id per row of ``logits`` (B, K): greedy at temperature 0 or top-k 1; otherwise a draw from the
@@ -217,8 +227,15 @@ def pick(
 
 @torch.no_grad()
 def sample(
-    prior: Prior, n: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-    prefix: torch.Tensor | None = None, batch_size: int = 64, allowed: torch.Tensor | None = None,
+    prior: Prior,
+    n: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    prefix: torch.Tensor | None = None,
+    batch_size: int = 64,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``n`` sequences of ``prior.seq_len`` ids (n, seq_len); ``prefix`` (n, k) fixes the first k ids of
     each; ``allowed`` (seq_len, K) bool keeps each position to its ids (:func:`layout_mask`). The same seed
@@ -267,8 +284,13 @@ def evaluate_prior(run: str | Path, shards: str | Path | None = None, samples: i
     ids = data.rows(data.split(cfg.heldout)[0] if shards is None else 0, data.num_images)
     bits = [v / math.log(2) for v in heldout_nll(prior, ids)]
     result: dict[str, Any] = {
-        "prior": str(run), "shards": str(data.dir), "images": len(ids), "bits_per_position": bits,
-        "bits_per_token": float(np.mean(bits)), "bits_per_image": float(np.sum(bits)), "uniform_bits_per_image": prior.seq_len * math.log2(prior.vocab_size),
+        "prior": str(run),
+        "shards": str(data.dir),
+        "images": len(ids),
+        "bits_per_position": bits,
+        "bits_per_token": float(np.mean(bits)),
+        "bits_per_image": float(np.sum(bits)),
+        "uniform_bits_per_image": prior.seq_len * math.log2(prior.vocab_size),
     }
     if samples or keeps:
         result.update(judge_samples(prior, data, Path(run), samples, keeps, seed))
@@ -288,9 +310,7 @@ def judged_data(data: TokenShards, image_size: int) -> tuple[Any, Recogniser]:
         val = None
     reader = val.recogniser() if isinstance(val, FactorDataset) else None
     if reader is None:
-        raise StvqError(
-            f"judging samples reads images of a data set with known factors and a recogniser (shapes has both); {data.dir} holds ids of {fingerprint or 'another data set'}"
-        )
+        raise StvqError(f"judging samples reads images of a data set with known factors and a recogniser (shapes has both); {data.dir} holds ids of {fingerprint or 'another data set'}")
     return val, reader
 
 
@@ -309,8 +329,11 @@ def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keep
         save_image_grid(out / "samples.png", images[:64])
         read, truth = reader.read(images), reader.read(real)
         result["judge"] = {
-            "samples": len(images), "clean_share": reader.clean_share(read), "clean_share_real": reader.clean_share(truth),
-            "total_variation": reader.total_variation(read, truth), "fd_effnet_lite0": frechet_distance(features(images), features(real)),
+            "samples": len(images),
+            "clean_share": reader.clean_share(read),
+            "clean_share_real": reader.clean_share(truth),
+            "total_variation": reader.total_variation(read, truth),
+            "fd_effnet_lite0": frechet_distance(features(images), features(real)),
         }
     sources = reader.read(real)
     real_ids = in_batches(tokenizer.encode, real)
@@ -329,8 +352,16 @@ GRID_SAMPLES, MAX_SAMPLES = 64, 1_000_000
 
 
 def sample_run(
-    run: str | Path, out: str | Path, n: int = 64, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-    keep: int = 0, source: str | None = None, tokenizer_dir: str | None = None,
+    run: str | Path,
+    out: str | Path,
+    n: int = 64,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    keep: int = 0,
+    source: str | None = None,
+    tokenizer_dir: str | None = None,
 ) -> dict[str, Any]:
     """Sample the prior in ``run`` and decode through the tokenizer that wrote its shards: ``out`` gets
     ids.npy, samples.png and sample.json. ``keep`` N with ``source`` (a folder, 'shapes' or 'photos'):
@@ -362,4 +393,3 @@ def sample_run(
     result = {"prior": str(run), "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "keep": keep, "from": source}
     write_json(out / "sample.json", result)
     return {**result, "images": images, "ids": ids, "sources": sources}
-

@@ -72,8 +72,17 @@ def _encode_stream(encode, stream, max_images: int, batch_size: int, num_workers
 
 
 def fit_codebook(
-    run: str | Path, k: int = 8192, data: str | None = None, max_images: int = 20000, per_position: bool = False,
-    batch_size: int = 256, seed: int = 0, console=None, progress: bool = True, quantizer: str = "kmeans", options: dict[str, Any] | None = None,
+    run: str | Path,
+    k: int = 8192,
+    data: str | None = None,
+    max_images: int = 20000,
+    per_position: bool = False,
+    batch_size: int = 256,
+    seed: int = 0,
+    console=None,
+    progress: bool = True,
+    quantizer: str = "kmeans",
+    options: dict[str, Any] | None = None,
     num_workers: int = 0,
 ) -> dict[str, Any] | None:
     """Encode, fit the registered :class:`FittableQuantizer` ``quantizer`` (k-means by default) built with

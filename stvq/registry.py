@@ -59,8 +59,16 @@ def interfaces() -> dict[str, type | tuple[type, ...]]:
     """What a plugin of each kind must build (:mod:`stvq.interfaces`)."""
     from stvq import interfaces as i
 
-    return {"encoder": i.Encoder, "decoder": i.Decoder, "quantizer": i.Quantizer, "tokenizer": i.Tokenizer, "composer": i.Composer,
-            "prior": i.Prior, "dataset": (i.ImageDataset, i.ImageStream), "discriminator": i.Discriminator}
+    return {
+        "encoder": i.Encoder,
+        "decoder": i.Decoder,
+        "quantizer": i.Quantizer,
+        "tokenizer": i.Tokenizer,
+        "composer": i.Composer,
+        "prior": i.Prior,
+        "dataset": (i.ImageDataset, i.ImageStream),
+        "discriminator": i.Discriminator,
+    }
 
 
 def require_subclass(kind: str, name: str, base: type, why: str) -> None:

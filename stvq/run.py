@@ -143,7 +143,11 @@ def _optim_prefix(name: str) -> tuple[str, str]:
 
 
 def save_checkpoint(
-    path: Path, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], step: int, data_generator: torch.Generator,
+    path: Path,
+    parts: dict[str, torch.nn.Module],
+    opts: dict[str, torch.optim.Optimizer],
+    step: int,
+    data_generator: torch.Generator,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Every part's weights and, for those in ``opts``, optimizer state (the model, companions such as a

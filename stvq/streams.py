@@ -78,15 +78,20 @@ class StreamBatches(IterableDataset):
     (:class:`StreamState`) and a resume continues each reader right after it."""
 
     def __init__(
-        self, stream: Any, batch_size: int, seed: int, rank: int, world: int, readers: int, first_step: int, positions: np.ndarray,
+        self,
+        stream: Any,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        readers: int,
+        first_step: int,
+        positions: np.ndarray,
         stop_step: int | None = None,
     ) -> None:
         count = len(stream.pieces())
         if count < world * readers:
-            raise StvqError(
-                f"the stream has {count} shard(s), too few for {world} process(es) x {readers} reader(s); "
-                f"lower --num-workers (readers = max(1, workers)) or write more, smaller shards"
-            )
+            raise StvqError(f"the stream has {count} shard(s), too few for {world} process(es) x {readers} reader(s); lower --num-workers (readers = max(1, workers)) or write more, smaller shards")
         self.stream, self.batch_size, self.seed, self.rank, self.world = stream, batch_size, seed, rank, world
         self.readers, self.first_step, self.positions, self.stop_step = readers, first_step, positions, stop_step
 

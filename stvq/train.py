@@ -158,8 +158,11 @@ class Trainer(BaseTrainer[CodeTokenizer, TrainConfig]):
         dataset, cached = self.stage.with_cached_codes(self.cfg, model, dataset)
         self.cached = cached is not None
         return dataset, {
-            "stage": self.cfg.stage, "val_psnr": None, "mean_image_psnr": baseline,
-            "grid": str(self.dir.sample(self.cfg.steps)), "cached_codes": cached,
+            "stage": self.cfg.stage,
+            "val_psnr": None,
+            "mean_image_psnr": baseline,
+            "grid": str(self.dir.sample(self.cfg.steps)),
+            "cached_codes": cached,
         }
 
     def compile(self, model: CodeTokenizer) -> None:

@@ -128,8 +128,28 @@ def test_train_flags_reach_the_config(runner, tmp_path):
     from stvq.cli import main
 
     run = tmp_path / "flags"
-    args = ["train", "--run-dir", str(run), "--no-progress", "--steps", "2", "--batch-size", "2", "--log-every", "1", "--eval-every", "2",
-            "--adversarial-weight", "0.1", "--disc-start", "1", "--discriminator", "patchgan", "--train", f"discriminator_options={json.dumps(CRITIC)}"]
+    args = [
+        "train",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--adversarial-weight",
+        "0.1",
+        "--disc-start",
+        "1",
+        "--discriminator",
+        "patchgan",
+        "--train",
+        f"discriminator_options={json.dumps(CRITIC)}",
+    ]
     args += [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.stderr

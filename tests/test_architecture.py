@@ -14,13 +14,35 @@ CORE = ROOT / "stvq"
 #: Bottom to top. A module not named here fails the test: a new module says where it stands.
 FLOORS = {
     "errors": 1,
-    "interfaces": 2, "hookspecs": 2,
-    "registry": 3, "plugins": 3, "config": 3,
-    "checkpoint": 4, "images": 4, "streams": 4, "distributed": 4, "features": 4, "flops": 4, "codebook_stats": 4, "describe": 4,
-    "data": 5, "run": 5, "metrics": 5, "losses": 5, "optim": 5, "pretrained": 5, "plots": 5, "testing": 5,
+    "interfaces": 2,
+    "hookspecs": 2,
+    "registry": 3,
+    "plugins": 3,
+    "config": 3,
+    "checkpoint": 4,
+    "images": 4,
+    "streams": 4,
+    "distributed": 4,
+    "features": 4,
+    "flops": 4,
+    "codebook_stats": 4,
+    "describe": 4,
+    "data": 5,
+    "run": 5,
+    "metrics": 5,
+    "losses": 5,
+    "optim": 5,
+    "pretrained": 5,
+    "plots": 5,
+    "testing": 5,
     "loop": 6,
-    "train": 7, "quantize": 7, "evaluate": 7, "compose": 7, "prior": 7,
-    "cli": 8, "": 8,  # the command line; the package's own facade (stvq/__init__.py)
+    "train": 7,
+    "quantize": 7,
+    "evaluate": 7,
+    "compose": 7,
+    "prior": 7,
+    "cli": 8,
+    "": 8,  # the command line; the package's own facade (stvq/__init__.py)
 }
 JOBS = {name for name, floor in FLOORS.items() if floor == 7}
 PLUGINS = ("stvq_reference",)
@@ -93,7 +115,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[module] = "open"
         for n in sorted(graph[module]):
             if state.get(n) == "open":
-                found.append(path[path.index(n):] + [n])
+                found.append(path[path.index(n) :] + [n])
             elif n not in state:
                 visit(n, [*path, n])
         state[module] = "done"

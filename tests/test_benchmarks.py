@@ -24,10 +24,27 @@ def test_every_benchmark_file_collects():
 def test_the_block_and_model_benchmarks_run_at_tiny_and_report_every_ratio(tmp_path):
     results = tmp_path / "results.json"
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "benchmarks/test_condition_block.py", "benchmarks/test_models.py", "-q", "-p", "no:cacheprovider",
-         "-k", "tiny and not compile and not stage2 and not encode_quantize", "--benchmark-only", "--benchmark-min-rounds=1",
-         "--benchmark-max-time=0.001", "--benchmark-warmup=off", f"--benchmark-json={results}"],
-        cwd=ROOT, capture_output=True, text=True, env=ALONE,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/test_condition_block.py",
+            "benchmarks/test_models.py",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "tiny and not compile and not stage2 and not encode_quantize",
+            "--benchmark-only",
+            "--benchmark-min-rounds=1",
+            "--benchmark-max-time=0.001",
+            "--benchmark-warmup=off",
+            f"--benchmark-json={results}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ALONE,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     report = subprocess.run([sys.executable, "benchmarks/report.py", str(results)], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -47,7 +64,9 @@ def test_the_data_at_scale_benchmark_runs_every_part_at_a_few_images(tmp_path):
     on the stream against the folder."""
     run = subprocess.run(
         [sys.executable, "benchmarks/data_at_scale.py", "--images", "16", "--train-steps", "4", "--rounds", "1", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())

@@ -32,7 +32,9 @@ TOKENIZERS = {
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}
 DATASETS = ("shapes", "shapes-upright", "photos", "folder", "wds", "hf")
-DISCRIMINATORS = {"patchgan": [{}, {"channels": 16, "layers": 2, "norm": "group"}, {"channels": 16, "layers": 2, "norm": "none", "blur_sigma": 1.0}]}  # option sets  # the located ones are written by the fixture below
+DISCRIMINATORS = {
+    "patchgan": [{}, {"channels": 16, "layers": 2, "norm": "group"}, {"channels": 16, "layers": 2, "norm": "none", "blur_sigma": 1.0}]
+}  # option sets  # the located ones are written by the fixture below
 
 
 def code_tokenizers() -> list[str]:
@@ -118,7 +120,9 @@ class TestDatasets(DatasetContract):
         from test_sources import write_hf, write_shards
 
         self.name, root = request.param, tmp_path_factory.mktemp("data")
-        self.spec = {"folder": lambda: str(write_folder(root)), "wds": lambda: write_shards(root / "w", shards=2, per_shard=4), "hf": lambda: write_hf(root / "h", 20)}.get(self.name, lambda: self.name)()
+        self.spec = {"folder": lambda: str(write_folder(root)), "wds": lambda: write_shards(root / "w", shards=2, per_shard=4), "hf": lambda: write_hf(root / "h", 20)}.get(
+            self.name, lambda: self.name
+        )()
 
     def make_dataset(self, split, image_size):
         from stvq.data import make_dataset

@@ -169,7 +169,9 @@ def test_eval_end_to_end_writes_table_json_and_plots(two_runs, runner):
 
 
 def test_eval_compare_writes_one_table_and_one_plot(two_runs, runner, tmp_path):
-    result = runner.invoke(main, ["eval", "--compare", *map(str, two_runs), "--images", "8", "--prefix-images", "2", "--probe-images", "100", "--no-perceptual", "--no-recogniser", "-o", str(tmp_path / "cmp")])
+    result = runner.invoke(
+        main, ["eval", "--compare", *map(str, two_runs), "--images", "8", "--prefix-images", "2", "--probe-images", "100", "--no-perceptual", "--no-recogniser", "-o", str(tmp_path / "cmp")]
+    )
     assert result.exit_code == 0, result.stderr
     assert "recogniser on reconstructions" not in result.output
     assert "styled" in result.output and "unordered" in result.output

@@ -57,8 +57,14 @@ CPUINFO = "processor : 0\nmodel name : Some CPU\ncpu MHz : 2600.000\nflags : fpu
 
 @pytest.mark.parametrize(
     "flags,bf16,per_cycle",
-    [("avx2 fma avx512f", False, 64), ("avx2 fma", False, 32), ("sse4_2", False, 8), ("avx2 fma avx512f avx512_bf16", True, 128),
-     ("avx2 fma avx512f avx512_bf16 amx_bf16", True, 1024), ("avx2 fma avx512f amx_bf16", False, 64)],
+    [
+        ("avx2 fma avx512f", False, 64),
+        ("avx2 fma", False, 32),
+        ("sse4_2", False, 8),
+        ("avx2 fma avx512f avx512_bf16", True, 128),
+        ("avx2 fma avx512f avx512_bf16 amx_bf16", True, 1024),
+        ("avx2 fma avx512f amx_bf16", False, 64),
+    ],
 )
 def test_the_cpu_peak_is_an_estimate_from_cores_clock_and_flags(flags, bf16, per_cycle):
     peak, source = cpu_peak(2, bf16, CPUINFO.format(flags))
@@ -124,8 +130,7 @@ def test_the_throughput_benchmark_runs_on_cpu_and_reports_each_variant(tmp_path,
 
     monkeypatch.setenv(PEAK_ENV, "1")
     out = tmp_path / "rows.json"
-    rows = benchmark(["--presets", "tiny", "--variants", "fp32,fused,bf16,fused+adamw", "--batches", "4", "--steps", "1", "--warmup", "1",
-                      "--workers", "0", "--data-batches", "1", "--json", str(out)])
+    rows = benchmark(["--presets", "tiny", "--variants", "fp32,fused,bf16,fused+adamw", "--batches", "4", "--steps", "1", "--warmup", "1", "--workers", "0", "--data-batches", "1", "--json", str(out)])
     train = [r for r in rows if "variant" in r]
     assert [(r["variant"], r["optimizer"]) for r in train] == [("fp32", "muon"), ("fused", "muon"), ("bf16", "muon"), ("fused+adamw", "adamw")]
     assert all(r["images_per_s"] > 0 and r["batch"] == 4 for r in train)
@@ -217,9 +222,10 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest_and_resumes_exactly()
     muon = [literal["blocks"][i].weight for i in (0, 2, 3, 5)]
     rest = [p for p in literal.parameters() if all(p is not q for q in muon)]
     decayed = [p for p in rest if p.ndim == 2]
-    opts = [torch.optim.Muon(muon, lr=1e-2, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
-            torch.optim.AdamW([{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": [p for p in rest if p.ndim != 2], "weight_decay": 0.0}],
-                              lr=1e-2, betas=(0.9, cfg.beta2))]
+    opts = [
+        torch.optim.Muon(muon, lr=1e-2, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW([{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": [p for p in rest if p.ndim != 2], "weight_decay": 0.0}], lr=1e-2, betas=(0.9, cfg.beta2)),
+    ]
 
     class Both:
         def zero_grad(self):

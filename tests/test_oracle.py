@@ -23,7 +23,7 @@ def test_factor_vector_holds_every_factor():
     chunks = torch.split(v[: sum(hot)], hot)
     assert [int(c.argmax()) for c in chunks] == [f["background"], f["shape"], f["color"], f["texture"]]
     assert all(c.sum() == 1 for c in chunks)
-    size, x, y, s, c = v[sum(hot):].tolist()
+    size, x, y, s, c = v[sum(hot) :].tolist()
     assert (size, x, y) == pytest.approx((f["size"], f["x"], f["y"]))
     assert math.degrees(math.atan2(s, c)) % 360 == pytest.approx((4 * f["rotation"]) % 360, abs=1e-3)
 
@@ -75,8 +75,26 @@ def test_stvq_oracle_runs_as_the_docs_document_it(tmp_path):
     import sys
 
     grid = tmp_path / "oracle.png"
-    cmd = [sys.executable, "-m", "stvq.cli", "oracle", "--seconds", "1", "--set", "width=32", "--set", "heads=2", "--set", "plain_layers=1",
-           "--train", "batch_size=4", "--eval-every", "1000000", "--grid", str(grid)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stvq.cli",
+        "oracle",
+        "--seconds",
+        "1",
+        "--set",
+        "width=32",
+        "--set",
+        "heads=2",
+        "--set",
+        "plain_layers=1",
+        "--train",
+        "batch_size=4",
+        "--eval-every",
+        "1000000",
+        "--grid",
+        str(grid),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])

@@ -101,8 +101,13 @@ def test_a_third_party_package_runs_stvqs_contracts_in_its_own_tests(example_tar
     tests = HERE / "plugin_pkg" / "tests"
     # The package's own pytest configuration, as its developers run it: not stvq's conftest (its quick
     # recogniser alone took 33 s) nor stvq's pythonpath.
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tests.parent / "pyproject.toml"), "--rootdir", str(tests.parent), str(tests)],
-                          env=env, capture_output=True, text=True, cwd=tests)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(tests.parent / "pyproject.toml"), "--rootdir", str(tests.parent), str(tests)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tests,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "17 passed" in done.stdout  # the sign quantizer, the encoder/decoder pair (and its last layer) and the tokenizer under contract
 
@@ -182,14 +187,25 @@ def test_two_packages_registering_the_same_name_clash_only_where_it_is_used(tmp_
 def test_what_a_plugin_package_gets_wrong_costs_only_its_own_plugins_with_one_line_each(tmp_path):
     target = tmp_path / "site"
     same_ep = make_package(tmp_path, "stvq-same-ep", "reference", "stvq_same_ep", "")  # stvq's own entry-point name
-    misnamed = make_package(tmp_path, "stvq-misnamed", "misnamed", "stvq_misnamed", """
+    misnamed = make_package(
+        tmp_path,
+        "stvq-misnamed",
+        "misnamed",
+        "stvq_misnamed",
+        """
         import stvq
 
         @stvq.hookimpl
         def register_quantizers(reg):
             reg("never", object)
-        """)
-    faulty = make_package(tmp_path, "stvq-faulty", "faulty", "stvq_faulty", """
+        """,
+    )
+    faulty = make_package(
+        tmp_path,
+        "stvq-faulty",
+        "faulty",
+        "stvq_faulty",
+        """
         import stvq
 
         @stvq.hookimpl
@@ -208,17 +224,20 @@ def test_what_a_plugin_package_gets_wrong_costs_only_its_own_plugins_with_one_li
         def register_quantizers(register):
             register("str-quantizer", lambda **options: "q")
             register("gone", "stvq_no_such_module:Quantizer")
-        """)
+        """,
+    )
     for package in (same_ep, misnamed, faulty):
         pip_install(package, target)
     listed = stvq_cli(target, "plugins")
     assert listed.returncode == 0 and "str-quantizer" in listed.stdout and "styled" in listed.stdout
     warnings = [line for line in listed.stderr.splitlines() if line.startswith("Warning: ")]
     assert len(warnings) == len(listed.stderr.strip().splitlines()) == 4, listed.stderr  # one line each
-    for phrase in ("'stvq-same-ep' uses the entry-point name 'reference', which 'stvq' already uses",
-                   "'stvq-misnamed' (entry point misnamed = stvq_misnamed) failed to load: PluginValidationError",
-                   "'stvq-faulty' implements register_widgets, which is no stvq hook",
-                   "'stvq-faulty' failed to register its tokenizers: RuntimeError: no licence file"):
+    for phrase in (
+        "'stvq-same-ep' uses the entry-point name 'reference', which 'stvq' already uses",
+        "'stvq-misnamed' (entry point misnamed = stvq_misnamed) failed to load: PluginValidationError",
+        "'stvq-faulty' implements register_widgets, which is no stvq hook",
+        "'stvq-faulty' failed to register its tokenizers: RuntimeError: no licence file",
+    ):
         assert any(phrase in w for w in warnings), (phrase, warnings)
     assert stvq_cli(target, "--help").returncode == 0
     script = """

@@ -17,8 +17,20 @@ from stvq.prior import PriorTrainer, TokenShards, heldout_nll, load_prior, pick,
 
 
 def small(shards, **changes):
-    return PriorTrainConfig(**{"shards": str(shards / "shards"), "model": {"width": 32, "layers": 2, "heads": 2}, "steps": 60,
-                               "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 30, "checkpoint_every": 30, "heldout": 24, **changes})
+    return PriorTrainConfig(
+        **{
+            "shards": str(shards / "shards"),
+            "model": {"width": 32, "layers": 2, "heads": 2},
+            "steps": 60,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "warmup_steps": 5,
+            "eval_every": 30,
+            "checkpoint_every": 30,
+            "heldout": 24,
+            **changes,
+        }
+    )
 
 
 def test_gpt_is_causal_and_shaped_at_the_full_composed_size():
@@ -98,8 +110,29 @@ def test_a_tiny_prior_learns_resumes_exactly_and_samples_reproducibly(shards, tm
 
 def test_prior_commands_train_sample_and_evaluate(shards, tmp_path, runner):
     run = tmp_path / "prior"
-    args = ["prior", "train", "--shards", str(shards / "shards"), "--set", "width=32", "--set", "layers=2", "--set", "heads=2",
-            "--steps", "20", "--batch-size", "8", "--eval-every", "20", "--run-dir", str(run), "--no-progress", "--train", "heldout=24"]
+    args = [
+        "prior",
+        "train",
+        "--shards",
+        str(shards / "shards"),
+        "--set",
+        "width=32",
+        "--set",
+        "layers=2",
+        "--set",
+        "heads=2",
+        "--steps",
+        "20",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "20",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--train",
+        "heldout=24",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.stderr
     assert "216 images x 36 ids over 64 (24 held out)" in result.output
@@ -154,8 +187,7 @@ def test_bad_prior_input_is_one_line(shards, tmp_path, runner, args, message):
 def test_sampling_keeps_each_position_to_its_part_of_a_composed_layout():
     from stvq.prior import layout_mask
 
-    layout = {"begin_id": None, "separator_id": 30, "parts": [
-        {"offset": 0, "vocab_size": 10, "positions": [0, 3]}, {"offset": 10, "vocab_size": 20, "positions": [4, 8]}]}
+    layout = {"begin_id": None, "separator_id": 30, "parts": [{"offset": 0, "vocab_size": 10, "positions": [0, 3]}, {"offset": 10, "vocab_size": 20, "positions": [4, 8]}]}
     mask = layout_mask(layout, 8, 31)
     assert mask.sum(1).tolist() == [10, 10, 10, 1, 20, 20, 20, 20] and mask[3, 30]
     assert layout_mask({"parts": [{"offset": 0, "vocab_size": 31, "positions": [0, 8]}]}, 8, 31) is None

@@ -155,7 +155,7 @@ def test_ema_vq_commitment_loss_pulls_codes_toward_codewords():
 def test_kmeans_recovers_well_separated_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(16, 8, generator=g) * 10
-    data = (centres.repeat(200, 1) + 0.1 * torch.randn(3200, 8, generator=g))
+    data = centres.repeat(200, 1) + 0.1 * torch.randn(3200, 8, generator=g)
     q = stvq.create("quantizer", "kmeans", dim=8, codebook_size=16, niter=30)
     q.fit(data)
     assert torch.cdist(centres, q.codebook[0]).min(dim=1).values.max() < 0.1

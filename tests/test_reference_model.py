@@ -85,10 +85,7 @@ def test_stage1_model_refuses_ids_with_a_pointer_to_quantize():
 def _trace_condition_layers(decoder: StyledDecoder, codes: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
     """(input state, condition, output state) of every condition layer."""
     trace = []
-    hooks = [
-        block.register_forward_hook(lambda mod, args, out: trace.append((args[0].clone(), args[1].clone(), out.clone())))
-        for block in decoder.condition_blocks
-    ]
+    hooks = [block.register_forward_hook(lambda mod, args, out: trace.append((args[0].clone(), args[1].clone(), out.clone()))) for block in decoder.condition_blocks]
     with torch.no_grad():
         decoder(codes)
     for hook in hooks:
@@ -242,8 +239,15 @@ def test_bad_config_values_are_clear_errors(overrides, message):
 
 
 @pytest.mark.parametrize(
-    "options", [{"qk_norm": True}, {"head_channels": 16}, {"qk_norm": True, "head_channels": 8, "patch_size": 16}, {"head": "pixel", "head_channels": 8}, {"head": "film", "head_channels": 8},
-                {"head": "linear"}]
+    "options",
+    [
+        {"qk_norm": True},
+        {"head_channels": 16},
+        {"qk_norm": True, "head_channels": 8, "patch_size": 16},
+        {"head": "pixel", "head_channels": 8},
+        {"head": "film", "head_channels": 8},
+        {"head": "linear"},
+    ],
 )
 def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options):
     cfg = make_config(preset="tiny", **options)
@@ -339,8 +343,9 @@ def test_the_titok_decoder_puts_every_code_in_context_and_runs_plain_vit_layers_
     hook.remove()
     assert first.shape == (1, 3, 64, 64) and not torch.equal(outputs[0], outputs[1])  # the last code reaches layer 0
     run = tmp_path / "titok"
-    result = runner.invoke(main, ["train", "--tokenizer", "titok", "--set", "width=32", "--set", "heads=2", "--steps", "2", "--batch-size", "2",
-                                  "--eval-every", "2", "--run-dir", str(run), "--no-progress"])
+    result = runner.invoke(
+        main, ["train", "--tokenizer", "titok", "--set", "width=32", "--set", "heads=2", "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--run-dir", str(run), "--no-progress"]
+    )
     assert result.exit_code == 0, result.stderr
     tok = stvq.load_tokenizer(run)
     assert type(tok.decoder) is TiTokDecoder and tok.config.decoder == "titok" and tok.config.width == 32
@@ -505,8 +510,7 @@ def test_the_head_activation_is_the_pixel_heads_nonlinearity_and_holds_no_weight
 
 
 def test_patch_overlap_and_head_activation_refuse_what_they_cannot_draw():
-    for bad, message in (({"patch_overlap": 4, "blend_patches": True}, "set one"), ({"patch_overlap": 9}, "at most 8"),
-                         ({"head_activation": "tanh"}, "not one of gelu, relu, silu")):
+    for bad, message in (({"patch_overlap": 4, "blend_patches": True}, "set one"), ({"patch_overlap": 9}, "at most 8"), ({"head_activation": "tanh"}, "not one of gelu, relu, silu")):
         with pytest.raises(ConfigError, match=message):
             make_config("tiny", **bad)
 

@@ -249,6 +249,7 @@ def test_hf_reads_parquet_and_imagefolder_directories_offline(tmp_path, monkeypa
     shapes = make_dataset("shapes", 64, "train")
     for i in range(25):
         Image.fromarray(to_uint8(shapes[i])).save(tmp_path / "folder" / "train" / f"{i:03d}.png")
+
     def no_network(*args, **kwargs):
         raise AssertionError("hf: tried to reach the network")
 

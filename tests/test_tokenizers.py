@@ -27,8 +27,7 @@ def write_taming(tmp_path, dd=SMALL_DD, n_embed=50, embed_dim=8, mutate=None):
     if mutate:
         mutate(state)
     torch.save({"state_dict": state, "epoch": 3, "global_step": 1200}, tmp_path / "model.ckpt")
-    config = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel",
-                        "params": {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": dd, "lossconfig": {"target": "x"}}}}
+    config = {"model": {"base_learning_rate": 4.5e-6, "target": "taming.models.vqgan.VQModel", "params": {"embed_dim": embed_dim, "n_embed": n_embed, "ddconfig": dd, "lossconfig": {"target": "x"}}}}
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
     return model, tmp_path / "model.ckpt", tmp_path / "model.yaml"
 
@@ -38,9 +37,18 @@ def test_public_f16_16384_layout_has_taming_keys():
         model = VQGANTokenizer(ddconfig=F16_DD, embed_dim=256, n_embed=16384)
     keys = set(model.state_dict())
     assert len(keys) == 392 - 49  # the public checkpoint's keys less its 49 loss.* keys
-    for key in ("encoder.down.4.attn.1.q.weight", "encoder.down.3.downsample.conv.weight", "decoder.up.4.attn.2.proj_out.weight",
-                "decoder.up.4.upsample.conv.weight", "decoder.up.0.block.2.conv2.bias", "quantize.embedding.weight",
-                "quant_conv.weight", "post_quant_conv.bias", "encoder.down.2.block.0.nin_shortcut.weight", "decoder.mid.attn_1.k.bias"):
+    for key in (
+        "encoder.down.4.attn.1.q.weight",
+        "encoder.down.3.downsample.conv.weight",
+        "decoder.up.4.attn.2.proj_out.weight",
+        "decoder.up.4.upsample.conv.weight",
+        "decoder.up.0.block.2.conv2.bias",
+        "quantize.embedding.weight",
+        "quant_conv.weight",
+        "post_quant_conv.bias",
+        "encoder.down.2.block.0.nin_shortcut.weight",
+        "decoder.mid.attn_1.k.bias",
+    ):
         assert key in keys, key
     assert "decoder.up.0.upsample.conv.weight" not in keys and "encoder.down.4.downsample.conv.weight" not in keys
     assert (model.num_tokens, model.vocab_size, model.image_size) == (256, 16384, 256)

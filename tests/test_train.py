@@ -100,8 +100,24 @@ def test_quantize_then_stage2_gives_a_working_tokenizer(stage1_run, tmp_path):
 def test_stage2_with_an_online_quantizer_from_the_cli(stage1_run, tmp_path, runner):
     result = runner.invoke(
         main,
-        ["train", "--stage", "2", "--from", str(stage1_run), "--quantizer", "fsq", "--quantizer-option", "levels=[4,4,3]",
-         "--steps", "4", "--batch-size", "4", "--run", str(tmp_path / "fsq"), "--no-progress"],
+        [
+            "train",
+            "--stage",
+            "2",
+            "--from",
+            str(stage1_run),
+            "--quantizer",
+            "fsq",
+            "--quantizer-option",
+            "levels=[4,4,3]",
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--run",
+            str(tmp_path / "fsq"),
+            "--no-progress",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "stvq train: done" in result.output
@@ -159,8 +175,27 @@ def test_step_batches_are_deterministic_disjoint_across_ranks_and_cover_epochs()
 
 
 def cli_train(run: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "stvq.cli", "train", "--run", str(run), "--no-progress", *SMALL_ARGS,
-            "--batch-size", "8", "--steps", "40", "--log-every", "1", "--checkpoint-every", "5", "--eval-every", "40", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "stvq.cli",
+        "train",
+        "--run",
+        str(run),
+        "--no-progress",
+        *SMALL_ARGS,
+        "--batch-size",
+        "8",
+        "--steps",
+        "40",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "5",
+        "--eval-every",
+        "40",
+        *extra,
+    ]
 
 
 ADVERSARIAL_ARGS = ("--adversarial-weight", "0.5", "--disc-start", "10", "--train", 'discriminator_options={"channels": 8, "layers": 2}', "--train", "lecam_weight=0.01")
@@ -211,8 +246,30 @@ def test_sigkill_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path,
 def test_torchrun_two_cpu_ranks_agree_on_the_weights(tmp_path, extra):
     """Every trained part, a discriminator included, holds the same weights on both ranks."""
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stvq.cli",
-           "train", "--run-dir", str(run), "--no-progress", *SMALL_ARGS, "--batch-size", "4", "--steps", "4", "--log-every", "1", "--eval-every", "4", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "stvq.cli",
+        "train",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        *SMALL_ARGS,
+        "--batch-size",
+        "4",
+        "--steps",
+        "4",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "4",
+        *extra,
+    ]
     done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -416,6 +473,7 @@ def test_tail_drop_starts_at_its_fraction_of_the_run_and_only_in_stage_1(tmp_pat
 
     def spy(cfg):
         model = build(cfg)
+
         def hook(m, args, kwargs):  # training passes; a meta-device pass counts FLOPs (stvq.flops)
             if m.training and args[0].device.type != "meta":
                 seen.append(kwargs.get("tail_drop", 0.0))
@@ -432,8 +490,25 @@ def test_tail_drop_starts_at_its_fraction_of_the_run_and_only_in_stage_1(tmp_pat
 
 def test_any_train_config_field_is_set_by_name_with_train(runner, tmp_path):
     run = tmp_path / "run"
-    args = ["train", *SMALL_ARGS, "--steps", "9", "--batch-size", "2", "--eval-every", "3", "--run-dir", str(run), "--no-progress",
-            "--train", "tail_drop=0.5", "--train", 'lr_scales={"decoder.": 2}', "--train", "steps=3"]
+    args = [
+        "train",
+        *SMALL_ARGS,
+        "--steps",
+        "9",
+        "--batch-size",
+        "2",
+        "--eval-every",
+        "3",
+        "--run-dir",
+        str(run),
+        "--no-progress",
+        "--train",
+        "tail_drop=0.5",
+        "--train",
+        'lr_scales={"decoder.": 2}',
+        "--train",
+        "steps=3",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.stderr
     saved = json.loads((run / "train.json").read_text())
@@ -520,8 +595,9 @@ def test_validation_reads_reconstructions_with_the_recogniser(tmp_path, runner):
     assert all(0 <= m["val_shape_accuracy"] <= 1 and m["val_x_mae"] >= 0 for m in evaluated)
     assert "val_shape_accuracy" in json.loads((run / "summary.json").read_text())
     upright = tmp_path / "upright"  # README's `stvq train --stage 1 --data shapes-upright`, as it is read back
-    result = runner.invoke(main, ["train", "--data", "shapes-upright", *SMALL_ARGS, "--steps", "2", "--batch-size", "2", "--eval-every", "2",
-                                  "--train", "recognise=true", "--run-dir", str(upright), "--no-progress"])
+    result = runner.invoke(
+        main, ["train", "--data", "shapes-upright", *SMALL_ARGS, "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--train", "recognise=true", "--run-dir", str(upright), "--no-progress"]
+    )
     assert result.exit_code == 0, result.stderr
     assert "val_shape_accuracy" in metrics(upright)[-1] and json.loads((upright / "train.json").read_text())["data"] == "shapes-upright"
     result = runner.invoke(main, ["train", "--data", "photos", "--train", "recognise=true", "--run-dir", str(tmp_path / "f")])
@@ -539,8 +615,27 @@ def test_the_gpu_recipes_readme_documents_start_on_a_cpu(command, runner, tmp_pa
     bf16 autocast on a CPU without AVX512_BF16 runs `small`'s width 512 for minutes."""
     import shlex
 
-    args = shlex.split(command)[1:] + ["--set", "width=64", "--set", "heads=2", "--steps", "2", "--batch-size", "2", "--num-workers", "0", "--eval-every", "2", "--log-every", "1",
-                                       "--train", "disc_start=1", "--run-dir", str(tmp_path / "gpu"), "--no-progress"]
+    args = shlex.split(command)[1:] + [
+        "--set",
+        "width=64",
+        "--set",
+        "heads=2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "1",
+        "--train",
+        "disc_start=1",
+        "--run-dir",
+        str(tmp_path / "gpu"),
+        "--no-progress",
+    ]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.stderr
     last = metrics(tmp_path / "gpu")[-1]

@@ -64,11 +64,22 @@ class ComposedTokenizer(PretrainedMixin, Tokenizer):
     def manifest(self) -> dict[str, Any]:
         """Human-readable layout: parts in order, their id offsets, positions, sizes and resizing."""
         return {
-            "vocab_size": self.vocab_size, "num_tokens": self.num_tokens, "image_size": self.image_size,
-            "begin_id": self.begin_id, "separator_id": self.separator_id, "decodes_pixels_with": self.decode_with,
+            "vocab_size": self.vocab_size,
+            "num_tokens": self.num_tokens,
+            "image_size": self.image_size,
+            "begin_id": self.begin_id,
+            "separator_id": self.separator_id,
+            "decodes_pixels_with": self.decode_with,
             "parts": [
-                {"name": p.plugin_name, "offset": off, "vocab_size": p.vocab_size, "positions": [start, start + p.num_tokens],
-                 "num_tokens": p.num_tokens, "image_size": p.image_size, "resized_from": self.image_size if p.image_size != self.image_size else None}
+                {
+                    "name": p.plugin_name,
+                    "offset": off,
+                    "vocab_size": p.vocab_size,
+                    "positions": [start, start + p.num_tokens],
+                    "num_tokens": p.num_tokens,
+                    "image_size": p.image_size,
+                    "resized_from": self.image_size if p.image_size != self.image_size else None,
+                }
                 for p, off, start in zip(self.parts, self.offsets, self.starts)
             ],
         }

@@ -85,9 +85,7 @@ class StyledConfig(PluginConfig):
         if not (isinstance(self.mlp_ratio, (int, float)) and math.isfinite(self.mlp_ratio) and self.mlp_ratio > 0):
             raise ConfigError(f"config field mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
         if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; pick sizes that divide"
-            )
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; pick sizes that divide")
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.condition_layers < 1:
@@ -134,12 +132,18 @@ StyledConfig.PRESETS = {
     # 8 px patches, and the better PSNR after 5 minutes. Its encoder starts "lecun-sincos": with ViT's start
     # a narrow encoder's codes carry no position, and stage 1 never leaves the background plateau. Its
     # decoder ends in the pixel head: no patch seams, +1.5 dB in the oracle at 1,400 steps (README).
-    "tiny": StyledConfig(
-        image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", head="pixel", head_channels=16
-    ),
+    "tiny": StyledConfig(image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", head="pixel", head_channels=16),
     # The ablation of SPEC section 6: tiny with the unordered decoder (same size, no per-layer code pairs).
     "tiny-unordered": StyledConfig(
-        image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", head="pixel", head_channels=16,
+        image_size=64,
+        patch_size=16,
+        width=64,
+        heads=2,
+        encoder_layers=4,
+        plain_layers=2,
+        encoder_init="lecun-sincos",
+        head="pixel",
+        head_channels=16,
         decoder="unordered",
     ),
 }

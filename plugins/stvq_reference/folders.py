@@ -73,9 +73,25 @@ class ImageFolderDataset(ImageDataset):
 
 #: Real photographs that scikit-image ships as files (no download): colour and grey, objects and textures.
 PHOTO_FILES = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg", "motorcycle_left.png",
-    "motorcycle_right.png", "retina.jpg", "ihc.png", "camera.png", "moon.png", "coins.png", "page.png",
-    "text.png", "grass.png", "gravel.png", "brick.png", "horse.png", "cell.png",
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "ihc.png",
+    "camera.png",
+    "moon.png",
+    "coins.png",
+    "page.png",
+    "text.png",
+    "grass.png",
+    "gravel.png",
+    "brick.png",
+    "horse.png",
+    "cell.png",
 )
 
 

@@ -50,10 +50,7 @@ class KMeansQuantizer(CodebookQuantizer, FittableQuantizer):
         """Cluster ``vectors`` (..., [P,] dim) into the codebook; returns faiss's final objective."""
         grouped = self.group(vectors.detach().float().cpu())  # (G, M, D)
         if grouped.shape[1] < self.codebook_size:
-            raise StvqError(
-                f"k-means with K={self.codebook_size} needs at least K vectors per codebook, got {grouped.shape[1]}; "
-                f"use more images or a smaller K"
-            )
+            raise StvqError(f"k-means with K={self.codebook_size} needs at least K vectors per codebook, got {grouped.shape[1]}; use more images or a smaller K")
         use_gpu = faiss.get_num_gpus() > 0 if self.gpu is None else self.gpu
         objective = 0.0
         for g, x in enumerate(grouped):

@@ -62,7 +62,12 @@ class StyledVQ(PretrainedMixin, CodeTokenizer):
         return self.decoder(codes)
 
     def forward(
-        self, images: torch.Tensor, noise_sigma: float = 0.0, quantize: bool = False, codes: torch.Tensor | None = None, tail_drop: float = 0.0,
+        self,
+        images: torch.Tensor,
+        noise_sigma: float = 0.0,
+        quantize: bool = False,
+        codes: torch.Tensor | None = None,
+        tail_drop: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> CodeTokenizerOutput:
         """Reconstruct ``images``; stage 1 adds Gaussian noise of std ``noise_sigma`` to the codes,

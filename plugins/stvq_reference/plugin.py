@@ -79,6 +79,9 @@ def register_options(register):
     register("quantize", "--niter", "niter", "k-means iterations (default 20).", type=click.IntRange(min=1))
     register("quantize", "--spherical", "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True)
     register(
-        "quantize", "--max-points-per-centroid", "max_points_per_centroid",
-        "k-means trains on at most K x this many code vectors, sampled by faiss (default 256).", type=click.IntRange(min=1),
+        "quantize",
+        "--max-points-per-centroid",
+        "max_points_per_centroid",
+        "k-means trains on at most K x this many code vectors, sampled by faiss (default 256).",
+        type=click.IntRange(min=1),
     )

@@ -92,8 +92,9 @@ class WebDatasetSource(ImageStream):
             if len(images) == VAL_IMAGES:
                 break
         if not images:
-            raise StvqError(f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image; validation reads its first "
-                            f"{VAL_IMAGES} images: end the pattern at a shard that holds images")
+            raise StvqError(
+                f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image; validation reads its first {VAL_IMAGES} images: end the pattern at a shard that holds images"
+            )
         return ImageList(images, f"the first {len(images)} images of {self.urls[-1]}")
 
 

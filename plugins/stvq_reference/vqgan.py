@@ -103,7 +103,9 @@ def _middle(channels: int) -> Any:
 
 
 class Encoder(nn.Module):
-    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], in_channels: int, resolution: int, z_channels: int, double_z: bool = False, **unused: Any) -> None:  # the rest of a taming ddconfig
+    def __init__(
+        self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], in_channels: int, resolution: int, z_channels: int, double_z: bool = False, **unused: Any
+    ) -> None:  # the rest of a taming ddconfig
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
@@ -134,7 +136,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], resolution: int, z_channels: int, **unused: Any) -> None:  # the rest of a taming ddconfig
+    def __init__(
+        self, ch: int, out_ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int], resolution: int, z_channels: int, **unused: Any
+    ) -> None:  # the rest of a taming ddconfig
         super().__init__()
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)

@@ -49,9 +49,19 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     for target in targets:
         if is_main():
             console.print(f"evaluating {target} ...")
-        results.append(evaluate_path(
-            target, data, images=images, prefix_images=prefix_images, probe_images=probe_images, perceptual=not no_perceptual, recognise=not no_recogniser, num_workers=num_workers, device=device,
-        ))
+        results.append(
+            evaluate_path(
+                target,
+                data,
+                images=images,
+                prefix_images=prefix_images,
+                probe_images=probe_images,
+                perceptual=not no_perceptual,
+                recognise=not no_recogniser,
+                num_workers=num_workers,
+                device=device,
+            )
+        )
     if not is_main():
         return
     table = Table(title="stvq eval" + (" (compare)" if len(results) > 1 else ""))

@@ -87,7 +87,9 @@ def _workers(ctx: click.Context, param: click.Parameter, value: int | None) -> i
 
 
 workers_option = click.option(
-    "--num-workers", type=click.IntRange(min=0), callback=_workers,
+    "--num-workers",
+    type=click.IntRange(min=0),
+    callback=_workers,
     help="DataLoader worker processes that decode and resize images (default: one per core, the cores shared among torchrun's processes, at most 8; 0: in the main process).",
 )
 

@@ -139,7 +139,9 @@ def eval_prior(prior_dir, shards, samples, keeps, seed) -> None:
 
 def _judge_table(r: dict) -> Table:
     factors = list(r["keep"][next(iter(r["keep"]))]["survival"]) if r["keep"] else list(r["judge"]["total_variation"])
-    table = Table(title="samples read by the factor recogniser (accuracy on real images: " + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in r["recogniser"].items() if k.endswith("accuracy")) + ")")
+    table = Table(
+        title="samples read by the factor recogniser (accuracy on real images: " + ", ".join(f"{k.split('_')[0]} {v:.2f}" for k, v in r["recogniser"].items() if k.endswith("accuracy")) + ")"
+    )
     table.add_column("")
     for name in factors:
         table.add_column(name, justify="right")

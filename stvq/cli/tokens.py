@@ -122,9 +122,18 @@ def tokenize(tokenizer_dir, data, output, shard_size, batch_size, max_images, nu
     tokenizer = distributed_tokenizer(tokenizer_dir)
     dataset, fingerprint = tokenize_source(data, tokenizer.image_size, max_images)
     result = tokenize_dataset(
-        tokenizer, dataset, output, shard_size=shard_size, batch_size=batch_size, console=console,
-        data_fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, num_workers=num_workers,
+        tokenizer,
+        dataset,
+        output,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        console=console,
+        data_fingerprint=fingerprint,
+        tokenizer_dir=tokenizer_dir,
+        num_workers=num_workers,
     )
     if is_main():
         unreadable = f", {result['unreadable']} unreadable member(s) skipped" if result.get("unreadable") else ""
-        click.echo(f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}{unreadable}")
+        click.echo(
+            f"{result['num_images']:,} images -> {result['num_shards']} shard(s) in {output} ({result['skipped_shards']} already there), {result['num_tokens']} tokens each, vocabulary {result['vocab_size']:,}{unreadable}"
+        )

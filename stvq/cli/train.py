@@ -44,12 +44,20 @@ def _default_run(stage: int, name: str) -> str:
 
 @click.command()
 @config_options(TrainConfig, TRAIN_FLAGS)
-@click.option("--run-dir", "--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.")
+@click.option(
+    "--run-dir",
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.",
+)
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
 @click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="Any TrainConfig field by name (JSON for dicts), applied after the other options, e.g. --train tail_drop=0.5; repeatable.")
+@click.option(
+    "--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="Any TrainConfig field by name (JSON for dicts), applied after the other options, e.g. --train tail_drop=0.5; repeatable."
+)
 @click.pass_context
 def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options, no_progress, train_fields, **flags) -> None:
     """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
@@ -74,7 +82,7 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
         q = {"name": quantizer, **parse_options(quantizer_options, "--quantizer-option")} if quantizer else None
         options = {**flags, "model": parse_overrides(flags["model"], "tokenizer", flags["tokenizer"]), "quantizer": q}
         cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
-        run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run or '').name)
+        run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run or "").name)
     summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)
     if summary:
         console.print(_summary_panel(summary))
@@ -127,8 +135,17 @@ def quantize(run_dir, k, data, max_images, per_position, batch_size, seed, quant
     options = {**given_meta(QUANTIZER_OPTIONS), **parse_options(quantizer_options, "--quantizer-option")}
     started = time.perf_counter()
     result = fit_codebook(
-        run_dir, k=k, data=data, max_images=max_images, per_position=per_position, batch_size=batch_size, seed=seed,
-        console=console, quantizer=quantizer, options=options, num_workers=num_workers,
+        run_dir,
+        k=k,
+        data=data,
+        max_images=max_images,
+        per_position=per_position,
+        batch_size=batch_size,
+        seed=seed,
+        console=console,
+        quantizer=quantizer,
+        options=options,
+        num_workers=num_workers,
     )
     if result is None:  # a rank other than 0 under torchrun
         return
@@ -136,7 +153,12 @@ def quantize(run_dir, k, data, max_images, per_position, batch_size, seed, quant
     for column in ("K", "vectors", "time", "quantization MSE", "usage", "perplexity", "dead codes"):
         table.add_column(column, justify="right")
     table.add_row(
-        f"{k:,}" + (" per position" if per_position else ""), f"{result['vectors']:,}", f"{time.perf_counter() - started:.1f} s",
-        f"{result['mse']:.5f}", f"{result['usage']:.1%}", f"{result['perplexity']:.1f}", f"{result['dead_codes']:,}",
+        f"{k:,}" + (" per position" if per_position else ""),
+        f"{result['vectors']:,}",
+        f"{time.perf_counter() - started:.1f} s",
+        f"{result['mse']:.5f}",
+        f"{result['usage']:.1%}",
+        f"{result['perplexity']:.1f}",
+        f"{result['dead_codes']:,}",
     )
     console.print(table)

@@ -16,10 +16,14 @@ from stvq.errors import StvqError
 from stvq.interfaces import FactorDataset
 
 # Eight well-separated colours shared by the background and the object.
-PALETTE = np.array(
-    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240], [250, 250, 250]],
-    dtype=np.float32,
-) / 127.5 - 1.0
+PALETTE = (
+    np.array(
+        [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180], [70, 240, 240], [250, 250, 250]],
+        dtype=np.float32,
+    )
+    / 127.5
+    - 1.0
+)
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 TEXTURES = ("plain", "stripes", "dots")
 

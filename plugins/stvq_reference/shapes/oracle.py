@@ -133,6 +133,7 @@ def run_oracle(
     check_batch_fits(cfg.batch_size, train_set[0], on)
     sampler = RandomSampler(train_set, generator=torch.Generator().manual_seed(seed))
     loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True, num_workers=training_workers(cfg.num_workers, on))
+
     def point(step: int, seconds: float) -> dict[str, float]:
         value, renders = _val_psnr(net, val_factors, val_images)
         result.samples = torch.stack([val_images[:8], renders[:8]]).cpu()
@@ -199,8 +200,15 @@ def oracle(decoder, preset, overrides, train_fields, seconds, eval_every, device
     if not seconds and "steps" not in options:
         raise click.UsageError("--seconds 0 runs the cosine over the steps: give them, e.g. --train steps=1400")
     result = run_oracle(
-        decoder, preset, parse_overrides(tuple(overrides), "decoder", decoder), {"steps": 10**6, **options}, seconds or None, eval_every,
-        device=device, recognise=recognise, on_point=lambda point: click.echo(json.dumps(point)),  # as it is measured
+        decoder,
+        preset,
+        parse_overrides(tuple(overrides), "decoder", decoder),
+        {"steps": 10**6, **options},
+        seconds or None,
+        eval_every,
+        device=device,
+        recognise=recognise,
+        on_point=lambda point: click.echo(json.dumps(point)),  # as it is measured
     )
     click.echo(json.dumps({"final_psnr": result.final_psnr, "images_per_s": round(result.images_per_s, 1), "steps": result.curve[-1]["step"]}))
     if grid:
