@@ -56,12 +56,24 @@ class QuantizerContract:
         out = quantizer(z)
         assert torch.equal(quantizer.ids_to_codes(out.ids), out.codes)
 
+    def straight_through(self, quantizer: Quantizer, z: torch.Tensor) -> torch.Tensor:
+        """The quantizer's map with its rounding taken as the identity: what its codes are to the gradient.
+        A codebook quantizer's straight-through estimator passes the gradient at the codes to ``z``
+        unchanged: ``z`` itself. Override for a quantizer whose codes pass through more (a normalisation,
+        FSQ's bound and projections)."""
+        return z
+
     def test_gradient_passes_straight_through(self, quantizer, z):
+        """The gradient that reaches ``z`` is the gradient at the codes, carried back through
+        :meth:`straight_through` alone (for a codebook: equal to it)."""
         quantizer.train()
-        z = z.clone().requires_grad_()
-        out = quantizer(z)
-        (out.codes * torch.arange(z.shape[-1], dtype=z.dtype)).sum().backward()
-        assert z.grad is not None and z.grad.abs().sum() > 0
+        weight = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))  # a gradient at the codes
+        through = z.clone().requires_grad_()
+        (quantizer(through).codes * weight).sum().backward()
+        expected = z.clone().requires_grad_()
+        (self.straight_through(quantizer, expected) * weight).sum().backward()
+        assert through.grad is not None and expected.grad is not None
+        torch.testing.assert_close(through.grad, expected.grad)
 
     def test_state_round_trips_through_safetensors(self, quantizer, z, tmp_path):
         quantizer.train()
@@ -158,6 +170,7 @@ class TokenizerContract:
         with torch.no_grad():
             out = tokenizer.decode(tokenizer.encode(images))
         assert out.shape == images.shape and torch.isfinite(out).all()
+        assert out.min() >= -1 and out.max() <= 1  # the promised range
 
     def test_decode_refuses_ids_it_cannot_mean(self, tokenizer, images):
         with torch.no_grad():
@@ -197,6 +210,19 @@ class CodeTokenizerContract(TokenizerContract):
         assert isinstance(model, CodeTokenizer) and model.quantizer is None
         self.attach_quantizer(model)
         return model.eval()
+
+    def test_decode_keeps_images_in_range_whatever_the_decoder_draws(self, tokenizer, images):
+        """``decode`` promises images in [-1, 1] even from a decoder that draws far outside (its last layer
+        scaled a thousandfold here): they are clipped, not passed on."""
+        last = tokenizer.decoder.last_layer()
+        if last is None:  # nothing that writes the pixels to scale
+            return
+        with torch.no_grad():
+            ids = tokenizer.encode(images)
+            last.mul_(1000)
+            out = tokenizer.decode(ids)
+        assert out.min() >= -1 and out.max() <= 1
+        assert (out.abs() == 1).float().mean() > 0.1  # the scaled drawing did reach the range's ends
 
     def test_forward_reconstructs_with_the_training_options(self, tokenizer, images):
         tokenizer.train()

@@ -12,6 +12,7 @@ import torch
 import stvq
 from stvq.cli import main
 from stvq.config import TrainConfig
+from stvq.data import first_images, make_dataset
 from stvq.evaluate import prefix_curve
 from stvq.features import efficientnet_lite0, features
 from stvq.images import load_image
@@ -163,7 +164,9 @@ def test_eval_end_to_end_writes_table_json_and_plots(two_runs, runner):
     seen = written["recognised"]  # the factor recogniser on the same 16 images, originals and reconstructions
     assert set(seen) == {"originals", "reconstructions"} and {"shape_accuracy", "x_mae"} <= set(seen["reconstructions"])
     assert seen["originals"]["background_accuracy"] > max(0.5, seen["reconstructions"]["background_accuracy"])  # 4 steps: no background yet
-    assert 0 <= seen["reconstructions"]["shape_accuracy"] <= 1 and "recogniser on reconstructions" in result.output
+    val = make_dataset("shapes", 64, "val")  # the originals' reading, computed here from the data set's own recogniser
+    assert seen["originals"] == val.recogniser().reading_accuracy(first_images(val, 16), val.factor_table(16))
+    assert (16 * seen["reconstructions"]["shape_accuracy"]).is_integer() and "recogniser on reconstructions" in result.output
     for name in ("prefix_curve.png", "factor_probe.png"):
         assert (styled / name).stat().st_size > 10_000
 

@@ -10,6 +10,7 @@ import torch
 import stvq
 from stvq.cli import main
 from stvq.config import PriorTrainConfig
+from stvq.data import first_images, make_dataset
 from stvq.prior import PriorTrainer
 from stvq_reference.shapes import recogniser as judge
 from stvq_reference.shapes.recogniser import FactorRecogniser, ShapesRecogniser
@@ -69,7 +70,9 @@ def test_recogniser_learns_the_factors_and_prior_eval_judges_samples(shards, tmp
     report = json.loads((run / "prior_eval.json").read_text())
     assert report["recogniser"] == accuracy and report["judge"]["samples"] == 16
     assert set(report["judge"]["total_variation"]) == {"background", "shape", "color", "texture", "size", "x", "y"}
-    assert 0 <= report["judge"]["clean_share"] <= 1 and report["judge"]["fd_effnet_lite0"] > 0
+    real = first_images(make_dataset("shapes", 64, "val"), 16)  # the real images judged beside the samples
+    assert report["judge"]["clean_share_real"] == reader.clean_share(reader.read(real))
+    assert (16 * report["judge"]["clean_share"]).is_integer() and report["judge"]["fd_effnet_lite0"] > 0
     assert set(report["keep"]) == {"4", "36"} and (run / "keep_4.png").is_file() and (run / "samples.png").is_file()
     assert "keep 4 " in result.output and "keep 36 " in result.output
 

@@ -164,23 +164,24 @@ def bad_input_run(shards):
 
 
 @pytest.mark.parametrize(
-    "args,message",
+    "args,status,message",
     [
-        (["prior", "train", "--shards", "{tmp}", "--run-dir", "{tmp}/r"], "holds no manifest.json: pass a directory written by `stvq tokenize`"),
-        (["prior", "train", "--run-dir", "{tmp}/r"], "pass --shards DIR"),
-        (["prior", "sample", "--prior", "{tmp}", "-n", "3", "-o", "{tmp}/o"], "holds no prior (no config.json)"),
-        (["prior", "sample", "--prior", "{run}", "-n", "0", "-o", "{tmp}/o"], "Invalid value for '-n'"),
-        (["prior", "sample", "--prior", "{run}", "-n", "2", "--keep", "4", "-o", "{tmp}/o"], "give them with --from"),
-        (["prior", "sample", "--prior", "{run}", "-n", "2", "--tokenizer", "{other}", "-o", "{tmp}/o"], "is not the one that wrote"),
+        (["prior", "train", "--shards", "{tmp}", "--run-dir", "{tmp}/r"], 1, "holds no manifest.json: pass a directory written by `stvq tokenize`"),
+        (["prior", "train", "--run-dir", "{tmp}/r"], 1, "pass --shards DIR"),
+        (["prior", "sample", "--prior", "{tmp}", "-n", "3", "-o", "{tmp}/o"], 1, "holds no prior (no config.json)"),
+        (["prior", "sample", "--prior", "{run}", "-n", "0", "-o", "{tmp}/o"], 2, "Invalid value for '-n'"),  # a value out of range: click's usage status
+        (["prior", "sample", "--prior", "{run}", "-n", "2", "--keep", "4", "-o", "{tmp}/o"], 1, "give them with --from"),
+        (["prior", "sample", "--prior", "{run}", "-n", "2", "--tokenizer", "{other}", "-o", "{tmp}/o"], 1, "is not the one that wrote"),
     ],
 )
-def test_bad_prior_input_is_one_line(shards, tmp_path, runner, args, message):
+def test_bad_prior_input_is_one_line(shards, tmp_path, runner, args, status, message):
     run = bad_input_run(shards)
     other = tmp_path / "other"
     torch.manual_seed(1)  # other weights than the tokenizer that wrote the shards
     stvq.create("tokenizer", "styled", preset="tiny", width=32, heads=2, quantizer={"name": "fsq", "levels": [4, 4, 4]}).save_pretrained(other)
     result = runner.invoke(main, [a.format(tmp=tmp_path, run=run, other=other) for a in args])
-    assert result.exit_code in (1, 2) and message in result.stderr, result.stderr
+    assert result.exit_code == status and message in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.startswith("Error")]) == 1
     assert "Traceback" not in result.output + result.stderr
 
 

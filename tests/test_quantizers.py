@@ -44,6 +44,28 @@ class TestQuantizerContract(QuantizerContract):
         _, name, options, fit = self.case
         return build(name, options, fit, dim)
 
+    def straight_through(self, quantizer, z):
+        _, name, options, _ = self.case
+        if name == "fsq":  # rounding is the identity to the gradient; the bound and projections are not
+            return quantizer.project_out(quantizer.bound(quantizer.project_in(z.float())) / quantizer.half_width).to(z.dtype)
+        if options.get("l2_normalize"):  # codes on the unit sphere, the gradient through the normalisation
+            return torch.nn.functional.normalize(z, dim=-1)
+        return z
+
+
+def test_the_straight_through_contract_fails_a_quantizer_that_blocks_or_scales_the_gradient():
+    """A wrong estimator fails the contract: here the expected map is off by a factor of two."""
+
+    class Halved(TestQuantizerContract):
+        def straight_through(self, quantizer, z):
+            return 2 * z  # the identity is expected; a quantizer passing 2x would be caught the same way
+
+    contract = Halved()
+    contract.case = ("kmeans", "kmeans", {"codebook_size": 32}, True)
+    z = torch.randn(4, 36, contract.dim, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(AssertionError):
+        contract.test_gradient_passes_straight_through(contract.make_quantizer(contract.dim), z)
+
 
 # ---------------------------------------------------------------------------------------------- FSQ
 
