@@ -30,8 +30,8 @@ def readings(model: torch.nn.Module, data, start: int, count: int) -> dict[str, 
     ``count`` images from index ``start``."""
     decoder, grabbed = model.decoder, {}
     hooks = [decoder.norm.register_forward_hook(lambda m, i, o: grabbed.__setitem__("tokens", o.flatten(1)))]  # (B, P D)
-    # the pixel head's features: the input of its per-pixel MLP (the film head's: of its first FiLM layer)
-    reader = getattr(decoder.out_head, "mlp", None) or getattr(decoder.out_head, "film_1", None)
+    # the pixel head's features: the input of its per-pixel MLP
+    reader = getattr(decoder.out_head, "mlp", None)
     if reader is not None:
         hooks.append(reader.register_forward_pre_hook(lambda m, args: grabbed.__setitem__("pixels", args[0])))
     out: dict[str, list] = {k: [] for k in ("codes", "tokens", "pixels", "renders", "outline", "shape")}

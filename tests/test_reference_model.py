@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import stvq
-from stvq.errors import ConfigError
 from stvq.metrics import _probe_score
 from stvq.pretrained import load_pretrained
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.decoder import ConditionBlock, StyledDecoder, placeholder_mask
 from stvq_reference.encoder import StyledEncoder
+from stvq_reference.layers import position_tokens
 from stvq_reference.literal_block import LiteralConditionBlock
 from stvq_reference.shapes import ShapesDataset
 
@@ -23,8 +23,7 @@ def expected_parameters(cfg: StyledConfig) -> int:
     """The architecture's parameter count, written out independently of the modules."""
     d, n, p, c, h = cfg.width, cfg.num_tokens, cfg.num_patches, cfg.code_dim, int(cfg.width * cfg.mlp_ratio)
     ln = 2 * d
-    qk_norm = 2 * 2 * (d // cfg.heads) if cfg.qk_norm else 0
-    attn = 3 * d * d + 3 * d + d * d + d + qk_norm
+    attn = 3 * d * d + 3 * d + d * d + d
     mlp = d * h + h + h * d + d
     vit = 2 * ln + attn + mlp
     patch = 3 * cfg.patch_size**2
@@ -34,10 +33,7 @@ def expected_parameters(cfg: StyledConfig) -> int:
     unpatchify = d * k * cfg.patch_size**2 + k
     out = {
         "linear": d * patch + 3,
-        "conv": unpatchify + (k * k * 9 + k) + (k * 3 * 9 + 3),
         "pixel": unpatchify + (d * k + k) + (k * k * 9 + k) + (k * 2 * k + 2 * k) + (2 * k * 3 + 3),  # smooth, mix, MLP
-        # smooth, mix, the coordinates' layer (x, y and 4 octaves of sin, cos: 18 channels), two FiLMs, hidden, out
-        "film": unpatchify + (d * k + k) + (k * k * 9 + k) + (18 * 2 * k + 2 * k) + 2 * (k * 4 * k + 4 * k) + (2 * k * 2 * k + 2 * k) + (2 * k * 3 + 3),
     }[cfg.head]
     decoder = c * d + d + n * d + p * d + cfg.condition_layers * condition + cfg.plain_layers * vit + ln + out
     return encoder + decoder
@@ -222,14 +218,14 @@ def test_missing_files_are_clear_errors(tmp_path):
         ({"image_size": 60}, "not a multiple of patch_size"),
         ({"width": 129}, "not divisible by heads"),
         ({"attn_mask": "causal"}, "attn_mask 'causal' is not one of"),
-        ({"pos_init": "random"}, "pos_init 'random' is not one of normal, sincos"),
         ({"encoder_init": "xavier"}, "encoder_init 'xavier' is not one of vit, lecun-sincos"),
         ({"heads": 0}, "config field heads must be at least 1"),
         ({"patch_size": 0}, "config field patch_size must be at least 1"),
         ({"code_dim": 0}, "config field code_dim must be at least 1"),
         ({"mlp_ratio": -1.0}, "config field mlp_ratio must be a positive number"),
         ({"preset": "huge"}, "unknown preset 'huge'"),
-        ({"head": "mlp"}, "head 'mlp' is not one of linear, conv, pixel"),
+        ({"head": "mlp"}, "head 'mlp' is not one of linear, pixel"),
+        ({"head": "linear", "head_channels": 16}, "head 'linear' writes RGB from out_conv and takes no head_channels"),
         ({"head": "pixel", "head_channels": 0}, r"head 'pixel' needs head_channels > 0"),
     ],
 )
@@ -241,12 +237,9 @@ def test_bad_config_values_are_clear_errors(overrides, message):
 @pytest.mark.parametrize(
     "options",
     [
-        {"qk_norm": True},
-        {"head_channels": 16},
-        {"qk_norm": True, "head_channels": 8, "patch_size": 16},
         {"head": "pixel", "head_channels": 8},
-        {"head": "film", "head_channels": 8},
-        {"head": "linear"},
+        {"head": "pixel", "head_channels": 8, "patch_size": 8},
+        {"head": "linear", "head_channels": 0},
     ],
 )
 def test_recipe_options_keep_shapes_and_the_closed_form_parameter_count(options):
@@ -281,29 +274,17 @@ def test_lecun_sincos_starts_the_encoder_with_fan_in_weights_and_sincos_position
     encoder = StyledEncoder(preset="tiny", encoder_init="lecun-sincos")
     fc1 = encoder.blocks[0].mlp.fc1.weight  # (256, 64)
     assert 0.7 * 64**-0.5 < fc1.std().item() < 64**-0.5
-    assert torch.equal(encoder.pos_embed, StyledDecoder(preset="tiny", pos_init="sincos").pos_tokens)
+    assert torch.equal(encoder.pos_embed, position_tokens(4, 64, "sincos"))  # the tiny grid: 4 x 4 patches
     assert StyledEncoder(preset="tiny", encoder_init="vit").blocks[0].mlp.fc1.weight.std().item() < 0.025
 
 
 def test_sincos_position_tokens_start_distinct_and_smooth():
-    decoder = StyledDecoder(preset="tiny", patch_size=8, pos_init="sincos")
-    grid = decoder.pos_tokens[0].view(8, 8, -1)  # (H, W, D), row-major tokens
+    tokens = position_tokens(8, 64, "sincos")  # a lecun-sincos encoder's start, on an 8 x 8 grid
+    grid = tokens[0].view(8, 8, -1)  # (H, W, D), row-major tokens
     neighbour = (grid[:, 1:] - grid[:, :-1]).norm(dim=-1).mean()
     far = (grid[:, 7] - grid[:, 0]).norm(dim=-1).mean()
     assert far > 2 * neighbour > 0  # nearby tokens are alike, distant ones are not
-    assert decoder.pos_tokens.requires_grad
-
-
-def test_zero_init_decoder_starts_as_the_identity_on_its_blocks():
-    decoder = StyledDecoder(preset="tiny", zero_init=True).eval()
-    captured = []
-    hook = decoder.blocks[-1].register_forward_hook(lambda mod, args, out: captured.append(out))
-    with torch.no_grad():
-        decoder(torch.randn(2, 36, 16))
-    hook.remove()
-    start = torch.cat([decoder.placeholders, decoder.pos_tokens], dim=1).expand(2, -1, -1)
-    # every condition and plain block adds zero, except the codes added into their placeholders
-    assert torch.allclose(captured[0][:, 36:], start[:, 36:])
+    assert tokens.requires_grad
 
 
 def test_unordered_baseline_has_the_same_size_but_every_code_reaches_layer_0():
@@ -385,17 +366,13 @@ def test_tail_drop_decodes_each_image_from_a_prefix_with_the_rest_at_the_batch_m
     assert torch.equal(seen[-1], codes)
 
 
-def test_a_config_written_before_the_head_field_loads_with_the_head_it_had():
-    old = StyledConfig.PRESETS["tiny"].to_dict()
-    del old["head"]
-    assert make_config({**old, "head_channels": 0}).head == "linear"  # out_conv straight to RGB, as then
-    assert make_config({**old, "head_channels": 16}).head == "conv"  # the two 3x3 convolutions, as then
+def test_the_presets_heads():
     assert StyledConfig.PRESETS["tiny"].head == "pixel" and StyledConfig.PRESETS["reference"].head == "linear"  # the SPEC's structure, exactly
 
 
 def test_a_model_saved_with_fewer_config_fields_loads_with_the_defaults_of_the_others(tmp_path):
-    """tests/data/saved-with-fewer-fields/config.json was written by save_pretrained before three fields
-    existed; it loads as the plugin's StyledConfig, with its quantizer, the missing fields at their defaults."""
+    """tests/data/saved-with-fewer-fields/config.json was written by save_pretrained without the attn_mask
+    field; it loads as the plugin's StyledConfig, with its quantizer, the missing field at its default."""
     import shutil
 
     from safetensors.torch import save_file
@@ -411,7 +388,7 @@ def test_a_model_saved_with_fewer_config_fields_loads_with_the_defaults_of_the_o
     assert isinstance(model.config, StyledConfig) and isinstance(model.config, PluginConfig)
     loaded = model.config.to_dict()
     assert {k: loaded.pop(k) for k in options["config"]} == options["config"] and model.quantizer_spec == options["quantizer"]
-    assert loaded == {"head_activation": "gelu", "blend_patches": False, "patch_overlap": 0}  # fields added since: their defaults
+    assert loaded == {"attn_mask": "none"}  # the field it lacks: its default
     assert (tmp_path / "config.json").read_text() == saved.read_text()  # loading rewrites nothing
 
 
@@ -424,95 +401,6 @@ def test_the_core_holds_no_field_of_a_plugins_model():
     source = Path(stvq.config.__file__).read_text()
     assert "condition_layers" not in source and "head_channels" not in source
     assert not hasattr(stvq.config, "PRESETS")
-
-
-def test_the_film_head_reads_the_coordinates_and_ends_in_its_own_last_layer():
-    from stvq_reference.heads import coordinate_features
-
-    coords = coordinate_features(8, 2)
-    assert coords.shape == (1, 10, 8, 8) and torch.allclose(coords[0, 0, 3], (torch.arange(8) + 0.5) / 4 - 1)  # x along a row
-    assert torch.allclose(coords[0, 3], torch.cos(torch.pi * coords[0, 0])) and torch.allclose(coords[0, 9], torch.cos(2 * torch.pi * coords[0, 1]))
-    decoder = stvq.create("decoder", "styled", preset="tiny", head="film")
-    assert decoder.last_layer() is decoder.out_head.out.weight  # the adaptive weight reads the RGB layer
-    codes = torch.randn(2, 36, 16)
-    assert decoder(codes).shape == (2, 3, 64, 64)
-
-
-def test_blended_out_conv_has_no_patch_borders_and_keeps_out_conv_where_the_grid_is_uniform():
-    """blend_patches: tokens that each draw a flat patch give out_conv a step at every patch border and
-    nothing inside; blended, no step across a border is larger than the largest one inside a patch. A
-    uniform grid decodes as out_conv decodes it (the windows sum to one), with out_conv's parameters."""
-    from stvq_reference.layers import BlendedUnpatchify, Unpatchify
-
-    torch.manual_seed(0)
-    plain, blended = Unpatchify(8, 3, 16), BlendedUnpatchify(8, 3, 16)
-    with torch.no_grad():
-        plain.weight.copy_(torch.randn(8, 3, 1, 1).expand_as(plain.weight))  # flat patches
-    blended.load_state_dict(plain.state_dict())
-    grid = torch.randn(2, 8, 4, 4)
-    border = torch.arange(63) % 16 == 15  # the step from pixel 16k - 1 to 16k
-    for dim in (-1, -2):  # across, then down
-        steps = {name: layer(grid).diff(dim=dim).abs().movedim(dim, -1) for name, layer in (("plain", plain), ("blended", blended))}
-        assert steps["plain"][..., ~border].max() < 1e-5 and steps["plain"][..., border].max() > 0.5
-        assert steps["blended"][..., border].max() <= steps["blended"][..., ~border].max()
-    uniform = torch.randn(2, 8, 1, 1).expand(2, 8, 4, 4)
-    torch.testing.assert_close(blended(uniform), plain(uniform), rtol=1e-5, atol=1e-5)
-    assert blended(grid).shape == (2, 3, 64, 64) and list(blended.state_dict()) == ["weight", "bias"]
-    decoder = StyledDecoder(preset="tiny", blend_patches=True)
-    assert isinstance(decoder.out_conv, BlendedUnpatchify) and decoder(torch.randn(2, 36, 16)).shape == (2, 3, 64, 64)
-
-
-@pytest.mark.parametrize("overlap", [8, 4], ids=["triangle", "trapezoid"])
-def test_overlapping_out_conv_is_the_windowed_transposed_convolution_and_has_no_patch_borders(overlap):
-    """patch_overlap: the fold is the literal transposed convolution of the windowed kernel (p + 2o, stride
-    p, padding o) divided by the windows' sum, which is one away from the image's edge. Tokens that each
-    draw a flat footprint give a continuous image (no step at a border larger than inside a patch), where
-    out_conv steps at every border; a uniform grid decodes as out_conv decodes it."""
-    import torch.nn.functional as F
-
-    from stvq_reference.layers import OverlapUnpatchify, Unpatchify
-
-    torch.manual_seed(0)
-    layer, plain = OverlapUnpatchify(8, 3, 16, overlap), Unpatchify(8, 3, 16)
-    grid = torch.randn(2, 8, 4, 4)
-    transposed = dict(stride=16, padding=overlap)
-    cover = F.conv_transpose2d(torch.ones(1, 1, 4, 4), layer.window[None, None], **transposed)
-    literal = F.conv_transpose2d(grid, layer.weight * layer.window, **transposed) / cover + layer.bias[:, None, None]
-    torch.testing.assert_close(layer(grid), literal, rtol=1e-5, atol=1e-5)
-    inside = cover[..., overlap:-overlap, overlap:-overlap]  # within o pixels of the edge one ramp is all there is
-    assert torch.allclose(inside, torch.ones(())) and 0.25 < cover.amin() and cover[..., 0, :].amax() < 1
-    assert layer(grid).is_contiguous(memory_format=torch.channels_last) and list(layer.state_dict()) == ["weight", "bias"]
-    flat = torch.randn(8, 3, 1, 1)
-    with torch.no_grad():
-        plain.weight.copy_(flat.expand_as(plain.weight))
-        layer.weight.copy_(flat.expand_as(layer.weight))
-        layer.bias.copy_(plain.bias)
-    border = torch.arange(63) % 16 == 15  # the step from pixel 16k - 1 to 16k
-    for dim in (-1, -2):  # across, then down
-        steps = {name: m(grid).diff(dim=dim).abs().movedim(dim, -1) for name, m in (("plain", plain), ("overlap", layer))}
-        assert steps["plain"][..., ~border].max() < 1e-5 and steps["plain"][..., border].max() > 0.5
-        assert steps["overlap"][..., border].max() <= steps["overlap"][..., ~border].max() + 1e-5
-    uniform = torch.randn(2, 8, 1, 1).expand(2, 8, 4, 4)
-    torch.testing.assert_close(layer(uniform), plain(uniform), rtol=1e-5, atol=1e-5)
-    decoder = StyledDecoder(preset="tiny", patch_overlap=overlap)
-    assert isinstance(decoder.out_conv, OverlapUnpatchify) and decoder(torch.randn(2, 36, 16)).shape == (2, 3, 64, 64)
-    assert decoder.out_conv.weight.shape == (64, 16, 16 + 2 * overlap, 16 + 2 * overlap)
-
-
-def test_the_head_activation_is_the_pixel_heads_nonlinearity_and_holds_no_weights():
-    gelu, relu = (stvq.create("decoder", "styled", preset="tiny", head_activation=a) for a in ("gelu", "relu"))
-    relu.load_state_dict(gelu.state_dict())  # the same parameters, so a checkpoint loads under either
-    assert [type(m).__name__ for m in relu.out_head.mlp if not isinstance(m, torch.nn.Conv2d)] == ["ReLU", "ReLU"]
-    codes = torch.randn(2, 36, 16)
-    assert not torch.allclose(gelu(codes), relu(codes))
-    features = torch.randn(1, 16, 8, 8)
-    torch.testing.assert_close(relu.out_head.mlp(features), relu.out_head.mlp[3](relu.out_head.mlp[1](features.relu()).relu()))
-
-
-def test_patch_overlap_and_head_activation_refuse_what_they_cannot_draw():
-    for bad, message in (({"patch_overlap": 4, "blend_patches": True}, "set one"), ({"patch_overlap": 9}, "at most 8"), ({"head_activation": "tanh"}, "not one of gelu, relu, silu")):
-        with pytest.raises(ConfigError, match=message):
-            make_config("tiny", **bad)
 
 
 @pytest.mark.parametrize("width,channels,patch,grid", [(1024, 3, 16, 16), (64, 16, 16, 4)], ids=["reference", "tiny-pixel-head"])

@@ -17,7 +17,7 @@ from torch import nn
 from stvq.interfaces import Decoder
 from stvq_reference.config import StyledConfig, make_config
 from stvq_reference.heads import make_head
-from stvq_reference.layers import BlendedUnpatchify, LayerNorm, OverlapUnpatchify, Unpatchify, init_weights, learned_tokens, position_tokens, vit_block
+from stvq_reference.layers import LayerNorm, Unpatchify, init_weights, learned_tokens, position_tokens, vit_block
 
 
 class AdaLN(nn.Module):
@@ -41,7 +41,7 @@ class ConditionBlock(nn.Module):
     full-size zero tensor: only the two placeholder rows receive the codes.
     """
 
-    def __init__(self, index: int, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False) -> None:
+    def __init__(self, index: int, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.index = index
         self.condition_1 = nn.Linear(width, width)  # W_1
@@ -49,7 +49,7 @@ class ConditionBlock(nn.Module):
         self.condition_2 = nn.Linear(width, width)  # W_2
         self.ln_2 = LayerNorm(width)
         self.norm1 = AdaLN(width)
-        self.attn = Attention(width, heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=LayerNorm)  # fused QKV, SDPA
+        self.attn = Attention(width, heads, qkv_bias=True, norm_layer=LayerNorm)  # fused QKV, SDPA
         self.norm2 = AdaLN(width)
         self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=nn.GELU)
 
@@ -83,42 +83,23 @@ class StyledDecoder(Decoder):
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size
         self.code_proj = nn.Linear(cfg.code_dim, cfg.width)
         self.placeholders = learned_tokens(cfg.num_tokens, cfg.width)
-        self.pos_tokens = position_tokens(cfg.grid_size, cfg.width, cfg.pos_init)
+        self.pos_tokens = position_tokens(cfg.grid_size, cfg.width, "normal")
         self.condition_blocks = nn.ModuleList(self.make_block(i, cfg) for i in range(cfg.condition_layers))
-        self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.plain_layers))
+        self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.plain_layers))
         self.norm = LayerNorm(cfg.width)
         out = (cfg.width, cfg.head_channels or 3, cfg.patch_size)
-        self.out_conv: nn.ConvTranspose2d
-        if cfg.patch_overlap:
-            self.out_conv = OverlapUnpatchify(*out, cfg.patch_overlap)
-        else:
-            self.out_conv = (BlendedUnpatchify if cfg.blend_patches else Unpatchify)(*out)
-        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels, cfg.image_size, cfg.head_activation)
+        self.out_conv = Unpatchify(*out)
+        self.out_head = make_head(cfg.head, cfg.width, cfg.head_channels)
         mask = placeholder_mask(cfg.num_tokens, cfg.seq_len) if cfg.attn_mask == "causal-placeholders" else None
         self.register_buffer("attn_mask", mask, persistent=False)
         self.apply(init_weights)
-        if cfg.zero_init:
-            self.zero_residual_branches()
-
-    def zero_residual_branches(self) -> None:
-        """Start every decoder block as the identity, as DiT's adaLN-Zero does (Peebles & Xie, 2023; the
-        SPEC's block has no gates, so the output projections are zeroed instead): attention and MLP
-        output projections and AdaLN modulations at zero."""
-        for module in self.modules():
-            if isinstance(module, (Attention, Mlp)):
-                out = module.proj if isinstance(module, Attention) else module.fc2
-                nn.init.zeros_(out.weight)
-                nn.init.zeros_(out.bias)  # type: ignore[arg-type]  # timm builds both with a bias
-            elif isinstance(module, AdaLN):
-                nn.init.zeros_(module.modulation.weight)
-                nn.init.zeros_(module.modulation.bias)
 
     def last_layer(self) -> torch.Tensor:
         last = self.out_conv if self.out_head is None else [m for m in self.out_head.modules() if isinstance(m, nn.Conv2d)][-1]
         return last.weight
 
     def make_block(self, index: int, cfg: StyledConfig) -> nn.Module:
-        return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
+        return ConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N, code_dim) -> images (B, 3, H, W); P position tokens, D width."""

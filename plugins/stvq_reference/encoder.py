@@ -23,9 +23,9 @@ class StyledEncoder(Encoder):
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size
         self.input_conv = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
         lecun = cfg.encoder_init == "lecun-sincos"
-        self.pos_embed = position_tokens(cfg.grid_size, cfg.width, "sincos" if lecun else cfg.pos_init)
+        self.pos_embed = position_tokens(cfg.grid_size, cfg.width, "sincos" if lecun else "normal")
         self.special_tokens = learned_tokens(cfg.num_tokens, cfg.width)
-        self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.encoder_layers))
+        self.blocks = nn.ModuleList(vit_block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.encoder_layers))
         self.norm = LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, cfg.code_dim)
         self.apply(lecun_init if lecun else init_weights)

@@ -27,7 +27,7 @@ class TiTokDecoder(StyledDecoder):
     """Codes in context, then plain ViT layers; ``condition_layers`` + ``plain_layers`` of them."""
 
     def make_block(self, index: int, cfg: StyledConfig) -> nn.Module:
-        return vit_block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
+        return vit_block(cfg.width, cfg.heads, cfg.mlp_ratio)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, N, code_dim) -> images (B, 3, H, W)."""

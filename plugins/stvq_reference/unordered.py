@@ -14,8 +14,8 @@ from stvq_reference.decoder import ConditionBlock, StyledDecoder
 
 
 class UnorderedConditionBlock(ConditionBlock):
-    def __init__(self, index: int, width: int, heads: int, mlp_ratio: float, qk_norm: bool, num_tokens: int) -> None:
-        super().__init__(index, width, heads, mlp_ratio, qk_norm)
+    def __init__(self, index: int, width: int, heads: int, mlp_ratio: float, num_tokens: int) -> None:
+        super().__init__(index, width, heads, mlp_ratio)
         self.num_tokens = num_tokens
 
     def forward(self, x: torch.Tensor, pooled: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +28,7 @@ class UnorderedConditionBlock(ConditionBlock):
 
 class UnorderedDecoder(StyledDecoder):
     def make_block(self, index: int, cfg: StyledConfig) -> nn.Module:
-        return UnorderedConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, cfg.num_tokens)
+        return UnorderedConditionBlock(index, cfg.width, cfg.heads, cfg.mlp_ratio, cfg.num_tokens)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         condition = self.code_proj(codes)  # (B, N, D)
