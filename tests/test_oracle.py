@@ -41,7 +41,10 @@ def test_stvq_oracle_refuses_a_batch_larger_than_memory_in_one_line(runner):
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", list_plugins("decoder")["decoder"])
 def test_oracle_runs_every_registered_decoder_and_the_styled_one_learns(decoder):
-    small = {"width": 32, "heads": 2, "plain_layers": 1}
+    from stvq.registry import config_class
+
+    fields = set(config_class("decoder", decoder).__dataclass_fields__)  # each decoder's own, smaller
+    small = {k: v for k, v in {"width": 32, "heads": 2, "plain_layers": 1, "channels": 16}.items() if k in fields}
     result = run_oracle(decoder, "tiny", small, {"steps": 60, "batch_size": 16, "lr": 1e-3, "warmup_steps": 10}, eval_every=30, val_count=16)
     assert [p["step"] for p in result.curve] == [0, 30, 60]
     assert result.curve[2]["seconds"] > result.curve[1]["seconds"] > result.curve[0]["seconds"] == 0
@@ -130,3 +133,13 @@ def test_readme_shape_probe_reads_the_oracles_codes_tokens_and_pixel_features():
     assert -1 < report["outline_from_features"] <= 1 and -1 < report["outline_of_rendering"] <= 1
     done = subprocess.run([sys.executable, "benchmarks/shape_probe.py", "--help"], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert done.returncode == 0 and "--steps" in done.stdout
+
+
+def test_each_decoder_takes_its_own_fields_and_refuses_the_others(runner):
+    """The broadcast decoder's renderer is set by name (it was fixed before), and a Styled field it does
+    not read is refused in one line, not ignored."""
+    import stvq
+
+    assert stvq.create("decoder", "broadcast", preset="tiny", channels=8).convs[0].out_channels == 8
+    result = runner.invoke(main, ["oracle", "--decoder", "broadcast", "--set", "width=32", "--seconds", "1"])
+    assert result.exit_code == 1 and "--set width: unknown config field; known fields: channels, code_dim, convs, image_size, latent, num_tokens" in result.stderr

@@ -4,18 +4,45 @@ A Simple Architecture for Learning Disentangled Representations in VAEs", arXiv:
 The codes go through an MLP to one latent vector, which is tiled over the image grid beside two coordinate
 channels; stride-1 3x3 convolutions render the image. No patches, so no seams; every pixel sees the whole
 latent and where it is. Registered as the ``broadcast`` decoder: the anchor of the decoder oracle (how fast
-a small convolutional renderer learns the ``shapes`` factors) and a baseline decoder for any tokenizer
-that builds its decoder from a :class:`stvq_reference.config.StyledConfig`.
+a small convolutional renderer learns the ``shapes`` factors) and a baseline decoder for the Styled VQ
+tokenizer (``--set decoder=broadcast``), whose config gives it the image size, token count and code width.
+Its own fields are :class:`BroadcastConfig`'s.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from stvq.config import PluginConfig
 from stvq.interfaces import Decoder
-from stvq_reference.config import StyledConfig, make_config
+from stvq_reference.config import StyledConfig
+
+
+@dataclass(frozen=True)
+class BroadcastConfig(PluginConfig):
+    """What the broadcast decoder reads and draws, and its renderer. Defaults are the ``tiny`` preset."""
+
+    image_size: int = 64  # square output resolution
+    num_tokens: int = 36  # codes per image
+    code_dim: int = 16  # width of each code
+    latent: int = 64  # the MLP's latent vector, tiled over the grid
+    channels: int = 32  # the 3x3 convolutions' channels
+    convs: int = 4  # how many 3x3 convolutions render the image
+
+    DEFAULT_PRESET = "tiny"
+
+    @classmethod
+    def reading(cls, styled: StyledConfig) -> BroadcastConfig:
+        """The sizes a Styled VQ tokenizer's config gives its decoder (``--set decoder=broadcast``)."""
+        return cls(image_size=styled.image_size, num_tokens=styled.num_tokens, code_dim=styled.code_dim)
+
+
+# The Styled VQ presets' sizes.
+BroadcastConfig.PRESETS = {name: BroadcastConfig.reading(StyledConfig.make(name)) for name in ("tiny", "small", "reference")}
 
 
 class BroadcastDecoder(Decoder):
@@ -24,17 +51,19 @@ class BroadcastDecoder(Decoder):
 
     coords: torch.Tensor  # a buffer
 
-    config_class = StyledConfig
+    config_class = BroadcastConfig
 
-    def __init__(self, config: StyledConfig | dict | str | None = None, channels: int = 32, convs: int = 4, latent: int = 64, **overrides) -> None:
+    def __init__(self, config: BroadcastConfig | StyledConfig | dict | str | None = None, **overrides) -> None:
         super().__init__()
-        cfg = self.config = make_config(config, **overrides)
+        if isinstance(config, StyledConfig):  # built by a Styled VQ tokenizer, which says the sizes
+            config = BroadcastConfig.reading(config)
+        cfg = self.config = BroadcastConfig.make(config, **overrides)
         self.num_tokens, self.code_dim, self.image_size = cfg.num_tokens, cfg.code_dim, cfg.image_size
-        self.mlp = nn.Sequential(nn.Linear(cfg.num_tokens * cfg.code_dim, latent), nn.GELU(), nn.Linear(latent, latent))
+        self.mlp = nn.Sequential(nn.Linear(cfg.num_tokens * cfg.code_dim, cfg.latent), nn.GELU(), nn.Linear(cfg.latent, cfg.latent))
         layers: list[nn.Module] = []
-        for i in range(convs):
-            layers += [nn.Conv2d(latent + 2 if i == 0 else channels, channels, 3, padding=1), nn.GELU()]
-        self.convs = nn.Sequential(*layers, nn.Conv2d(channels, 3, 1))
+        for i in range(cfg.convs):
+            layers += [nn.Conv2d(cfg.latent + 2 if i == 0 else cfg.channels, cfg.channels, 3, padding=1), nn.GELU()]
+        self.convs = nn.Sequential(*layers, nn.Conv2d(cfg.channels, 3, 1))
         axis = torch.linspace(-1, 1, cfg.image_size)
         grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), dim=-1)  # (H, W, 2): x then y
         self.register_buffer("coords", grid.unsqueeze(0), persistent=False)  # derived, not learned
