@@ -1,5 +1,5 @@
-"""How sharp a reconstruction must be for the factor recogniser to read its shape (README, "Sharp
-reconstructions"): the validation originals of ``shapes``, blurred by a Gaussian of sigma px, their PSNR
+"""How sharp a reconstruction must be for the factor recogniser to read its shape
+(docs/experiments/sharp-reconstructions.md): the validation originals of ``shapes``, blurred by a Gaussian of sigma px, their PSNR
 against the originals, and the share of shapes, colours and textures the recogniser reads right.
 
     python benchmarks/blur_calibration.py [--images 512]

@@ -1,4 +1,4 @@
-"""The comparison table of README (issue 22), rebuilt from nothing by one command: Styled VQ, the TiTok-style
+"""The comparison table of docs/experiments/ordering.md, rebuilt from nothing by one command: Styled VQ, the TiTok-style
 tokenizer and the unordered ablation trained with the same recipe and budget (stage 1 of the main job),
 quantized alike, evaluated side by side by ``stvq eval --compare``, plus each decoder's row of the decoder
 oracle, and the wall time of every part.

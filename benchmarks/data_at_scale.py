@@ -1,4 +1,4 @@
-"""Data at scale on this machine (README, "Data at scale"): tokenize throughput with DataLoader workers
+"""Data at scale on this machine (docs/data.md): tokenize throughput with DataLoader workers
 against the single-process loop, two torchrun processes against one (ids and wall time), and training
 images/s on a wds: stream against the same images in a folder.
 

@@ -1,4 +1,4 @@
-"""The checks a lent GPU runs, in one prepared script of about 7 minutes (issues 21 and 24).
+"""The checks a lent GPU runs, in one prepared script of about 7 minutes (docs/experiments/sharp-reconstructions.md and throughput.md).
 
     STVQ_CACHE=runs/cache python benchmarks/gpu_session.py --out $OUT        # on the device
     python benchmarks/gpu_session.py --out /tmp/gpu --smoke                  # on a CPU: every part, tiny budgets

@@ -9,7 +9,7 @@ position tokens after the transformer (all of them, concatenated), and the objec
 pixels differ from the background) from the pixel head's per-pixel features, beside the same score for
 the outline of the rendering itself. A decoder that knows the shape in its tokens but whose pixel
 features tell the outline no better than its rendering does has not learned where the outline runs
-(README, "Sharp reconstructions", issue 21).
+(docs/experiments/sharp-reconstructions.md).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def timed(benchmark, fn, device, rounds):
 @pytest.mark.parametrize("part", ["encoder", "decoder"])
 @pytest.mark.parametrize("preset,_,batch", SIZES, ids=[s[0] for s in SIZES])
 def test_model_forward(benchmark, preset, _, batch, part, impl, device):
-    """Our encoder or decoder against timm's ViT; "linear head" is the decoder with the SPEC's out_conv
+    """Our encoder or decoder against timm's ViT; "linear head" is the decoder with the reference out_conv
     alone (``head=linear``), where a preset ends in another head (tiny's pixel head): the trunk's cost
     apart from the head's."""
     cfg = StyledConfig.PRESETS[preset]

@@ -1,6 +1,6 @@
 """The decoder oracle (stvq.oracle): every registered decoder fed the true ``shapes`` factors and trained
 alone for a fixed wall-time budget; the benchmark records the validation PSNR curve against steps and
-seconds in extra_info. The budget is STVQ_ORACLE_SECONDS (default 60); the README's table uses 300:
+seconds in extra_info. The budget is STVQ_ORACLE_SECONDS (default 60); the records' table uses 300:
 
     STVQ_ORACLE_SECONDS=300 pytest benchmarks/test_oracle.py --benchmark-only --benchmark-json=oracle.json
 """

@@ -1,4 +1,4 @@
-"""Training throughput per preset (issue 24): images/s, MFU and peak memory of stage-1 training steps for
+"""Training throughput per preset (docs/experiments/throughput.md): images/s, MFU and peak memory of stage-1 training steps for
 fp32, bf16 autocast, ``torch.compile``, fused AdamW and Muon against AdamW alone, at batch sizes doubling
 up to what fits, and the data path on its own (the shapes renderer and JPEG decoding through DataLoader
 workers), so that a run says whether it is data- or compute-bound.

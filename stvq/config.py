@@ -173,7 +173,7 @@ class LoopConfig:
 @dataclass
 class TrainConfig(LoopConfig):
     """One tokenizer training run. The defaults are stage 1's recipe for ``tiny`` on 2 CPU cores, chosen
-    with the decoder oracle and the full pipeline (README, "The background plateau")."""
+    with the decoder oracle and the full pipeline (docs/experiments/background-plateau.md)."""
 
     stage: int = 1  # 1: continuous codes + noise; 2: frozen encoder, quantized codes
     tokenizer: str = "styled"  # stage 1: the registered CodeTokenizer to train (stage 2 takes from_run's)
@@ -182,17 +182,17 @@ class TrainConfig(LoopConfig):
     data: str = "shapes"  # "shapes" (built in) or an image folder
     # Muon on every hidden matrix and convolution (LoopConfig.muon_params), the encoder at the full rate
     # from the start: the main job 22.53 dB at seed 0 (Muon on the blocks alone: 22.00; AdamW: 20.66), the
-    # decoder oracle 22.73 against AdamW's 21.29 dB (README, "Sharp reconstructions"). AdamW needs
+    # decoder oracle 22.73 against AdamW's 21.29 dB (docs/experiments/sharp-reconstructions.md). AdamW needs
     # lr_scales={"encoder.": 0.1} over the first half, or training erases where the object is before the
-    # decoder uses it (issue 10).
+    # decoder uses it (docs/experiments/background-plateau.md).
     optimizer: str = "muon"
     noise_sigma: float = 0.1  # stage 1: std of the Gaussian noise added to the codes
     # Stage 1, nested dropout for the prefix curve: from ``tail_drop_from`` of the steps on (once the decoder
     # renders the objects; from the start it holds training on the plateau), a share ``tail_drop`` of the
-    # images is decoded from a random prefix of its codes, the rest at the batch mean (README).
+    # images is decoded from a random prefix of its codes, the rest at the batch mean (docs/experiments/background-plateau.md).
     tail_drop: float = 0.25
     tail_drop_from: float = 2 / 3
-    l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (README)
+    l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (docs/experiments/background-plateau.md)
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0  # LPIPS-style EfficientNet-Lite0 feature loss at every stage (stvq.losses.perceptual_loss)
     # Adversarial training (taming's VQGAN recipe): a registered discriminator trained beside the tokenizer
@@ -243,7 +243,7 @@ class PriorTrainConfig(LoopConfig):
     preset: str = "tiny"  # the prior's preset
     model: dict[str, Any] = field(default_factory=dict)  # the prior's options by name (e.g. width, layers)
     heldout: int = 1000  # the last images of the shards, kept out of training for evaluation (at most a tenth)
-    steps: int = 1800  # 574 s on 2 cores for 20,000 images; 2000 steps: 0.3 bits per image better, 10.6 min (README)
+    steps: int = 1800  # 574 s on 2 cores for 20,000 images; 2000 steps: 0.3 bits per image better, 10.6 min (docs/experiments/generation.md)
     batch_size: int = 64
     weight_decay: float = 0.1
     eval_every: int = 500

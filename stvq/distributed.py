@@ -135,7 +135,7 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     the top of the heap past the trim threshold, go back to the kernel, so each training step's activations
     are faulted in again page by page (about 16,000 page faults a step at ``tiny``, 35 ms of system time).
     Raising both thresholds (to 32 MiB, glibc's largest mmap threshold, and 1 GiB) keeps them for the next
-    step: the CPU oracle step 1.09-1.15x faster, measured side by side (README, "Throughput"). Setting
+    step: the CPU oracle step 1.09-1.15x faster, measured side by side (docs/experiments/throughput.md). Setting
     either turns glibc's dynamic adjustment of both off. A no-op outside Linux or where the C library is
     not glibc."""
     if not sys.platform.startswith("linux"):

@@ -93,7 +93,7 @@ def _cpu_flags(cpuinfo: str) -> set[str]:
 
 def emulates_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
     """Whether bfloat16 matrix products on ``device`` are emulated: a CPU without AVX512_BF16 or AMX
-    (x86 /proc/cpuinfo flags), where torch runs them about 20x slower than float32 (README, issue 24)."""
+    (x86 /proc/cpuinfo flags), where torch runs them about 20x slower than float32 (docs/experiments/throughput.md)."""
     if device.type != "cpu":
         return False
     flags = _cpu_flags(_cpuinfo() if cpuinfo is None else cpuinfo)

@@ -25,7 +25,7 @@ def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torc
     channel-normalised feature maps, averaged over positions and summed over stages; differentiable in
     ``reconstructions``. The early stages see edges: on shapes images a Gaussian blur of 4 px scores
     1.8x one of 2 px at the last stage, where the final features at 224 px told them apart by 5 %
-    (README, "Sharp reconstructions"), at a twelfth of the cost."""
+    (docs/experiments/sharp-reconstructions.md), at a twelfth of the cost."""
     net = feature_extractor().to(images.device)
 
     def stages(x: torch.Tensor) -> list[torch.Tensor]:

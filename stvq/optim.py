@@ -115,7 +115,7 @@ class MuonAdamW(torch.optim.Optimizer):
             for shape, index in shapes.items():
                 matrix = torch.Size((shape[0], shape[1:].numel()))
                 stacked = torch.stack([updates[i].reshape(matrix) for i in index])
-                gram = dtype == torch.float32 and max(matrix) > 2 * min(matrix)  # where it is cheaper (README, issue 24)
+                gram = dtype == torch.float32 and max(matrix) > 2 * min(matrix)  # where it is cheaper (docs/experiments/throughput.md)
                 ortho = newton_schulz(stacked, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype, gram)
                 same = [params[i] for i in index]
                 torch._foreach_mul_(same, 1 - lr * group["weight_decay"])

@@ -1,4 +1,4 @@
-"""A run directory: its layout, and every read and write of it, in one place (README, "Failure behaviour").
+"""A run directory: its layout, and every read and write of it, in one place (docs/run-directory.md).
 
     train.json               the TrainConfig (read back by --resume)
     checkpoint.safetensors   model, optimizer and RNG state in one file (:func:`save_checkpoint`)

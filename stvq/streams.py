@@ -22,12 +22,12 @@ START = (0, 0, -1)
 
 def default_workers() -> int:
     """DataLoader workers when ``--num-workers`` is not given: one per core of this process's share, at
-    most 8 (README, "Data at scale", has the measurement)."""
+    most 8 (docs/data.md, has the measurement)."""
     return min(8, cores())
 
 
 def training_workers(asked: int | None, device: torch.device) -> int:
-    """A training run's DataLoader workers: ``asked``, or where it is None 0 on a CPU (README, "Data at
+    """A training run's DataLoader workers: ``asked``, or where it is None 0 on a CPU (docs/data.md, "Data at
     scale": a step there outweighs reading its batch, and workers only take its cores) and
     :func:`default_workers` on a GPU, whose steps outrun one process's decoding."""
     if asked is not None:
@@ -44,7 +44,7 @@ def cores() -> int:
 @contextmanager
 def sharing_cores(num_workers: int, device: torch.device):
     """While workers decode on the CPU, the main process computes on the cores they leave (at least one):
-    its OpenMP threads would otherwise spin against them (README, "Data at scale": 1.7x -> 1.85x)."""
+    its OpenMP threads would otherwise spin against them (docs/data.md: 1.7x -> 1.85x)."""
     before = torch.get_num_threads()
     if num_workers and device.type == "cpu":
         torch.set_num_threads(max(1, min(before, cores() - num_workers)))

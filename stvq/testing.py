@@ -21,7 +21,7 @@ from stvq.interfaces import CodeTokenizer, CodeTokenizerOutput, Decoder, Discrim
 
 
 class QuantizerContract:
-    """SPEC section 7: ``q(z)`` on (..., dim) codes -> codes (same shape, straight-through), ids (...)
+    """docs/model.md, "The public contract": ``q(z)`` on (..., dim) codes -> codes (same shape, straight-through), ids (...)
     int64 in [0, codebook_size), a scalar loss and stats; ``ids_to_codes(ids) == codes`` in eval mode."""
 
     dim = 6
@@ -92,7 +92,7 @@ def random_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 class EncoderDecoderContract:
-    """SPEC section 3: an encoder maps images (B, 3, H, W) to codes (B, N, code_dim), its decoder maps such
+    """docs/model.md, "The reference architecture": an encoder maps images (B, 3, H, W) to codes (B, N, code_dim), its decoder maps such
     codes back to images of the same size; the two agree on N, code_dim and the image size, and a loss on
     the decoder's images reaches every encoder parameter that the codes depend on."""
 
@@ -142,7 +142,7 @@ class EncoderDecoderContract:
 
 
 class TokenizerContract:
-    """SPEC section 5: images (B, 3, H, W) in [-1, 1] <-> int64 ids (B, num_tokens) in [0, vocab_size);
+    """docs/model.md, "Composition with another VQ-VAE": images (B, 3, H, W) in [-1, 1] <-> int64 ids (B, num_tokens) in [0, vocab_size);
     ``decode`` refuses ids it cannot mean with a :class:`StvqError`; ``manifest()`` describes the layout;
     ``save_pretrained`` (where the tokenizer has it) round-trips through ``stvq.load_tokenizer``."""
 
@@ -264,7 +264,7 @@ class CodeTokenizerContract(TokenizerContract):
 
 
 class ComposerContract:
-    """SPEC section 5: several tokenizers -> one over one sequence and one vocabulary, each part's ids
+    """docs/model.md, "Composition with another VQ-VAE": several tokenizers -> one over one sequence and one vocabulary, each part's ids
     offset into its own range, decoding back through each part."""
 
     def make_composer(self):

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+from docs_pages import command_lines
 
 import stvq
 from stvq.cli import main
@@ -70,16 +71,8 @@ def test_train_flags_take_their_defaults_from_train_config():
     assert cache.opts == ["--no-cache-codes"] and cache.flag_value is False and cache.default is True
 
 
-def readme_command_lines() -> list[str]:
-    """Every command line of README's console blocks (``$ ...``), its comment cut."""
-    from pathlib import Path
-
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    return [re.sub(r"\s+#.*$", "", line[2:]).strip() for line in text.splitlines() if line.startswith("$ ")]
-
-
-def test_every_stvq_command_readme_documents_parses_with_its_flags_and_values():
-    """Each ``stvq ...`` line of README (under torchrun too) resolves to a command whose options and values
+def test_every_stvq_command_the_docs_show_parses_with_its_flags_and_values():
+    """Each ``stvq ...`` line of README and the docs pages (under torchrun too) resolves to a command whose options and values
     click accepts as written: a renamed flag, a dropped option or a value out of range fails here. (The
     jobs themselves run elsewhere: the main job, the GPU recipes, the oracle, the prior and eval commands.)"""
     import shlex
@@ -87,7 +80,7 @@ def test_every_stvq_command_readme_documents_parses_with_its_flags_and_values():
 
     import click
 
-    lines = readme_command_lines()
+    lines = command_lines()
     stvq_lines = [line.split("$(which stvq)", 1)[1] if "$(which stvq)" in line else line.removeprefix("stvq") for line in lines if line.startswith("stvq ") or "$(which stvq)" in line]
     assert len(stvq_lines) >= 30
     for line in stvq_lines:

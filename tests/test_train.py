@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from docs_pages import DOCS, command_lines
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -611,14 +612,13 @@ def test_validation_reads_reconstructions_with_the_recogniser(tmp_path, runner):
     assert result.exit_code == 1 and "reads the factors of the images back; --data photos has no known factors and no recogniser (shapes has both)" in result.stderr
 
 
-README_TEXT = (Path(__file__).parents[1] / "README.md").read_text()
-GPU_RECIPES = [line[2:] for line in README_TEXT.splitlines() if line.startswith("$ stvq train") and "--bf16" in line]
+GPU_RECIPES = [line for line in command_lines([DOCS / "training.md"]) if line.startswith("stvq train") and "--bf16" in line]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", GPU_RECIPES, ids=["tiny", "small"])
-def test_the_gpu_recipes_readme_documents_start_on_a_cpu(command, runner, tmp_path):
-    """README's one-GPU commands, as written, for two steps of two images (the later flags win), at width 64:
+def test_the_gpu_recipes_the_training_guide_documents_start_on_a_cpu(command, runner, tmp_path):
+    """The training guide's one-GPU commands, as written, for two steps of two images (the later flags win), at width 64:
     bf16 autocast on a CPU without AVX512_BF16 runs `small`'s width 512 for minutes."""
     import shlex
 

@@ -1,4 +1,4 @@
-"""The ``concat`` composer: several tokenizers as one sequence over one vocabulary (SPEC section 5).
+"""The ``concat`` composer: several tokenizers as one sequence over one vocabulary (docs/model.md, "Composition with another VQ-VAE").
 
 Part i's ids are offset by the vocabulary sizes of the parts before it, so ``styled+vqgan`` gives 36
 styled ids in [0, K) followed by 256 VQGAN ids in [K, K + 16384). Optional special ids (a begin id, a

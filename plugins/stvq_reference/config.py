@@ -19,7 +19,7 @@ HEADS = ("linear", "pixel")  # what follows out_conv (stvq_reference.heads)
 
 @dataclass(frozen=True)
 class StyledConfig(PluginConfig):
-    """The Styled VQ architecture (SPEC section 3). Defaults are the ``reference`` preset."""
+    """The Styled VQ architecture (docs/model.md, "The reference architecture"). Defaults are the ``reference`` preset."""
 
     image_size: int = 256  # square input and output resolution
     patch_size: int = 16  # input_conv kernel and stride; out_conv inverts it
@@ -31,15 +31,15 @@ class StyledConfig(PluginConfig):
     plain_layers: int = 6  # plain transformer layers after the condition layers
     code_dim: int = 16  # width of each continuous code c_i (the quantizer's input)
     attn_mask: str = "none"  # decoder attention: "none", or "causal-placeholders" (no peeking at later ones)
-    # What follows out_conv: "linear" (none: out_conv un-patchifies straight to RGB, the SPEC's structure) or
+    # What follows out_conv: "linear" (none: out_conv un-patchifies straight to RGB, the reference architecture's) or
     # "pixel" (out_conv to head_channels C, plus the token grid upsampled bilinearly, a 3x3 conv and a
-    # per-pixel MLP): no patch seams, +1.5 dB over "linear" in the decoder oracle at 1,400 steps (README,
+    # per-pixel MLP): no patch seams, +1.5 dB over "linear" in the decoder oracle at 1,400 steps (docs/experiments/sharp-reconstructions.md,
     # "Sharp reconstructions", table H). The other heads and seam-free out_convs tried there were dropped.
     head: str = "linear"
     head_channels: int = 0
     # How the encoder starts: "vit" (std 0.02 weights and positions, as ViT) or "lecun-sincos" (weights std
     # 1/sqrt(fan_in), 2D sin-cos positions): a fresh encoder whose codes already tell where the object is
-    # (README, "The background plateau").
+    # (docs/experiments/background-plateau.md).
     encoder_init: str = "vit"
     encoder: str = "styled"  # registered encoder plugin
     decoder: str = "styled"  # registered decoder plugin
@@ -101,17 +101,17 @@ class StyledConfig(PluginConfig):
 
 
 StyledConfig.PRESETS = {
-    # Exactly SPEC section 3: 256 px, width 1024, 24 encoder layers, 18 condition + 6 plain decoder layers.
+    # Exactly docs/model.md, "The reference architecture": 256 px, width 1024, 24 encoder layers, 18 condition + 6 plain decoder layers.
     "reference": StyledConfig(),
     # Between the two: 128 px, width 512; still 36 tokens.
     "small": StyledConfig(image_size=128, width=512, heads=8, encoder_layers=8, plain_layers=2),
     # CPU preset: 64 px, 16 px patches (16 positions), width 64. Chosen by the decoder oracle at equal wall
-    # time on 2 cores (README, "The background plateau"): 3.6x the images per second of width 128 with
+    # time on 2 cores (docs/experiments/background-plateau.md): 3.6x the images per second of width 128 with
     # 8 px patches, and the better PSNR after 5 minutes. Its encoder starts "lecun-sincos": with ViT's start
     # a narrow encoder's codes carry no position, and stage 1 never leaves the background plateau. Its
-    # decoder ends in the pixel head: no patch seams, +1.5 dB in the oracle at 1,400 steps (README).
+    # decoder ends in the pixel head: no patch seams, +1.5 dB in the oracle at 1,400 steps (docs/experiments/sharp-reconstructions.md).
     "tiny": StyledConfig(image_size=64, patch_size=16, width=64, heads=2, encoder_layers=4, plain_layers=2, encoder_init="lecun-sincos", head="pixel", head_channels=16),
-    # The ablation of SPEC section 6: tiny with the unordered decoder (same size, no per-layer code pairs).
+    # The ablation of docs/model.md, "What is measured": tiny with the unordered decoder (same size, no per-layer code pairs).
     "tiny-unordered": StyledConfig(
         image_size=64,
         patch_size=16,

@@ -1,4 +1,4 @@
-"""The Styled VQ conditional decoder and its condition block (SPEC section 3).
+"""The Styled VQ conditional decoder and its condition block (docs/model.md, "The reference architecture").
 
 The sequence is 36 learned placeholders followed by the learned position tokens; image content enters
 only through the codes. Condition layer i adds codes c_{2i}, c_{2i+1} to placeholders 2i, 2i+1, then
@@ -37,7 +37,7 @@ class AdaLN(nn.Module):
 class ConditionBlock(nn.Module):
     """Condition layer ``index``: consumes codes c_{2 index}, c_{2 index + 1} (already projected to width).
 
-    Computes the same function as the SPEC's sequence-first original, batch-first and without the
+    Computes the same function as the sequence-first original (docs/model.md), batch-first and without the
     full-size zero tensor: only the two placeholder rows receive the codes.
     """
 

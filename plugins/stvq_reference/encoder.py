@@ -1,4 +1,4 @@
-"""The Styled VQ encoder (SPEC section 3): a ViT over image patches with 36 learned special tokens
+"""The Styled VQ encoder (docs/model.md, "The reference architecture"): a ViT over image patches with 36 learned special tokens
 appended; the special tokens' outputs, projected to ``code_dim``, are the continuous codes c_0..c_35."""
 
 from __future__ import annotations

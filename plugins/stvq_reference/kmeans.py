@@ -1,4 +1,4 @@
-"""K-means codebook (Styled VQ stage 2, SPEC section 4): the frozen encoder's codes over a data set are
+"""K-means codebook (Styled VQ stage 2, docs/model.md, "Training in two stages"): the frozen encoder's codes over a data set are
 clustered with faiss (Lloyd's algorithm; Johnson, Douze, Jegou, "Billion-scale similarity search with
 GPUs", 2017), and codes are snapped to their nearest centroid."""
 

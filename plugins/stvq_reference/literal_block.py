@@ -1,4 +1,4 @@
-"""The SPEC's original condition layer, written literally (sequence-first, a full zero tensor per layer,
+"""The original condition layer (docs/model.md), written literally (sequence-first, a full zero tensor per layer,
 ``nn.MultiheadAttention``, separate scale and shift projections). It is the yardstick: tests check that
 ``stvq_reference.decoder.ConditionBlock`` computes the same function, and benchmarks time ours against it.
 Do not optimise it."""

@@ -31,7 +31,7 @@ class PatchDiscriminator(Discriminator):
     """images (B, 3, S, S) -> logits (B, 1, h, w), one per overlapping patch; with ``layers`` = 3 each
     logit sees a 70 x 70 patch (taming's default); ``norm`` is "batch" (taming), "group" or "none".
     ``blur_sigma`` > 0 blurs what it sees (a Gaussian of that std in pixels), so that pixel noise, which a
-    reconstruction lacks, cannot tell real from reconstructed (README, "Sharp reconstructions")."""
+    reconstruction lacks, cannot tell real from reconstructed (docs/experiments/sharp-reconstructions.md)."""
 
     def __init__(self, image_size: int = 256, channels: int = 64, layers: int = 3, norm: str = "batch", blur_sigma: float = 0.0) -> None:
         super().__init__()

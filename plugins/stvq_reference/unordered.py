@@ -1,5 +1,5 @@
 """The unordered baseline: Styled VQ's decoder without its ordering mechanism, for the ablation of
-SPEC section 6. Same parameters, same sizes; all 36 codes enter the placeholders at once before the
+docs/model.md, "What is measured". Same parameters, same sizes; all 36 codes enter the placeholders at once before the
 first layer, and every condition layer reads its styles from the mean of all placeholders and codes
 instead of from its own pair (2i, 2i+1). Nothing favours early tokens, so any order found in its codes
 is not the method's doing."""

@@ -22,7 +22,7 @@ PARTS = "stvq.compose.parts"
 @click.option("--separator", is_flag=True, help="Put a separator id between the parts.")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 def compose(spec, parts, part_options, begin, separator, output) -> None:
-    """Join tokenizers into one sequence over one vocabulary (SPEC is A+B[+C], e.g. styled+vqgan), and
+    """Join tokenizers into one sequence over one vocabulary (A+B[+C], e.g. styled+vqgan), and
     write a directory that `stvq.load_tokenizer` and --tokenizer accept. A single name converts that
     tokenizer (e.g. a taming .ckpt to safetensors).
 

@@ -89,7 +89,7 @@ def _factor_targets(data: FactorDataset, count: int) -> dict[str, torch.Tensor]:
 def train_recogniser(image_size: int = 64, images: int = 40000, steps: int = 4000, batch_size: int = 64, seed: int = 0) -> tuple[FactorRecogniser, dict[str, float]]:
     """Train on ``images`` rendered shapes (train split) and report accuracy on the 512 validation images
     (class factors: share right; regressed: mean absolute error). The defaults read the shape right 95 % of
-    the time (20,000 images and 1,500 steps: 80 %; README); about 6 minutes on 2 CPU cores."""
+    the time (20,000 images and 1,500 steps: 80 %; docs/experiments/sharp-reconstructions.md); about 6 minutes on 2 CPU cores."""
     keep_freed_memory()
     torch.manual_seed(seed)
     train = factor_data(image_size, "train", seed + 1)  # another stream than the tokenizers' training images

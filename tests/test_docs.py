@@ -1,0 +1,52 @@
+"""The documentation as a user reads it: README is short and for users, every relative link and image of
+README and the docs pages resolves, README's Python runs as written, and the product speaks of itself (no
+development sessions or issue numbers in its prose). The commands the pages show are parsed in
+test_cli.py and started where they are cheap (test_train.py's GPU recipes, test_oracle.py's oracle)."""
+
+import re
+from pathlib import Path
+
+import pytest
+from docs_pages import PAGES, README, ROOT
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def relative_links(page: Path) -> list[str]:
+    """The targets of a page's markdown links and images that point into the repository (no URL, no
+    bare anchor), their anchors cut."""
+    targets = [m.group(1) for m in LINK.finditer(page.read_text())]
+    return [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and not t.startswith("#")]
+
+
+def test_readme_is_for_users_at_most_350_lines():
+    assert len(README.read_text().splitlines()) <= 350
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_image_resolves(page):
+    missing = [t for t in relative_links(page) if not (page.parent / t).exists()]
+    assert missing == []
+
+
+def test_the_link_check_sees_a_broken_link(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("![a figure](missing.png) and [a page](other.md#part) and [the web](https://example.org)")
+    (tmp_path / "other.md").write_text("")
+    assert relative_links(page) == ["missing.png", "other.md"]
+
+
+@pytest.mark.parametrize("page", [*PAGES, ROOT / "CHANGELOG.md"], ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_product_speaks_of_itself(page):
+    """No development session or issue number in README, the docs pages or CHANGELOG."""
+    text = page.read_text()
+    assert re.findall(r"\bsessions?\b|\bissues? ?#?\d+", text, flags=re.I) == []
+
+
+def test_readmes_python_runs_as_written(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README shows Python"
+    monkeypatch.chdir(tmp_path)  # it saves "my-model" where it runs
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert (tmp_path / "my-model" / "model.safetensors").is_file()
