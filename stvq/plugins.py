@@ -147,25 +147,25 @@ def plugin_table() -> dict[str, dict[str, PluginInfo]]:
     return collect(*plugin_manager())
 
 
-def add_plugin_options(register: Callable[..., None]) -> None:
-    """Let every plugin add options to stock commands (``register_options``) through ``register``. A package
-    whose hook fails, or names a command that takes no plugin options, gives one :class:`StvqPluginWarning`."""
+def _call_each(hook: str, what: str, **arguments: Any) -> None:
+    """Call every plugin's implementation of ``hook`` with ``arguments``; a package whose implementation
+    fails gives one :class:`StvqPluginWarning` ("failed to add its ``what``") and the command line keeps
+    working without it."""
     pm, providers = plugin_manager()
-    for impl in pm.hook.register_options.get_hookimpls():
+    for impl in getattr(pm.hook, hook).get_hookimpls():
         try:
-            impl.function(register=register)
+            impl.function(**arguments)
         except Exception as err:  # any failure of a third-party package
             package = providers.get(impl.plugin_name, (impl.plugin_name, "?"))[0]
-            warnings.warn(f"stvq plugin package {package!r} failed to add its options: {type(err).__name__}: {err}", StvqPluginWarning, stacklevel=2)
+            warnings.warn(f"stvq plugin package {package!r} failed to add its {what}: {type(err).__name__}: {err}", StvqPluginWarning, stacklevel=3)
+
+
+def add_plugin_options(register: Callable[..., None]) -> None:
+    """Let every plugin add options to stock commands (``register_options``) through ``register``; one that
+    names a command which takes no plugin options fails alone."""
+    _call_each("register_options", "options", register=register)
 
 
 def add_plugin_commands(cli: Any) -> None:
-    """Let every plugin add its commands and options to ``cli`` (``register_commands``). A package whose
-    hook fails gives one :class:`StvqPluginWarning`; the command line keeps working without it."""
-    pm, providers = plugin_manager()
-    for impl in pm.hook.register_commands.get_hookimpls():
-        try:
-            impl.function(cli=cli)
-        except Exception as err:  # any failure of a third-party package
-            package = providers.get(impl.plugin_name, (impl.plugin_name, "?"))[0]
-            warnings.warn(f"stvq plugin package {package!r} failed to add its commands: {type(err).__name__}: {err}", StvqPluginWarning, stacklevel=2)
+    """Let every plugin add its commands to ``cli`` (``register_commands``)."""
+    _call_each("register_commands", "commands", cli=cli)

@@ -57,3 +57,26 @@ def test_register_options_adds_to_the_commands_that_declare_them_and_refuses_the
         register_option("train", "--x", "x", "an option train does not read")
     with pytest.raises(stvq.StvqError, match="stvq quantize already has --niter"):
         register_option("quantize", "--niter", "niter", "a second --niter")
+
+
+def test_a_plugin_whose_options_name_another_command_costs_itself_one_warning(monkeypatch):
+    import warnings
+
+    import pluggy
+
+    from stvq import plugins
+    from stvq.cli import register_option
+
+    class Misnamed:
+        @stvq.hookimpl
+        def register_options(register):
+            register("train", "--mine", "mine", "an option train does not read")
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(Misnamed, name="misnamed")
+    monkeypatch.setattr(plugins, "plugin_manager", lambda: (pm, {"misnamed": ("misnamed-package", "1.0")}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plugins.add_plugin_options(register_option)
+    assert [str(w.message) for w in caught] == ["stvq plugin package 'misnamed-package' failed to add its options: StvqError: stvq train takes no plugin options; these commands do: compose, quantize"]
