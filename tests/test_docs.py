@@ -50,3 +50,32 @@ def test_readmes_python_runs_as_written(tmp_path, monkeypatch):
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
     assert (tmp_path / "my-model" / "model.safetensors").is_file()
+
+
+def guide_commands() -> set[tuple[str, ...]]:
+    """The stvq commands (and subcommands) that README and the guides show, under torchrun too."""
+    import shlex
+
+    from docs_pages import DOCS, command_lines
+
+    found = set()
+    for line in command_lines([README, *sorted(DOCS.glob("*.md"))]):
+        line = line.split("$(which stvq)", 1)[1] if "$(which stvq)" in line else line.removeprefix("stvq") if line.startswith("stvq ") else None
+        if line is not None:
+            words = [w for w in shlex.split(line) if not w.startswith("-")]
+            found.add(tuple(words[:2]) if words[:1] == ["prior"] else tuple(words[:1]))
+    return found
+
+
+def test_every_command_readme_and_the_guides_show_starts():
+    """Each stvq command the user-facing pages show answers --help (their flags and values are parsed in
+    test_cli.py; the jobs themselves run in their own tests)."""
+    from click.testing import CliRunner
+
+    from stvq.cli import main
+
+    commands = guide_commands()
+    assert {("train",), ("eval",), ("compose",), ("prior", "train"), ("oracle",)} <= commands
+    for command in sorted(commands):
+        result = CliRunner().invoke(main, [*command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, (command, result.output)
