@@ -16,20 +16,21 @@ from stvq.data import is_stream
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
 from stvq.images import codec_message
-from stvq.pretrained import load_tokenizer
+from stvq.pretrained import load_tokenizer, written_by_stvq
 from stvq.registry import create, plugin_table
 from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
 
 
 def load_part(name: str, source: str | None, **options: Any) -> Any:
-    """One part of ``A+B``: a directory written by stvq, or a file that the tokenizer plugin ``name`` loads
-    with its own ``options`` (vqgan: a taming ``.ckpt`` with ``config=model.yaml``)."""
+    """One part of ``A+B``: a directory written by stvq, or a file or directory that the tokenizer plugin
+    ``name`` loads with its own ``options`` (vqgan: a taming ``.ckpt`` with ``config=model.yaml``;
+    diffusers-vq: a diffusers VQModel directory)."""
     if source is None:
         raise StvqError(f"part {name!r} needs a source: --part {name}=PATH")
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() and written_by_stvq(path):
         return load_tokenizer(path)
-    return load_tokenizer(name, checkpoint=str(path), **options)
+    return load_tokenizer(name, checkpoint=str(path), **options)  # a file, or a directory of another library's
 
 
 def compose(spec: str, parts: dict[str, dict[str, Any]], composer: str = "concat", **options: Any) -> Any:

@@ -3,11 +3,12 @@ or a registered tokenizer by name: the one place where a file on disk becomes a 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from stvq.checkpoint import read_config
+from stvq.checkpoint import CONFIG_NAME, read_config
 from stvq.errors import CheckpointError, StvqError
 from stvq.registry import create, plugin_table
 
@@ -21,6 +22,15 @@ def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
     if str(path_or_spec) in plugin_table()["tokenizer"]:
         return create("tokenizer", str(path_or_spec), **options)
     raise StvqError(f"{str(path_or_spec)!r} is neither a directory written by stvq nor a registered tokenizer ({', '.join(sorted(plugin_table()['tokenizer'])) or 'none installed'})")
+
+
+def written_by_stvq(directory: str | os.PathLike) -> bool:
+    """Whether ``directory/config.json`` is stvq's (it names a plugin's kind and name), not another library's."""
+    try:
+        config = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "kind" in config and "name" in config
 
 
 def load_pretrained(directory: str | os.PathLike, kind: str | None = None) -> Any:

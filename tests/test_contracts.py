@@ -22,12 +22,29 @@ def vqgan():
     return VQGANTokenizer(ddconfig=SMALL_DD, embed_dim=8, n_embed=50)
 
 
+#: A small diffusers VQModel config (two blocks: a 16 x 16 latent grid at 32 px).
+SMALL_VQMODEL = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[32, 32],
+    layers_per_block=1,
+    latent_channels=4,
+    num_vq_embeddings=64,
+    vq_embed_dim=4,
+    sample_size=32,
+    norm_num_groups=8,
+)
+
+
 PAIRS = {"styled+styled": ("styled", "styled"), "styled+unordered": ("styled", "unordered"), "styled+broadcast": ("styled", "broadcast"), "styled+titok": ("styled", "titok")}  # (encoder, decoder)
 TOKENIZERS = {
     "styled": styled,
     "vqgan": vqgan,
     "titok": lambda: stvq.create("tokenizer", "titok", config=SMALL, quantizer={"name": "fsq", "levels": [4, 4, 4]}),
     "composed": lambda: stvq.create("tokenizer", "composed", parts=[styled(), vqgan()], separator=True),
+    "diffusers-vq": lambda: stvq.create("tokenizer", "diffusers-vq", config=SMALL_VQMODEL),
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}

@@ -23,6 +23,7 @@ def register_decoders(register):
 def register_tokenizers(register):
     register("styled", "stvq_reference.model:StyledVQ")
     register("vqgan", "stvq_reference.vqgan:VQGANTokenizer")
+    register("diffusers-vq", "stvq_reference.diffusers_vq:DiffusersVQTokenizer")
     register("composed", "stvq_reference.concat:ComposedTokenizer")
     register("titok", "stvq_reference.titok:TiTokVQ")
 
