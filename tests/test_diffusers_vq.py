@@ -65,6 +65,23 @@ def test_styled_and_diffusers_vq_compose_through_the_generic_part_option(vq_dir,
     assert (manifest["num_images"], manifest["num_tokens"], manifest["vocab_size"]) == (4, 292, tok.vocab_size)
 
 
+def test_the_readable_options_compose_the_same_tokenizer(vq_dir, shards, tmp_path, runner):
+    path, _ = vq_dir
+    out = tmp_path / "readable"
+    result = runner.invoke(main, ["compose", "styled+diffusers-vq", "--styled", str(shards / "tok"), "--diffusers-vq", str(path), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert stvq.load_tokenizer(out).num_tokens == 36 + 256
+
+
+def test_without_diffusers_the_extra_is_named_in_one_line(vq_dir, monkeypatch):
+    import sys
+
+    path, _ = vq_dir
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if it were not installed
+    with pytest.raises(stvq.StvqError, match=r'pip install "stvq\[diffusers\]"'):
+        stvq.load_tokenizer("diffusers-vq", path=str(path))
+
+
 def test_a_directory_of_another_model_is_refused_in_one_line(tmp_path, runner):
     kl = diffusers.AutoencoderKL(block_out_channels=[32], norm_num_groups=8, sample_size=32)
     kl.save_pretrained(tmp_path / "kl")

@@ -77,6 +77,7 @@ def register_options(register):
     register("compose", "--styled", "styled.source", "The styled part: a run directory (stage 2, or stage 1 + `stvq quantize`).", type=click.Path())
     register("compose", "--vqgan", "vqgan.source", "The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.", type=click.Path())
     register("compose", "--vqgan-config", "vqgan.config", "The taming YAML config of --vqgan.", type=click.Path())
+    register("compose", "--diffusers-vq", "diffusers-vq.source", "The diffusers-vq part: a diffusers VQModel directory (or a hub id, online).")
     register("quantize", "--niter", "niter", "k-means iterations (default 20).", type=click.IntRange(min=1))
     register("quantize", "--spherical", "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True)
     register(
