@@ -6,8 +6,8 @@
 Ratios use each benchmark's minimum time (the least disturbed by other load on a shared machine), taken
 from the same run, so the ratio compares implementations under the same conditions."""
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
@@ -103,4 +103,6 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results.json")
+    parser = argparse.ArgumentParser(description="Print benchmarks/README.md's ratio tables from a pytest-benchmark JSON file.")
+    parser.add_argument("results", nargs="?", default="benchmarks/results.json", help="pytest --benchmark-json output (default: %(default)s)")
+    main(parser.parse_args().results)

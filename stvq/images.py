@@ -10,7 +10,22 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+
+#: The formats stvq decodes, whatever a file's name says: PIL's own in-process decoders. Others are never
+#: tried: PIL's EPS reader runs the Ghostscript program, and a downloaded folder must never start a program.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def open_image(path) -> Image.Image:
+    """``Image.open`` restricted to :data:`IMAGE_FORMATS` (a path or a binary file object); a file of another
+    format raises ``PIL.UnidentifiedImageError`` naming the formats read."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        return Image.open(path, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f"not an image of a format stvq reads ({', '.join(IMAGE_FORMATS)})") from None
 
 
 def from_pil(img: Image.Image) -> torch.Tensor:
@@ -43,7 +58,7 @@ def codec_message(err: Exception) -> str:
 
 def load_image(path, image_size: int) -> torch.Tensor:
     """A file (path or binary file object) of any mode -> (3, S, S) in [-1, 1] (:func:`fit_image`)."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return fit_image(img, image_size)
 
 

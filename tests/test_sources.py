@@ -270,7 +270,9 @@ def test_an_hf_row_that_does_not_decode_is_skipped_with_one_warning_and_counted(
     rows = {"image": [good[0], {"bytes": b"\x89PNG not really", "path": None}, good[1], good[2]]}
     datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(tmp_path / "h"))
     data = make_dataset(f"hf:{tmp_path / 'h'}", 64, "all")
-    with pytest.warns(UserWarning, match=r"skipped undecodable image in row 1 of hf:.*/h \(cannot identify image file\); the next row stands in") as caught:
+    with pytest.warns(
+        UserWarning, match=r"skipped undecodable image in row 1 of hf:.*/h \(not an image of a format stvq reads \(PNG, JPEG, WEBP, GIF, BMP, TIFF\)\); the next row stands in"
+    ) as caught:
         read = [data[i] for i in range(4)]
     assert len([w for w in caught if "undecodable" in str(w.message)]) == 1 and "BytesIO" not in str(caught[0].message)
     assert torch.equal(read[1], read[2]) and data.broken == [1]

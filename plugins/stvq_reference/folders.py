@@ -11,14 +11,15 @@ import torch
 from PIL import Image, ImageOps
 
 from stvq.errors import StvqError
-from stvq.images import IMAGE_SUFFIXES, from_pil, load_image
+from stvq.images import IMAGE_FORMATS, IMAGE_SUFFIXES, from_pil, load_image, open_image
 from stvq.interfaces import ImageDataset
 
 _WARNED: set[tuple[Path, tuple[Path, ...]]] = set()  # folders whose unreadable files were already reported
 
 
 class ImageFolderDataset(ImageDataset):
-    """Every readable image under ``root`` (recursive; jpg, png, webp, bmp). Unreadable files are
+    """Every readable image under ``root`` (recursive; the suffixes of :data:`~stvq.images.IMAGE_SUFFIXES`,
+    decoded only as :data:`~stvq.images.IMAGE_FORMATS`). Unreadable files are
     skipped and counted with one warning; every 20th file (sorted) forms the validation split, and
     ``split="all"`` keeps every file."""
 
@@ -30,7 +31,7 @@ class ImageFolderDataset(ImageDataset):
         readable, broken = [], []
         for path in candidates:
             try:
-                with Image.open(path) as img:
+                with open_image(path) as img:
                     img.verify()
                 readable.append(path)
             except Exception:
@@ -40,7 +41,7 @@ class ImageFolderDataset(ImageDataset):
             shown = ", ".join(str(p) for p in broken[:3])
             warnings.warn(f"skipped {len(broken)} unreadable image file(s) in {root}: {shown}{' ...' if len(broken) > 3 else ''}", stacklevel=2)
         if not readable:
-            raise StvqError(f"no readable image (jpg, png, webp, bmp) under {root}; point --data at a folder of images")
+            raise StvqError(f"no readable image ({', '.join(IMAGE_FORMATS)}) under {root}; point --data at a folder of images")
         val = set(readable[::20])
         train = [p for p in readable if p not in val] or readable
         self.paths = {"val": sorted(val), "train": train, "all": readable}[split]
@@ -121,7 +122,7 @@ class PhotosDataset(ImageDataset):
         self.image_size, self.split, self.seed = image_size, "train" if split == "all" else split, seed
         self.photos = []
         for path in photo_paths():
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 self.photos.append(ImageOps.exif_transpose(img).convert("RGB"))
         self.length = len(self.photos) if split == "val" else length
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from stvq.errors import StvqError
-from stvq.images import IMAGE_SUFFIXES, codec_message, fit_image, load_image
+from stvq.images import IMAGE_SUFFIXES, codec_message, load_image
 from stvq.interfaces import ImageDataset, ImageStream
 
 #: Images of a ``wds:`` source's validation split: the first members of its last shard.
@@ -186,6 +186,10 @@ class HFImageDataset(ImageDataset):
         column = next((name for name, feature in table.features.items() if isinstance(feature, ImageFeature)), None)
         if column is None:
             raise StvqError(f"hf:{location}: no column of the Image feature type (columns: {', '.join(table.features)})")
+        # datasets' Image feature would decode with every PIL format (EPS runs Ghostscript): read the encoded
+        # image and decode it as a folder's file is (stvq.images.IMAGE_FORMATS)
+        self.table_fingerprint = table._fingerprint
+        table = table.cast_column(column, ImageFeature(decode=False))
         self.table, self.rows, self.column, self.image_size = table, list(rows), column, image_size
         self.location = location
         self.broken: list[int] = []  # rows that failed to decode
@@ -194,7 +198,7 @@ class HFImageDataset(ImageDataset):
         return len(self.rows)
 
     def fingerprint(self) -> str:
-        return f"hf:{self.table._fingerprint}:{len(self.rows)}"
+        return f"hf:{self.table_fingerprint}:{len(self.rows)}"
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """The image of row ``index``; one that fails to decode is skipped with one warning and counted
@@ -202,7 +206,8 @@ class HFImageDataset(ImageDataset):
         for offset in range(len(self.rows)):
             row = self.rows[(index + offset) % len(self.rows)]
             try:
-                return fit_image(self.table[row][self.column], self.image_size)
+                encoded = self.table[row][self.column]  # {"bytes": ..., "path": ...}
+                return load_image(io.BytesIO(encoded["bytes"]) if encoded["bytes"] is not None else encoded["path"], self.image_size)
             except Exception as err:  # PIL and the codecs raise many types
                 if row not in self.broken:
                     self.broken.append(row)
