@@ -6,9 +6,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
@@ -24,60 +27,117 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
+#: The mark of stvq's temporary directories: a writer stages new files in a fresh ``.stvq-tmp*/`` beside
+#: their destination (the safetensors library's own temporary file lands there too) and renames them into
+#: place; the next writer of a directory removes what a killed one left, and nothing else.
+TMP_PREFIX = ".stvq-tmp"
+#: Failures of the disk, not of the data: full, over quota, read-only, failing.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def disk_error(err: BaseException, path: Path) -> StvqError | None:
+    """One line for a write that the disk refused (an ``OSError``, or the safetensors library's error that
+    carries one's message): which path, the free space there, and that nothing was changed. None for
+    another error."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        code = next((c for c in DISK_ERRORS if os.strerror(c) in str(err)), None)
+    if code not in DISK_ERRORS:
+        return None
+    try:
+        free = f"{shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    fix = "free space or pass another directory" if code in (errno.ENOSPC, errno.EDQUOT) else "pass a directory stvq can write"
+    return StvqError(f"cannot write {path}: {os.strerror(code)} ({free}); nothing there was changed: {fix}")
+
+
+@contextmanager
+def staged(directory: str | os.PathLike, what: Path | None = None) -> Iterator[Path]:
+    """A fresh temporary directory inside ``directory`` for new files. When the block ends, every file
+    written there is synced and renamed over its namesake in ``directory``; when it fails, none is and the
+    directory holds what it held (a kill leaves the temporary directory, which the next writer removes).
+    A disk that is full, read-only or failing is one line naming ``what`` (default: the directory)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=directory))
+    except OSError as err:
+        raise disk_error(err, directory) or err from None
+    try:
+        try:
+            yield tmp
+            names = sorted(os.listdir(tmp))
+            for name in names:
+                with open(tmp / name, "rb+") as f:
+                    os.fsync(f.fileno())
+        except Exception as err:
+            problem = disk_error(err, what or directory)
+            if problem is None:
+                raise
+            raise problem from None
+        for name in names:
+            os.replace(tmp / name, directory / name)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` then fsync and rename over ``path``: a crash leaves the old file or the new
-    one, never a truncated one."""
+    one, never a truncated one (:func:`staged`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with staged(path.parent, what=path) as tmp:
+        write(tmp / path.name)
     return path
 
 
 LOCK_NAME = ".lock"
-#: The temporary names written into a run directory's tree: :func:`atomic_write`'s, and those of the
-#: safetensors library, which writes through a ``.tmpXXXXXX`` file of its own beside the target.
-ORPHANS = (".*.tmp[0-9]*", ".tmp?*")
 
 
 @contextmanager
-def run_lock(directory: str | os.PathLike) -> Iterator[Path]:
-    """One writer per run directory: hold an OS lock on ``DIR/.lock`` (released by the kernel if the
-    process dies, so a killed run never leaves a stale lock) and, as the only writer, remove the temporary
-    files (:data:`ORPHANS`) that a killed writer left anywhere in the directory's tree. A second writer
-    gets one line."""
+def run_lock(directory: str | os.PathLike, tree: bool = True) -> Iterator[Path]:
+    """One writer per directory: hold an OS lock on ``DIR/.lock`` (released by the kernel if the process
+    dies, so a killed run never leaves a stale lock) and, as the only writer, remove the temporary
+    directories (:data:`TMP_PREFIX`) that a killed writer left. A second writer gets one line.
+
+    ``tree``: a run directory, whose writers also write into its folders and append to its files. Its whole
+    tree is swept, and a symbolic link anywhere inside it is refused in one line: a run directory copied
+    from elsewhere is data, and stvq never writes through a link out of it. An output directory of files
+    (``tree=False``) is swept at its top only; a link there is replaced by the new file, never written
+    through (:func:`staged`)."""
     from filelock import FileLock, Timeout
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(directory / LOCK_NAME)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(directory / LOCK_NAME)
         lock.acquire(timeout=0)
     except Timeout:
         raise StvqError(f"{directory} is being written by another stvq process; wait for it to finish or pass another directory") from None
+    except OSError as err:
+        raise disk_error(err, directory) or err from None
     try:
-        for pattern in ORPHANS:
-            for orphan in directory.rglob(pattern):
-                if orphan.is_file():
-                    orphan.unlink(missing_ok=True)
+        for root, dirs, files in os.walk(directory):  # links are listed, never followed
+            for name in dirs + files if tree else ():
+                if (Path(root) / name).is_symlink():
+                    raise StvqError(f"{Path(root) / name} is a symbolic link inside {directory}; stvq does not write through links: remove it or pass another directory")
+            for name in [d for d in dirs if d.startswith(TMP_PREFIX)]:
+                shutil.rmtree(Path(root) / name, ignore_errors=True)
+                dirs.remove(name)
+            if not tree:
+                break
         yield directory
     finally:
         lock.release()
 
 
 @contextmanager
-def ranks_lock(directory: str | os.PathLike, prepare: Callable[[], None] | None = None) -> Iterator[Path]:
+def ranks_lock(directory: str | os.PathLike, prepare: Callable[[], None] | None = None, tree: bool = True) -> Iterator[Path]:
     """:func:`run_lock` for the ranks of a torchrun job: rank 0 holds the lock (and runs ``prepare``, a
     check or first write that only the writer makes), and every rank raises the problem of any rank, so
     none is left waiting in a collective. With one process it is ``run_lock`` followed by ``prepare``."""
@@ -89,7 +149,7 @@ def ranks_lock(directory: str | os.PathLike, prepare: Callable[[], None] | None 
         problem = None
         if is_main():
             try:
-                stack.enter_context(run_lock(directory))
+                stack.enter_context(run_lock(directory, tree))
                 if prepare:
                     prepare()
             except StvqError as err:

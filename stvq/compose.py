@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import ranks_lock, read_json, save_npy, weights_fingerprint, write_json
+from stvq.checkpoint import ranks_lock, read_json, run_lock, save_npy, staged, weights_fingerprint, write_json
 from stvq.data import is_stream
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
 from stvq.images import codec_message
+from stvq.interfaces import Tokenizer, check_ids
 from stvq.pretrained import load_tokenizer, written_by_stvq
 from stvq.registry import create, plugin_table
 from stvq.streams import PieceBatches, index_batches, loader, sharing_cores
@@ -88,17 +89,20 @@ def read_ids(path: str | Path, vocab_size: int) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.int64))
 
 
-def write_pngs(images: torch.Tensor, out: str | Path) -> Path:
-    """(B, 3, H, W) in [-1, 1] -> out/000000.png, 000001.png, ..."""
+def decode_to_pngs(tokenizer: Tokenizer, ids: torch.Tensor, out: str | Path, batch_size: int = 64) -> Path:
+    """ids (N, tokens) -> out/000000.png, 000001.png, ..., decoded ``batch_size`` rows at a time and
+    written as they come (memory does not grow with N). One writer holds ``out``; the new images replace
+    the old ones only when all are written, so a failure leaves the directory as it was."""
     from PIL import Image
 
     from stvq.images import to_uint8
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        Image.fromarray(to_uint8(image)).save(out / f"{i:06d}.png")
-    return out
+    check_ids(ids, tokenizer.num_tokens, tokenizer.vocab_size)  # every row, before a file is written
+    with run_lock(out, tree=False), staged(out) as tmp:
+        for start in range(0, len(ids), batch_size):
+            for i, image in enumerate(tokenizer.decode(ids[start : start + batch_size]), start):
+                Image.fromarray(to_uint8(image)).save(tmp / f"{i:06d}.png")
+    return Path(out)
 
 
 def _shard_rows(out: Path, shard: int, num_tokens: int, dtype, rows: int | None) -> int | None:
@@ -167,7 +171,7 @@ def tokenize_dataset(
         "data_fingerprint": data_fingerprint,
         "tokenizer": str(Path(tokenizer_dir).resolve()) if tokenizer_dir else None,
     }
-    with ranks_lock(out, lambda: _start_manifest(out, manifest)):  # rank 0 writes the manifest, the ranks apart shards
+    with ranks_lock(out, lambda: _start_manifest(out, manifest), tree=False):  # rank 0 writes the manifest, the ranks apart shards
         rows_of = (lambda i: None) if stream else (lambda i: min(len(dataset), (i + 1) * shard_size) - i * shard_size)
         mine = range(rank, shards, world)
         pending = [i for i in mine if _shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) is None]

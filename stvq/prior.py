@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from stvq.checkpoint import save_npy, weights_fingerprint, write_json
+from stvq.checkpoint import run_lock, save_npy, staged, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
 from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, in_batches
@@ -384,12 +384,11 @@ def sample_run(
         prefix = in_batches(tokenizer.encode, sources)[:, :keep]
     ids = sample(prior, n, temperature, top_k, top_p, seed, prefix, allowed=shards.allowed())
     images = in_batches(tokenizer.decode, ids[:GRID_SAMPLES])  # the grid's; every sample's ids go to ids.npy
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_npy(out / "ids.npy", ids.numpy())
-    save_image_grid(out / "samples.png", images)
-    if sources is not None:
-        save_image_grid(out / "sources.png", sources[:GRID_SAMPLES])
     result = {"prior": str(run), "n": n, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed, "keep": keep, "from": source}
-    write_json(out / "sample.json", result)
+    with run_lock(out, tree=False), staged(out) as tmp:  # one writer; the files replace the old ones together
+        save_npy(tmp / "ids.npy", ids.numpy())
+        save_image_grid(tmp / "samples.png", images)
+        if sources is not None:
+            save_image_grid(tmp / "sources.png", sources[:GRID_SAMPLES])
+        write_json(tmp / "sample.json", result)
     return {**result, "images": images, "ids": ids, "sources": sources}

@@ -361,3 +361,124 @@ def test_an_image_file_never_starts_a_program(files, tmp_path):
     assert not marker.exists(), "an image file started gs"
     control = subprocess.run([sys.executable, "-c", f"from PIL import Image; Image.open({str(folder / 'x.png')!r}).load()"], env=env, capture_output=True, text=True)
     assert control.returncode != 0 and marker.exists(), "the stand-in gs is what plain PIL runs"
+
+
+def test_a_run_directory_never_has_stvq_write_through_a_link(runner, files, tmp_path):
+    """A run whose ``samples/`` or ``metrics.jsonl`` is a symbolic link to elsewhere is refused in one
+    line before anything is written, and where the link points stays as it was."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "notes.txt").write_text("mine")
+    for name in ("samples", "metrics.jsonl"):
+        run = tmp_path / f"run-{name}"
+        shutil.copytree(files / "run", run)
+        if name == "samples":
+            shutil.rmtree(run / name)
+            (run / name).symlink_to(outside, target_is_directory=True)
+        else:
+            shutil.copy(run / name, outside / name)
+            (run / name).unlink()
+            (run / name).symlink_to(outside / name)
+        before = {p.name: p.read_bytes() for p in outside.iterdir()}
+        result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "4", "--no-progress"])
+        assert result.exit_code == 1 and f"{run / name} is a symbolic link inside {run}; stvq does not write through links" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
+
+
+def test_a_writer_removes_only_its_own_temporary_files(runner, files, tmp_path):
+    """Files of the user's whose names look temporary stay; what a killed writer left (a ``.stvq-tmp*``
+    directory) goes, in a tokenize output and a compose output alike."""
+    out = tmp_path / "d"
+    (out / "notes" / "sub").mkdir(parents=True)
+    users = {out / ".tmpwork_plan.md": "p", out / "notes" / ".tmplate.txt": "t", out / "notes" / "sub" / ".draft.tmp2": "v", out / ".a.npy.tmp123": "w"}
+    for path, text in users.items():
+        path.write_text(text)
+    (out / ".stvq-tmpk1ll3d").mkdir()
+    (out / ".stvq-tmpk1ll3d" / "shard_00000.npy").write_bytes(b"torn")
+    result = runner.invoke(main, ["tokenize", "--tokenizer", str(files / "tok"), "--data", "shapes", "--max-images", "4", "-o", str(out)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert all(path.read_text() == text for path, text in users.items()) and not (out / ".stvq-tmpk1ll3d").exists()
+    composed = tmp_path / "c"
+    (composed / ".stvq-tmpk1ll3d").mkdir(parents=True)
+    (composed / ".tmpnotes").write_text("mine")
+    result = runner.invoke(main, ["compose", "styled", "--part", f"styled={files / 'tok'}", "-o", str(composed)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert not (composed / ".stvq-tmpk1ll3d").exists() and (composed / ".tmpnotes").read_text() == "mine"
+
+
+def test_a_full_disk_changes_nothing_and_says_where_in_one_line(runner, files, tmp_path, monkeypatch):
+    """decode over 40 older PNGs, prior-sample-like groups and a training checkpoint: the disk fills
+    midway, the command says which path and that nothing was changed, and every older file is as it was."""
+    import errno
+
+    import stvq.checkpoint
+
+    out = tmp_path / "decoded"
+    np.save(tmp_path / "ids.npy", np.arange(40 * 36).reshape(40, 36) % 512)
+    assert runner.invoke(main, ["decode", "--tokenizer", str(files / "tok"), str(tmp_path / "ids.npy"), "-o", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([name for name in before if name.endswith(".png")]) == 40
+    np.save(tmp_path / "other.npy", (np.arange(40 * 36).reshape(40, 36) * 7) % 512)
+    saves = {"n": 0}
+    original = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    result = runner.invoke(main, ["decode", "--tokenizer", str(files / "tok"), str(tmp_path / "other.npy"), "-o", str(out)])
+    assert result.exit_code == 1 and f"cannot write {out}: No space left on device" in result.stderr and "nothing there was changed" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "the 40 older images are whole and unchanged"
+    monkeypatch.setattr(Image.Image, "save", original)
+
+    run = tmp_path / "run"
+    shutil.copytree(files / "run", run)
+    checkpoint = (run / "checkpoint.safetensors").read_bytes()
+
+    def full(*args, **kwargs):  # what the safetensors library raises on a full disk
+        raise Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(stvq.checkpoint, "save_file", full)
+    result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "4", "--no-progress"])
+    assert result.exit_code == 1 and f"cannot write {run / 'checkpoint.safetensors'}: No space left on device" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and (run / "checkpoint.safetensors").read_bytes() == checkpoint
+    assert not list(run.rglob(".stvq-tmp*"))
+
+
+def test_two_writers_of_one_output_directory_and_a_long_output_name(runner, files, tmp_path):
+    """A second decode (or prior sample, compose) into a directory being written stops with one line; a
+    250-byte file name is written as named (the temporary name is no longer longer than the name)."""
+    from stvq.checkpoint import run_lock
+
+    np.save(tmp_path / "ids.npy", np.zeros((2, 36), dtype=np.int64))
+    with run_lock(tmp_path / "out", tree=False):
+        result = runner.invoke(main, ["decode", "--tokenizer", str(files / "tok"), str(tmp_path / "ids.npy"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "is being written by another stvq process" in result.stderr
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    name = tmp_path / ("a" * 246 + ".npy")
+    result = runner.invoke(main, ["encode", "--tokenizer", str(files / "tok"), str(tmp_path / "red.png"), "-o", str(name)])
+    assert result.exit_code == 0, result.stderr
+    assert np.load(name).shape == (1, 36)
+
+
+def test_staged_files_replace_their_namesakes_together_or_not_at_all(tmp_path):
+    """The group write under prior sample, compose and decode: a failure after some files are written
+    leaves every older file; success replaces all and leaves no temporary directory."""
+    from stvq.checkpoint import staged
+
+    for name in ("ids.npy", "samples.png"):
+        (tmp_path / name).write_text("old")
+    with pytest.raises(RuntimeError), staged(tmp_path) as tmp:
+        (tmp / "ids.npy").write_text("new")
+        raise RuntimeError("the decoder failed")
+    assert [(tmp_path / n).read_text() for n in ("ids.npy", "samples.png")] == ["old", "old"]
+    with staged(tmp_path) as tmp:
+        for name in ("ids.npy", "samples.png"):
+            (tmp / name).write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "samples.png"]
+    assert [(tmp_path / n).read_text() for n in ("ids.npy", "samples.png")] == ["new", "new"]

@@ -558,12 +558,18 @@ def test_one_writer_per_run_directory_and_orphaned_temp_files_are_removed(runner
         result = runner.invoke(main, ["train", "--run", str(tmp_path / "busy"), "--no-progress"])
         assert result.exit_code == 1  # a fresh run into it is refused too (it already holds a run)
     (run / "codes").mkdir(exist_ok=True)
-    orphans = [run / ".checkpoint.safetensors.tmp4242", run / ".tmpA1b2C3", run / "codes" / ".0123abcd.safetensors.tmp77", run / "codes" / ".tmpZz9Yy8"]
-    for orphan in orphans:  # what kills during writes leave: ours, and the safetensors library's own, in any folder
+    orphans = [run / ".stvq-tmpa1b2c3d4" / "checkpoint.safetensors", run / "codes" / ".stvq-tmpz9y8x7w6" / ".tmpZz9Yy8"]
+    for orphan in orphans:  # what kills during writes leave: our staging directories, the safetensors library's file inside
+        orphan.parent.mkdir()
         orphan.write_bytes(b"x" * 1000)
+    (run / "notes" / "sub").mkdir(parents=True)
+    users = [run / ".tmpwork_plan.md", run / "notes" / ".tmplate.txt", run / "notes" / "sub" / ".draft.tmp2", run / "codes" / ".a.safetensors.tmp77"]
+    for path in users:  # the user's own files, whatever their names look like
+        path.write_text("mine")
     result = runner.invoke(main, ["train", "--resume", str(run), "--steps", "31", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert not any(o.exists() for o in orphans) and [m["step"] for m in metrics(run)][-1] == 31
+    assert not any(o.parent.exists() for o in orphans) and [m["step"] for m in metrics(run)][-1] == 31
+    assert all(path.read_text() == "mine" for path in users)
 
 
 def test_tensorboard_gets_the_records_and_grids_and_a_resume_purges_what_followed_its_checkpoint(tmp_path, monkeypatch):

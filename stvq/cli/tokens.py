@@ -32,6 +32,7 @@ def compose(spec, parts, part_options, begin, separator, output) -> None:
       stvq compose vqgan --vqgan model.ckpt --vqgan-config model.yaml -o vqgan/
       stvq compose styled+titok --part styled=runs/NAME --part titok=runs/titok -o tok/
     """
+    from stvq.checkpoint import run_lock, staged
     from stvq.compose import compose as do_compose
 
     sources: dict[str, dict] = {name: dict(given) for name, given in given_meta(PARTS).items()}
@@ -44,7 +45,8 @@ def compose(spec, parts, part_options, begin, separator, output) -> None:
         sources.setdefault(name, {})[option] = value
     options = {"begin": begin, "separator": separator} if "+" in spec else {}
     tokenizer = do_compose(spec, sources, **options)
-    tokenizer.save_pretrained(output)
+    with run_lock(output, tree=False), staged(output) as tmp:  # one writer; the files replace the old ones together
+        tokenizer.save_pretrained(tmp)
     table = Table(title=f"{spec} -> {output}")
     for column in ("part", "tokens", "vocabulary", "id range", "image size"):
         table.add_column(column, justify="right")
@@ -88,11 +90,11 @@ def decode(tokenizer_dir, ids_file, output) -> None:
     Example:
       stvq decode --tokenizer runs/NAME ids.npy -o decoded/
     """
-    from stvq.compose import read_ids, write_pngs
+    from stvq.compose import decode_to_pngs, read_ids
 
     tokenizer = load_tokenizer_dir(tokenizer_dir)
-    images = tokenizer.decode(read_ids(ids_file, tokenizer.vocab_size))
-    click.echo(f"{len(images)} image(s) -> {write_pngs(images, output)}/")
+    ids = read_ids(ids_file, tokenizer.vocab_size)
+    click.echo(f"{len(ids)} image(s) -> {decode_to_pngs(tokenizer, ids, output)}/")
 
 
 @click.command()
