@@ -6,11 +6,41 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
-from stvq.errors import ConfigError, StvqError
+from stvq.errors import ConfigError, OptionRangeError, StvqError
+
+
+def env_count(name: str, default: int, minimum: int) -> int:
+    """A whole number from the environment (torchrun's ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ...), or one
+    line naming the variable where it is not one or lies below ``minimum``."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum or value > 1 << 20:
+        raise ConfigError(f"{name}={text!r} is not a whole number from {minimum} to {1 << 20:,}; unset it, or start the command with torchrun, which sets it")
+    return value
+
+
+def torchrun_world() -> int:
+    """``WORLD_SIZE``, checked: above 1 only where torchrun (or another launcher) also set the rank and the
+    rendezvous address, so that a stray ``WORLD_SIZE=2`` is one line, not a process waiting for its peers."""
+    import os
+
+    world = env_count("WORLD_SIZE", 1, 1)
+    if world > 1:
+        missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the command with torchrun (torchrun --nproc_per_node {world} $(which stvq) ...), or unset WORLD_SIZE")
+        env_count("RANK", 0, 0), env_count("LOCAL_RANK", 0, 0)
+    return world
 
 
 @dataclass(frozen=True)
@@ -70,6 +100,8 @@ class FileSpec(str):
 
 #: The largest seed: torch and NumPy take any 63-bit integer.
 MAX_SEED = 2**63 - 1
+#: The most DataLoader worker processes a config may ask for (the command line bounds it by the machine).
+MAX_WORKERS = 1024
 
 
 def check_ranges(cfg: Any, nonnegative: tuple[str, ...] = (), fractions: tuple[str, ...] = ()) -> None:
@@ -77,10 +109,10 @@ def check_ranges(cfg: Any, nonnegative: tuple[str, ...] = (), fractions: tuple[s
     number of 0 or more, or in ``fractions`` that is not between 0 and 1."""
     for name in nonnegative:
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
-            raise StvqError(f"{name} must be a number of 0 or more, got {getattr(cfg, name)}")
+            raise OptionRangeError(f"{name} must be a number of 0 or more, got {getattr(cfg, name)}")
     for name in fractions:
         if not 0 <= getattr(cfg, name) <= 1:
-            raise StvqError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
+            raise OptionRangeError(f"{name} must be between 0 and 1, got {getattr(cfg, name)}")
 
 
 OPTIMIZERS = ("adamw", "muon")
@@ -135,20 +167,24 @@ class LoopConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise StvqError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise OptionRangeError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (isinstance(self.lr_scales, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in self.lr_scales.items())):
             raise StvqError(f'lr_scales must map parameter-name substrings to numbers, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
-        if self.num_workers is not None and self.num_workers < 0:
-            raise StvqError(f"--num-workers must be 0 or more, got {self.num_workers}")
+        if not all(math.isfinite(v) and v >= 0 for v in self.lr_scales.values()):
+            raise OptionRangeError(f'lr_scales must be finite multiples of 0 or more, e.g. {{"encoder.": 0.1}}; got {self.lr_scales!r}')
+        if not (math.isfinite(self.beta2) and 0 <= self.beta2 < 1) or self.warmup_steps < 0:
+            raise OptionRangeError(f"beta2 must be in [0, 1) and warmup_steps 0 or more, got {self.beta2} and {self.warmup_steps}")
+        if self.num_workers is not None and not 0 <= self.num_workers <= MAX_WORKERS:
+            raise OptionRangeError(f"--num-workers must lie in [0, {MAX_WORKERS}], got {self.num_workers:,}")
         if not 0 <= self.step_threads <= self.batch_size:
-            raise StvqError(f"step_threads must be between 0 (auto) and the batch size {self.batch_size}, got {self.step_threads}")
+            raise OptionRangeError(f"step_threads must be between 0 (auto) and the batch size {self.batch_size}, got {self.step_threads}")
         if not 0 <= self.seed <= MAX_SEED:
-            raise StvqError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1), got {self.seed}")
+            raise OptionRangeError(f"--seed must be between 0 and {MAX_SEED} (2**63 - 1), got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise StvqError(f"--lr must be a positive number, got {self.lr}")
+            raise OptionRangeError(f"--lr must be a positive number, got {self.lr}")
         check_ranges(self, nonnegative=("weight_decay", "grad_clip"), fractions=("lr_scales_until", "min_lr_ratio"))
         if not 0 <= self.ema_decay < 1:
-            raise StvqError(f"--ema-decay must be in [0, 1) (0: no moving average; 0.999 is usual), got {self.ema_decay}")
+            raise OptionRangeError(f"--ema-decay must be in [0, 1) (0: no moving average; 0.999 is usual), got {self.ema_decay}")
         if self.optimizer not in OPTIMIZERS:
             raise StvqError(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if not (isinstance(self.muon_params, (list, tuple)) and all(isinstance(k, str) and k for k in self.muon_params)):
@@ -214,7 +250,7 @@ class TrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.stage not in (1, 2):
-            raise StvqError(f"--stage must be 1 or 2, got {self.stage}")
+            raise OptionRangeError(f"--stage must be 1 or 2, got {self.stage}")
         if self.stage == 2 and not self.from_run:
             raise StvqError("stage 2 starts from a stage-1 run: pass --from runs/NAME")
         if not isinstance(self.model, dict) or not (self.quantizer is None or isinstance(self.quantizer, dict)):
@@ -222,7 +258,7 @@ class TrainConfig(LoopConfig):
         if not isinstance(self.discriminator_options, dict):
             raise StvqError('discriminator_options must be a JSON object of the discriminator\'s options, e.g. {"channels": 32}')
         if self.disc_start < 0:
-            raise StvqError(f"--disc-start must be a step of 0 or more, got {self.disc_start}")
+            raise OptionRangeError(f"--disc-start must be a step of 0 or more, got {self.disc_start}")
         check_ranges(
             self,
             nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight", "adversarial_weight", "lecam_weight"),
@@ -256,7 +292,7 @@ class PriorTrainConfig(LoopConfig):
         if not isinstance(self.model, dict):
             raise StvqError('model must be a JSON object of the prior\'s options, e.g. model={"width": 256}')
         if self.heldout < 1:
-            raise StvqError(f"heldout must be at least 1 image, got {self.heldout}")
+            raise OptionRangeError(f"heldout must be at least 1 image, got {self.heldout}")
 
 
 # --------------------------------------------------------------------------------- KEY=VALUE options

@@ -11,16 +11,18 @@ import sys
 import torch
 import torch.distributed as dist
 
+from stvq.config import env_count, torchrun_world
+
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); initialises the process group under torchrun (NCCL on GPUs, gloo on
     CPU), whose rendezvous also joins several nodes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = torchrun_world()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = env_count("LOCAL_RANK", 0, 0)
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")

@@ -9,6 +9,7 @@ knows (attention included); normalisations and activations are not counted, as i
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -68,8 +69,8 @@ def device_peak(device: torch.device, bf16: bool) -> tuple[float, str]:
             value = float(override)
         except ValueError:
             raise StvqError(f"{PEAK_ENV}={override!r} is not a number of TFLOP/s, e.g. {PEAK_ENV}=989") from None
-        if not value > 0:
-            raise StvqError(f"{PEAK_ENV}={override!r} must be a positive number of TFLOP/s")
+        if not (math.isfinite(value) and value > 0):
+            raise StvqError(f"{PEAK_ENV}={override!r} must be a finite positive number of TFLOP/s")
         return value * 1e12, f"{PEAK_ENV}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)

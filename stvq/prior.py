@@ -19,7 +19,7 @@ from stvq.checkpoint import run_lock, save_npy, staged, weights_fingerprint, wri
 from stvq.config import PriorTrainConfig
 from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, in_batches
-from stvq.errors import OptionRangeError, StvqError
+from stvq.errors import ConfigError, OptionRangeError, StvqError
 from stvq.features import features
 from stvq.flops import count_flops
 from stvq.images import save_image_grid
@@ -150,6 +150,9 @@ class PriorTrainer(BaseTrainer[Prior, PriorTrainConfig]):
         self.shards = TokenShards(cfg.shards)
         train_count, held = self.shards.split(cfg.heldout)
         require_subclass("prior", cfg.prior, Prior, "stvq prior trains autoregressive priors over ids")
+        given = sorted({"vocab_size", "seq_len", "preset"} & set(cfg.model))
+        if given:
+            raise ConfigError(f"{', '.join(given)}: the shards decide the vocabulary ({self.shards.vocab_size:,}) and length ({self.shards.num_tokens}), --preset the size; drop --set {given[0]}")
         prior = create("prior", cfg.prior, vocab_size=self.shards.vocab_size, seq_len=self.shards.num_tokens, preset=cfg.preset, **cfg.model)
         heldout = self.shards.rows(train_count, train_count + held).to(self.device)
         return prior.to(self.device), Subset(self.shards, range(train_count)), heldout
@@ -278,6 +281,10 @@ def evaluate_prior(run: str | Path, shards: str | Path | None = None, samples: i
     survive when the first N ids of real images are kept. Writes prior_eval.json, prior_nll.png and
     samples.png (and keep_N.png) into the run."""
     prior, cfg = load_prior(run)
+    if not 0 <= samples <= MAX_JUDGED:
+        raise OptionRangeError(f"--samples must lie in [0, {MAX_JUDGED:,}] (every sample is decoded and held in memory), got {samples:,}")
+    if any(not 0 <= keep <= prior.seq_len for keep in keeps):
+        raise OptionRangeError(f"--keep must lie in [0, {prior.seq_len}] (the prior's sequence), got {max(keeps):,}")
     data = TokenShards(shards or cfg.shards)
     if (data.num_tokens, data.vocab_size) != (prior.seq_len, prior.vocab_size):
         raise StvqError(f"{data.dir} holds {data.num_tokens} ids per image over {data.vocab_size:,}; the prior models {prior.seq_len} over {prior.vocab_size:,}")
@@ -349,6 +356,8 @@ def judge_samples(prior: Prior, data: TokenShards, out: Path, samples: int, keep
 #: Samples shown in samples.png (the first ones); ``stvq prior sample -n`` is bounded by MAX_SAMPLES, whose
 #: ids (36 int64 each: 288 MB) are held in memory and written to ids.npy.
 GRID_SAMPLES, MAX_SAMPLES = 64, 1_000_000
+#: ``stvq prior eval --samples``: decoded images held in memory (50,000 is the count FID is computed on).
+MAX_JUDGED = 50_000
 
 
 def sample_run(

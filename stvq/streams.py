@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from stvq.config import env_count
 from stvq.errors import StvqError
 
 #: (epoch, piece index in the reader's list, member index) of the last sample a reader handed out; a new
@@ -38,7 +39,7 @@ def training_workers(asked: int | None, device: torch.device) -> int:
 def cores() -> int:
     """This process's share of the cores it may run on: under torchrun, split between the node's processes."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, available // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, available // env_count("LOCAL_WORLD_SIZE", 1, 1))
 
 
 @contextmanager

@@ -149,8 +149,20 @@ CASES = [
     ("quantize --run {root}/negative --k 4", 1, "negative/train.json is not a train.json that stvq wrote (--steps must be at least 1"),
     ("train --resume {root}/quantized --steps 5", 1, "was quantized after its training"),
     ("train --seed 99999999999999999999999 --run-dir {root}/t", 2, "is not in the range 0<=x<=9223372036854775807"),
-    ("train --num-workers -1 --run-dir {root}/t", 2, "'--num-workers': -1 is not in the range x>=0"),
+    ("train --num-workers -1 --run-dir {root}/t", 2, "'--num-workers': -1 is not in the range 0<=x<="),
     ("train --lr nan --run-dir {root}/t", 2, "'nan' is not a finite number"),
+    # a value outside an option's range, whether click or the config class finds it: exit status 2
+    ("train --steps 0 --run-dir {root}/t", 2, "--steps must be at least 1, got 0"),
+    ("train --eval-every 0 --run-dir {root}/t", 2, "--eval-every must be at least 1, got 0"),
+    ("train --ema-decay 1 --run-dir {root}/t", 2, "--ema-decay must be in [0, 1)"),
+    ("train --noise-sigma -1 --run-dir {root}/t", 2, "noise_sigma must be a number of 0 or more, got -1.0"),
+    ("train --num-workers 1000000000000000000 --run-dir {root}/t", 2, "1000000000000000000 is not in the range 0<=x<="),
+    ('train --train lr_scales={{"encoder.":-1}} --run-dir {root}/t', 2, "lr_scales must be finite multiples of 0 or more"),
+    ("train --train beta2=1.5 --run-dir {root}/t", 2, "beta2 must be in [0, 1)"),
+    ("train --stage 2 --from {root}/run --quantizer ema-vq --quantizer-option decay=2 --run-dir {root}/t", 2, "ema-vq needs decay in [0, 1)"),
+    ("quantize --run {root}/run --k 4 --niter 1000000000000000000", 2, "Invalid value for '--niter': 1000000000000000000 is not in the range 1<=x<=2147483647"),
+    ("quantize --run {root}/run --k 4 --max-points-per-centroid 4294967296", 2, "Invalid value for '--max-points-per-centroid'"),
+    ("quantize --run {root}/run --k 4 --quantizer-option niter=4294967296", 2, "k-means niter must lie in [1, 2,147,483,647]"),
     ("train --batch-size 1000000000 --steps 1 --run-dir {root}/t", 1, "--batch-size 1000000000: its items alone take 45,776.4 GiB, more than the"),
 ]
 
@@ -482,3 +494,38 @@ def test_staged_files_replace_their_namesakes_together_or_not_at_all(tmp_path):
             (tmp / name).write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.npy", "samples.png"]
     assert [(tmp_path / n).read_text() for n in ("ids.npy", "samples.png")] == ["new", "new"]
+
+
+@pytest.mark.parametrize(
+    "env,phrase",
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number from 1 to 1,048,576; unset it, or start the command with torchrun"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' is not a whole number from 1"),
+        ({"LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE='0' is not a whole number from 1"),
+        ({"LOCAL_WORLD_SIZE": "abc"}, "LOCAL_WORLD_SIZE='abc' is not a whole number from 1"),
+        ({"STVQ_PEAK_TFLOPS": "1e999"}, "STVQ_PEAK_TFLOPS='1e999' must be a finite positive number of TFLOP/s"),
+    ],
+)
+def test_a_bad_environment_variable_is_one_line_naming_it(runner, files, tmp_path, env, phrase):
+    """torchrun's variables set by hand or wrongly, and stvq's own, before a process waits for peers that
+    never come or writes a summary that is not JSON."""
+    args = ["train", "--steps", "2", "--eval-every", "2", "--set", "width=32", "--set", "heads=2", "--set", "encoder_layers=1", "--set", "plain_layers=1", "--run-dir", str(tmp_path / "t")]
+    if "LOCAL" in next(iter(env)):
+        args = ["tokenize", "--tokenizer", str(files / "tok"), "--data", "shapes", "--max-images", "2", "-o", str(tmp_path / "z")]
+    result = runner.invoke(main, args, env=env)
+    assert result.exit_code == 1 and phrase in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_world_size_set_without_torchrun_is_one_line_not_a_wait(files, tmp_path):
+    """``WORLD_SIZE=2`` by hand: the process group would wait for a peer that never comes."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} | {"WORLD_SIZE": "2"}
+    script = "import sys; from stvq.cli import main; main(sys.argv[1:], prog_name='stvq')"
+    args = ["tokenize", "--tokenizer", str(files / "tok"), "--data", "shapes", "--max-images", "2", "-o", str(tmp_path / "z")]
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "WORLD_SIZE=2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set: start the command with torchrun" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -213,6 +213,11 @@ SAMPLE = ["prior", "sample", "--prior", "{run}", "-o", "{tmp}/o"]
         (["tokenize", "--tokenizer", "{run}", "--data", "shapes", "--max-images", "2", "-o", "{tmp}/t"], 1, "holds a prior (gpt), not a tokenizer"),
         (["prior", "train", "--shards", "{float}", "--run-dir", "{tmp}/r"], 1, "holds float64 values, not integer ids"),
         (["prior", "train", "--shards", "{high}", "--run-dir", "{tmp}/r"], 1, "9999], outside the vocabulary [0, 64) of its manifest"),
+        (["prior", "train", "--shards", "{shards}", "--set", "vocab_size=5", "--run-dir", "{tmp}/r"], 1, "vocab_size: the shards decide the vocabulary (64)"),
+        (["prior", "train", "--shards", "{shards}", "--set", "seq_len=10", "--run-dir", "{tmp}/r"], 1, "seq_len: the shards decide the vocabulary (64) and length (36)"),
+        (["prior", "eval", "--prior", "{run}", "--keep", "1000000000000000000"], 2, "--keep must lie in [0, 36] (the prior's sequence)"),
+        (["prior", "eval", "--prior", "{run}", "--samples", "1000000000000000000"], 2, "--samples must lie in [0, 50,000]"),
+        (SAMPLE[:-1] + ["", "-n", "2"], 2, "an empty path; name the directory or file to write"),
     ],
 )
 def test_bad_prior_values_are_one_line_with_the_promised_status(shards, tmp_path, runner, args, status, message):
@@ -222,7 +227,7 @@ def test_bad_prior_values_are_one_line_with_the_promised_status(shards, tmp_path
         shutil.copytree(shards / "shards", tmp_path / name)
         shard = tmp_path / name / "shard_00000.npy"
         np.save(shard, values(np.load(shard).astype(np.int64)))
-    result = runner.invoke(main, [a.format(tmp=tmp_path, run=run, float=tmp_path / "float", high=tmp_path / "high") for a in args])
+    result = runner.invoke(main, [a.format(tmp=tmp_path, run=run, float=tmp_path / "float", high=tmp_path / "high", shards=shards / "shards") for a in args])
     assert result.exit_code == status and message in result.stderr, result.stderr
     assert "Traceback" not in result.output + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 or status == 2  # click's usage errors add a usage line

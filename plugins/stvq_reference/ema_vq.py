@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from stvq.errors import ConfigError
+from stvq.errors import ConfigError, OptionRangeError
 from stvq.interfaces import QuantizerOutput
 from stvq_reference.codebook import CodebookQuantizer
 
@@ -50,6 +50,8 @@ class EMAVectorQuantizer(CodebookQuantizer):
         super().__init__(dim, codebook_size, positions)
         if init not in ("batch", "kmeans"):
             raise ConfigError(f"ema-vq init {init!r} is not 'batch' or 'kmeans'")
+        if not (0 <= decay < 1 and eps > 0 and commitment >= 0 and dead_threshold >= 0):
+            raise OptionRangeError(f"ema-vq needs decay in [0, 1), eps > 0, commitment >= 0 and dead_threshold >= 0; got {decay}, {eps}, {commitment}, {dead_threshold}")
         self.decay, self.eps, self.commitment, self.init = decay, eps, commitment, init
         self.dead_threshold, self.l2_normalize = dead_threshold, l2_normalize
         groups = positions or 1

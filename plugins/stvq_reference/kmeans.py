@@ -7,9 +7,12 @@ from __future__ import annotations
 import faiss
 import torch
 
-from stvq.errors import StvqError
+from stvq.errors import OptionRangeError, StvqError
 from stvq.interfaces import FittableQuantizer, QuantizerOutput
 from stvq_reference.codebook import CodebookQuantizer
+
+#: faiss's ClusteringParameters hold counts in 32-bit integers.
+FAISS_INT_MAX = 2**31 - 1
 
 INIT_METHODS = {
     "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
@@ -40,6 +43,9 @@ class KMeansQuantizer(CodebookQuantizer, FittableQuantizer):
         super().__init__(dim, codebook_size, positions)
         if init not in INIT_METHODS:
             raise StvqError(f"k-means init {init!r} is not one of {', '.join(INIT_METHODS)}")
+        for name, value in (("niter", niter), ("max_points_per_centroid", max_points_per_centroid)):
+            if not 1 <= value <= FAISS_INT_MAX:
+                raise OptionRangeError(f"k-means {name} must lie in [1, {FAISS_INT_MAX:,}] (faiss holds it in a 32-bit integer), got {value:,}")
         self.init = init
         self.niter, self.seed, self.spherical = niter, seed, spherical
         self.max_points_per_centroid, self.gpu = max_points_per_centroid, gpu

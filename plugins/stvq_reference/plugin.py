@@ -78,12 +78,12 @@ def register_options(register):
     register("compose", "--vqgan", "vqgan.source", "The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.", type=click.Path())
     register("compose", "--vqgan-config", "vqgan.config", "The taming YAML config of --vqgan.", type=click.Path())
     register("compose", "--diffusers-vq", "diffusers-vq.source", "The diffusers-vq part: a diffusers VQModel directory (or a hub id, online).")
-    register("quantize", "--niter", "niter", "k-means iterations (default 20).", type=click.IntRange(min=1))
+    register("quantize", "--niter", "niter", "k-means iterations (default 20).", type=click.IntRange(1, 2**31 - 1))
     register("quantize", "--spherical", "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True)
     register(
         "quantize",
         "--max-points-per-centroid",
         "max_points_per_centroid",
         "k-means trains on at most K x this many code vectors, sampled by faiss (default 256).",
-        type=click.IntRange(min=1),
+        type=click.IntRange(1, 2**31 - 1),
     )

@@ -6,7 +6,7 @@ plugins`` stay fast."""
 
 from __future__ import annotations
 
-import os
+import sys
 import warnings
 from typing import Any
 
@@ -18,8 +18,8 @@ from stvq.cli.options import console, meta_option, preset_option, set_option
 from stvq.cli.prior import prior
 from stvq.cli.tokens import PARTS, compose, decode, encode, tokenize
 from stvq.cli.train import QUANTIZER_OPTIONS, quantize, train
-from stvq.config import TrainConfig
-from stvq.errors import OptionRangeError, StvqError
+from stvq.config import TrainConfig, env_count
+from stvq.errors import ConfigError, OptionRangeError, StvqError
 from stvq.plugins import add_plugin_commands, add_plugin_options
 from stvq.registry import parse_overrides
 
@@ -42,7 +42,12 @@ class StvqGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Under torchrun, the process ends with the command's exit status without the interpreter's
         teardown (:func:`stvq.distributed.exit_process`); otherwise click's ``main``."""
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # before importing torch: `stvq --help` stays fast
+        try:
+            world = env_count("WORLD_SIZE", 1, 1)
+        except ConfigError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(1)
+        if world == 1:  # before importing torch: `stvq --help` stays fast
             return super().main(*args, **kwargs)
         from stvq.distributed import exit_process
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from stvq.cli.options import console, workers_option
+from stvq.cli.options import WritePath, console, workers_option
 from stvq.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ from stvq.errors import ConfigError
 @click.option("--probe-images", type=click.IntRange(min=1), default=2000, show_default=True, help="shapes images to fit the factor probes on.")
 @click.option("--no-perceptual", is_flag=True, help="Skip the EfficientNet-Lite0 feature distances.")
 @click.option("--no-recogniser", is_flag=True, help="On shapes: skip reading originals and reconstructions with the factor recogniser (trained once, about 6 CPU-minutes, cached).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Where the comparison of two or more runs is written (default eval-compare/).")
+@click.option("-o", "--output", type=WritePath(file_okay=False), help="Where the comparison of two or more runs is written (default eval-compare/).")
 @workers_option
 def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, no_recogniser, output, num_workers) -> None:
     """Measure a Styled VQ: PSNR, SSIM, MAE, EfficientNet-Lite0 feature distances, codebook health, the

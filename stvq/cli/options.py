@@ -4,6 +4,7 @@ dataclass (one source of defaults), and options that plugins add to a command (`
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, fields
@@ -33,8 +34,19 @@ class FiniteFloat(click.FloatRange):
         return "finite" if self.min is None and self.max is None else super()._describe_range()
 
 
+class WritePath(click.Path):
+    """A path stvq writes to: an empty one (which would write into the current directory) is refused."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path; name the directory or file to write", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 #: ``--seed``: what torch and NumPy accept.
 SEED = click.IntRange(0, MAX_SEED)
+#: ``--num-workers``: at most four worker processes a core of this machine (at least 8).
+WORKERS = click.IntRange(0, max(8, 4 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)))
 
 
 preset_option = click.option("--preset", default="tiny", show_default=True, help="Model preset: tiny, small or reference.")
@@ -52,7 +64,7 @@ LOOP_FLAGS: dict[str, dict[str, Any]] = {
     "eval_every": {},
     "checkpoint_every": {},
     "log_every": {},
-    "num_workers": {"type": click.IntRange(min=0), "help": "DataLoader worker processes (a wds: stream: one reader each; default: 0 on a CPU, one per core, at most 8, on a GPU)."},
+    "num_workers": {"type": WORKERS, "help": "DataLoader worker processes (a wds: stream: one reader each; default: 0 on a CPU, one per core, at most 8, on a GPU)."},
     "tensorboard": {"help": "Also log to RUN/tensorboard/ (pip install 'stvq[tensorboard]')."},
 }
 
@@ -88,7 +100,7 @@ def _workers(ctx: click.Context, param: click.Parameter, value: int | None) -> i
 
 workers_option = click.option(
     "--num-workers",
-    type=click.IntRange(min=0),
+    type=WORKERS,
     callback=_workers,
     help="DataLoader worker processes that decode and resize images (default: one per core, the cores shared among torchrun's processes, at most 8; 0: in the main process).",
 )

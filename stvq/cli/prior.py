@@ -9,7 +9,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, SEED, FiniteFloat, config_options, console, fit, resume_config
+from stvq.cli.options import LOOP_FLAGS, SEED, FiniteFloat, WritePath, config_options, console, fit, resume_config
 from stvq.config import PriorTrainConfig, parse_pairs
 from stvq.flops import mfu_text
 
@@ -41,7 +41,7 @@ def prior() -> None:
 
 @prior.command("train")
 @config_options(PriorTrainConfig, PRIOR_FLAGS)
-@click.option("--run-dir", "--run", "run_dir", type=click.Path(file_okay=False), help="Run directory (default runs/prior-PRESET-TIME).")
+@click.option("--run-dir", "--run", "run_dir", type=WritePath(file_okay=False), help="Run directory (default runs/prior-PRESET-TIME).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="Any PriorTrainConfig field by name; repeatable.")
@@ -86,7 +86,7 @@ def train_prior(ctx: click.Context, run_dir, resume_dir, no_progress, train_fiel
 @click.option("--keep", type=click.IntRange(min=0), default=0, show_default=True, help="Keep the first N ids of the --from images and sample the rest.")
 @click.option("--from", "source", help="Real images for --keep: a folder, 'shapes' or 'photos' (validation split).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(file_okay=False), help="Decode with this tokenizer (default: the one that wrote the shards; checked).")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for ids.npy, samples.png, sample.json.")
+@click.option("-o", "--output", required=True, type=WritePath(file_okay=False), help="Directory for ids.npy, samples.png, sample.json.")
 def sample_prior(prior_dir, count, temperature, top_k, top_p, seed, keep, source, tokenizer_dir, output) -> None:
     """Sample images: ids from the prior, decoded by the tokenizer that wrote its shards. With --keep N
     --from IMAGES, each image keeps its first N ids: variations on it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from stvq.cli.options import console, distributed_tokenizer, given_meta, load_tokenizer_dir, workers_option
+from stvq.cli.options import WritePath, console, distributed_tokenizer, given_meta, load_tokenizer_dir, workers_option
 from stvq.config import parse_pairs
 from stvq.errors import ConfigError
 
@@ -20,7 +20,7 @@ PARTS = "stvq.compose.parts"
 @click.option("--part-option", "part_options", multiple=True, metavar="NAME.KEY=VALUE", help="An option of a part's plugin, e.g. vqgan.config=model.yaml; repeatable.")
 @click.option("--begin", is_flag=True, help="Start every sequence with a begin id.")
 @click.option("--separator", is_flag=True, help="Put a separator id between the parts.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("-o", "--output", required=True, type=WritePath(file_okay=False), help="Directory to write.")
 def compose(spec, parts, part_options, begin, separator, output) -> None:
     """Join tokenizers into one sequence over one vocabulary (A+B[+C], e.g. styled+vqgan), and
     write a directory that `stvq.load_tokenizer` and --tokenizer accept. A single name converts that
@@ -62,7 +62,7 @@ tokenizer_option = click.option("--tokenizer", "tokenizer_dir", required=True, t
 @click.command()
 @tokenizer_option
 @click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="A .npy file of ids (N, tokens).")
+@click.option("-o", "--output", required=True, type=WritePath(dir_okay=False), help="A .npy file of ids (N, tokens).")
 def encode(tokenizer_dir, images, output) -> None:
     """Images -> token ids, saved as a NumPy array (one row per image, in argument order).
 
@@ -82,7 +82,7 @@ def encode(tokenizer_dir, images, output) -> None:
 @click.command()
 @tokenizer_option
 @click.argument("ids_file", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for the PNG files.")
+@click.option("-o", "--output", required=True, type=WritePath(file_okay=False), help="Directory for the PNG files.")
 def decode(tokenizer_dir, ids_file, output) -> None:
     """Token ids (.npy, one row per image) -> PNG images 000000.png, 000001.png, ...
 
@@ -100,7 +100,7 @@ def decode(tokenizer_dir, ids_file, output) -> None:
 @click.command()
 @tokenizer_option
 @click.option("--data", required=True, help="A folder of images, wds:SHARDS, hf:DIR[:split], or 'shapes' / 'photos' with --max-images.")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Directory for shards and manifest.json.")
+@click.option("-o", "--output", required=True, type=WritePath(file_okay=False), help="Directory for shards and manifest.json.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, show_default=True, help="Images per .npy shard.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-images", type=click.IntRange(min=1), help="Tokenize only the first N images.")

@@ -10,7 +10,7 @@ import click
 from rich.panel import Panel
 from rich.table import Table
 
-from stvq.cli.options import LOOP_FLAGS, SEED, config_options, console, fit, given_meta, resume_config, workers_option
+from stvq.cli.options import LOOP_FLAGS, SEED, WritePath, config_options, console, fit, given_meta, resume_config, workers_option
 from stvq.config import TrainConfig, parse_options, parse_pairs
 from stvq.errors import ConfigError
 from stvq.flops import mfu_text
@@ -48,7 +48,7 @@ def _default_run(stage: int, name: str) -> str:
     "--run-dir",
     "--run",
     "run_dir",
-    type=click.Path(file_okay=False),
+    type=WritePath(file_okay=False),
     help="Run directory (default runs/PRESET-stageN-TIME). Under torchrun write --run-dir: torchrun takes --run for its own --run-path.",
 )
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue this run from its last checkpoint.")
@@ -108,7 +108,7 @@ QUANTIZER_OPTIONS = "stvq.quantize.options"
 
 
 @click.command()
-@click.option("--run-dir", "--run", "run_dir", required=True, type=click.Path(file_okay=False), help="A stage-1 run (under torchrun write --run-dir).")
+@click.option("--run-dir", "--run", "run_dir", required=True, type=WritePath(file_okay=False), help="A stage-1 run (under torchrun write --run-dir).")
 @click.option("--k", "k", type=click.IntRange(min=1), default=8192, show_default=True, help="Codebook size.")
 @click.option("--data", help="Data to encode (default: the run's).")
 @click.option("--max-images", type=click.IntRange(min=1), default=20000, show_default=True)
