@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -173,6 +174,24 @@ def save_npy(path: str | os.PathLike, array: Any) -> Path:
     return atomic_write(path, write)
 
 
+def load_npy(path: str | os.PathLike) -> Any:
+    """A ``.npy`` array, memory-mapped; a ``ValueError`` naming why for a file that is not a regular file (a
+    FIFO would block), an ``.npz`` archive, a pickle (never loaded) or torn."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError("missing, or not a regular file")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # a header larger than the file is refused
+    except (OSError, EOFError) as err:
+        raise ValueError(str(err)) from None
+    if not isinstance(array, np.ndarray):
+        array.close()
+        raise ValueError("an .npz archive, not one .npy array")
+    return array
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -193,12 +212,50 @@ def json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+#: What stvq reads back from its own JSON files: at most this many bytes, integers of at most this many
+#: digits (a 64-bit seed has 19), no NaN or Infinity, no key twice in an object.
+JSON_MAX_BYTES, JSON_MAX_DIGITS = 64 * 2**20, 20
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number stvq writes")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > JSON_MAX_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-')):,} digits")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} twice in one object")
+    return dict(pairs)
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` as stvq reads its files back: a ``ValueError`` for NaN or Infinity, an integer
+    longer than :data:`JSON_MAX_DIGITS`, a key named twice in an object, or nesting too deep to read."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: str | os.PathLike, fix: str) -> dict[str, Any]:
     """The JSON object in a file stvq wrote (a config, manifest or summary), or one line naming the file
-    and ``fix`` where it is torn (a kill mid-write by another tool), not JSON, or not an object."""
+    and ``fix`` where it is torn (a kill mid-write by another tool), not JSON, larger than
+    :data:`JSON_MAX_BYTES`, or not an object (:func:`parse_json`)."""
+    path = Path(path)
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader
+        raise StvqError(f"{path} is not a regular file; {fix}")
+    if info.st_size > JSON_MAX_BYTES:
+        raise StvqError(f"{path} holds {info.st_size:,} bytes, more than the {JSON_MAX_BYTES:,} of any JSON file stvq writes; {fix}")
     try:
-        value = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        value = parse_json(path.read_bytes().decode())
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
         raise StvqError(f"{path} is not valid JSON ({err}); {fix}") from None
     if not isinstance(value, dict):
         raise StvqError(f"{path} holds a JSON {json_type(value)}, not the object stvq writes; {fix}")

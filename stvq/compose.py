@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import ranks_lock, read_json, run_lock, save_npy, staged, weights_fingerprint, write_json
+from stvq.checkpoint import load_npy, ranks_lock, read_json, run_lock, save_npy, staged, weights_fingerprint, write_json
 from stvq.data import is_stream
 from stvq.distributed import all_gather_objects, device_of, rank_world
 from stvq.errors import StvqError
@@ -75,15 +74,12 @@ def read_images(paths: list[str], image_size: int) -> torch.Tensor:
 def read_ids(path: str | Path, vocab_size: int) -> torch.Tensor:
     """A ``.npy`` array of ids (one row per image) -> int64 ids; refuses pickles, archives, text, floats,
     bools and integer types too narrow for ``vocab_size``."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise StvqError(f"no such ids file: {path}")
     try:
-        array = np.load(path, mmap_mode="r")  # no pickles (never run); a header larger than the file is refused
-    except (ValueError, OSError, EOFError) as err:
+        array = load_npy(path)
+    except ValueError as err:
         raise StvqError(f"{path} is not a NumPy .npy array of ids ({err}); write ids with numpy.save or stvq encode") from None
-    if not isinstance(array, np.ndarray):
-        array.close()
-        raise StvqError(f"{path} is an .npz archive; pass one .npy array of ids (numpy.save)")
     if array.dtype.kind not in "iu" or np.iinfo(array.dtype).max < vocab_size - 1:
         raise StvqError(f"ids in {path} are {array.dtype}, which cannot be ids of a vocabulary of {vocab_size:,}; stvq encode writes int64")
     return torch.from_numpy(array.astype(np.int64))
@@ -110,10 +106,10 @@ def _shard_rows(out: Path, shard: int, num_tokens: int, dtype, rows: int | None)
     ``rows`` rows (for a stream: as many as its keys file names). None for a missing, truncated or
     foreign file, which is written again."""
     try:
-        ids = np.load(out / f"shard_{shard:05d}.npy", mmap_mode="r", allow_pickle=False)
+        ids = load_npy(out / f"shard_{shard:05d}.npy")
         if rows is None:
-            rows = len(json.loads((out / f"shard_{shard:05d}.keys.json").read_text())["keys"])
-    except (OSError, ValueError, KeyError, TypeError):
+            rows = len(read_json(out / f"shard_{shard:05d}.keys.json", "")["keys"])
+    except (OSError, ValueError, KeyError, TypeError, StvqError):
         return None
     return rows if ids.shape == (rows, num_tokens) and ids.dtype == dtype else None
 
@@ -183,7 +179,7 @@ def tokenize_dataset(
             manifest["shard_rows"] = [_shard_rows(out, i, tokenizer.num_tokens, dtype, rows_of(i)) for i in range(shards)]
             manifest["num_images"] = sum(manifest["shard_rows"])
             if stream:
-                manifest["unreadable"] = sum(json.loads((out / f"shard_{i:05d}.keys.json").read_text())["unreadable"] for i in range(shards))
+                manifest["unreadable"] = sum(read_json(out / f"shard_{i:05d}.keys.json", "run the same stvq tokenize again")["unreadable"] for i in range(shards))
             if manifest["num_images"]:
                 write_json(out / "manifest.json", manifest)
         result = all_gather_objects(manifest)[0]

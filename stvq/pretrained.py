@@ -3,13 +3,12 @@ or a registered tokenizer by name: the one place where a file on disk becomes a 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from stvq.checkpoint import CONFIG_NAME, read_config
-from stvq.errors import CheckpointError, StvqError
+from stvq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_config, read_json
+from stvq.errors import CheckpointError, StvqError, first_line
 from stvq.registry import create, plugin_table
 
 
@@ -27,8 +26,8 @@ def load_tokenizer(path_or_spec: str | os.PathLike, **options: Any) -> Any:
 def written_by_stvq(directory: str | os.PathLike) -> bool:
     """Whether ``directory/config.json`` is stvq's (it names a plugin's kind and name), not another library's."""
     try:
-        config = json.loads((Path(directory) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+        config = read_json(Path(directory) / CONFIG_NAME, "")
+    except (OSError, StvqError):
         return False
     return isinstance(config, dict) and "kind" in config and "name" in config
 
@@ -38,6 +37,35 @@ def load_pretrained(directory: str | os.PathLike, kind: str | None = None) -> An
     config = read_config(directory)
     if kind is not None and config["kind"] != kind:
         raise CheckpointError(f"{directory} holds a {config['kind']} ({config['name']}), not a {kind}; pass a directory that `stvq train` or `stvq compose` wrote")
-    model = create(config["kind"], config["name"], **config["options"])
+    check_size(directory, config)
+    try:
+        model = create(config["kind"], config["name"], **config["options"])
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as err:  # torch's own refusals of a size or shape
+        raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: its options do not build a {config['name']} ({first_line(err)}); re-save the model") from None
     model.load_weights(directory)
     return model.eval()
+
+
+def check_size(directory: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Refuse, before anything is allocated, a ``config.json`` whose options build a model with more bytes
+    of weights than its ``model.safetensors`` holds (an edited width of 10^18, or another model's config).
+    The model is built on the meta device, which allocates nothing; a plugin that cannot be built there is
+    left to its own checks."""
+    import torch
+
+    weights = Path(directory) / WEIGHTS_NAME
+    try:
+        with torch.device("meta"):
+            shell = create(config["kind"], config["name"], **config["options"])
+        need = sum(t.numel() * t.element_size() for t in shell.state_dict().values())
+    except StvqError:
+        raise
+    except Exception as err:
+        if "overflow" in str(err).lower():
+            raise CheckpointError(f"{Path(directory) / CONFIG_NAME}: its options describe a {config['name']} too large to build ({first_line(err)}); re-save the model") from None
+        return
+    have = weights.stat().st_size if weights.is_file() else 0
+    if need > have:
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_NAME} describes a {config['name']} of {need / 2**20:,.1f} MiB of weights, and {weights} holds {have / 2**20:,.1f} MiB: the config was edited or belongs to other weights; re-save the model"
+        )

@@ -5,7 +5,6 @@ token position (``stvq prior train|sample|eval``)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from stvq.checkpoint import run_lock, save_npy, staged, weights_fingerprint, write_json
+from stvq.checkpoint import load_npy, read_json, run_lock, save_npy, staged, weights_fingerprint, write_json
 from stvq.config import PriorTrainConfig
 from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, in_batches
@@ -56,11 +55,15 @@ class TokenShards(Dataset):
         if not path.is_file():
             raise StvqError(f"{self.dir} holds no manifest.json: pass a directory written by `stvq tokenize`")
         try:
-            m = self.manifest = json.loads(path.read_text())
+            m = self.manifest = read_json(path, "run the same stvq tokenize again")
             self.num_images, self.num_tokens, self.vocab_size = int(m["num_images"]), int(m["num_tokens"]), int(m["vocab_size"])
             count = int(m["num_shards"])
             # Shards of a stream hold one piece each; older manifests name only the fixed shard_size.
+            if not (0 <= self.num_images <= 2**40 and 1 <= self.num_tokens <= 2**16 and 1 <= self.vocab_size <= 2**31 and 0 <= count <= 10**7):
+                raise ValueError(f"{self.num_images:,} images, {self.num_tokens:,} ids each over {self.vocab_size:,}, {count:,} shards: outside what stvq writes")
             rows = m.get("shard_rows") or [min(int(m["shard_size"]), self.num_images - i * int(m["shard_size"])) for i in range(count)]
+            if len(rows) != count or sum(rows) != self.num_images:
+                raise ValueError(f"its shards' rows ({len(rows):,} shards, {sum(rows):,} rows) do not add up to {count:,} shards of {self.num_images:,} images")
         except (ValueError, KeyError, TypeError) as err:
             raise StvqError(f"{path} is not a manifest that stvq tokenize wrote ({type(err).__name__}: {err})") from None
         self.starts = np.concatenate([[0], np.cumsum(rows)])
@@ -68,9 +71,9 @@ class TokenShards(Dataset):
         for i in range(count):
             shard = self.dir / f"shard_{i:05d}.npy"
             try:
-                ids = np.load(shard, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError):
-                raise StvqError(f"{shard} is missing or unreadable: run the same stvq tokenize again to finish the shards") from None
+                ids = load_npy(shard)
+            except ValueError as err:
+                raise StvqError(f"{shard} is missing or unreadable ({err}): run the same stvq tokenize again to finish the shards") from None
             if ids.shape != (rows[i], self.num_tokens):
                 raise StvqError(f"{shard} holds {ids.shape}, not ({rows[i]}, {self.num_tokens}): run the same stvq tokenize again")
             check_shard_ids(shard, ids, self.vocab_size)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from stvq.checkpoint import atomic_write, load_tensors, read_json, save_tensors, weights_fingerprint, write_json
+from stvq.checkpoint import atomic_write, load_tensors, parse_json, read_json, save_tensors, weights_fingerprint, write_json
 from stvq.config import WRITTEN_BEFORE, FileSpec, TrainConfig
 from stvq.errors import CheckpointError, StvqError, first_line
 
@@ -75,8 +75,9 @@ class RunDir:
         path = self.path / self.TRAIN_CONFIG
         if not path.is_file():
             raise StvqError(f"{self.path} is not a training run (no {self.TRAIN_CONFIG}); pass a directory made by `stvq train`")
+        fields = read_json(path, "start the run again in another directory")
         try:
-            cfg = schema(**{**WRITTEN_BEFORE, **json.loads(path.read_text())})
+            cfg = schema(**{**WRITTEN_BEFORE, **fields})
         except StvqError as err:  # a field out of range: the file says so, not a flag
             raise StvqError(f"{path} is not a train.json that stvq wrote ({err}); start the run again in another directory") from None
         except (ValueError, TypeError) as err:  # not JSON, not an object, unknown or wrongly typed fields
@@ -97,8 +98,8 @@ class RunDir:
         records = []
         for number, line in enumerate(lines, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(parse_json(line))
+            except ValueError:
                 if number < len(lines):
                     raise StvqError(f"{path}: line {number} is not JSON; the log was edited: restore it or start the run in another directory") from None
                 # the last line torn by a kill mid-append: dropped (a resume rewrites the log up to its checkpoint)

@@ -3,6 +3,7 @@ of the one line it must give, never a traceback; and inputs that used to give a 
 
 import io
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -12,6 +13,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import save_file
 from test_tokenizers import NotATensor, write_taming
@@ -82,6 +84,39 @@ def files(tmp_path_factory):
             (root / name / "quantize.json").write_text(json.dumps({"k": 4}))
         else:  # a header that says step 1 over another model's tensors
             save_file({"model.other.weight": torch.zeros(2)}, root / name / "checkpoint.safetensors", metadata={"step": "1", "param_groups": "[]"})
+    # JSON read back: nested too deep, a 5,000-digit integer, Infinity, a key twice, a width of 10^18
+    train = (root / "run" / "train.json").read_text()
+    for name, text in (
+        ("deep", train.replace('"steps": 2', '"steps": ' + "[" * 100_000 + "]" * 100_000, 1)),
+        ("digits", train.replace('"steps": 2', '"steps": 1' + "0" * 5000, 1)),
+        ("infinite", train.replace('"lr": 0.001', '"lr": Infinity', 1)),
+        ("twice", train.replace('"steps": 2', '"steps": 2, "steps": 9', 1)),
+    ):
+        shutil.copytree(root / "run", root / name)
+        (root / name / "train.json").write_text(text)
+    shutil.copytree(root / "tok", root / "wide")
+    config = json.loads((root / "tok" / "config.json").read_text())
+    config["options"]["config"]["width"] = 10**18
+    (root / "wide" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(root / "tok", root / "widish")
+    config["options"]["config"]["width"] = 4096
+    (root / "widish" / "config.json").write_text(json.dumps(config))
+    runner = CliRunner()
+    assert runner.invoke(main, ["tokenize", "--tokenizer", str(root / "tok"), "--data", "shapes", "--max-images", "4", "-o", str(root / "ids")]).exit_code == 0
+    for name, edit in (
+        ("vocab_twice", lambda m: m.replace('"vocab_size": 512', '"vocab_size": 4096, "vocab_size": 512', 1)),
+        ("many_shards", lambda m: m.replace('"num_shards": 1', '"num_shards": 1000000000', 1)),
+    ):
+        shutil.copytree(root / "ids", root / name)
+        (root / name / "manifest.json").write_text(edit((root / "ids" / "manifest.json").read_text()))
+        assert (root / name / "manifest.json").read_text() != (root / "ids" / "manifest.json").read_text()
+    shutil.copytree(root / "ids", root / "npz_shard")
+    (root / "npz_shard" / "shard_00000.npy").unlink()
+    with open(root / "npz_shard" / "shard_00000.npy", "wb") as f:
+        np.savez(f, ids=np.zeros((4, 36), dtype=np.int64))
+    shutil.copytree(root / "ids", root / "fifo_shard")
+    (root / "fifo_shard" / "shard_00000.npy").unlink()
+    os.mkfifo(root / "fifo_shard" / "shard_00000.npy")
     return root
 
 
@@ -95,7 +130,7 @@ CASES = [
     ("decode --tokenizer {root}/tok {root}/high.npy -o {root}/out", 1, "ids must lie in [0, 512); got [512, 512]"),
     ("decode --tokenizer {root}/tok {root}/object.npy -o {root}/out", 1, "is not a NumPy .npy array of ids"),
     ("decode --tokenizer {root}/tok {root}/text.npy -o {root}/out", 1, "is not a NumPy .npy array of ids"),
-    ("decode --tokenizer {root}/tok {root}/archive.npz -o {root}/out", 1, "is an .npz archive; pass one .npy array"),
+    ("decode --tokenizer {root}/tok {root}/archive.npz -o {root}/out", 1, "is not a NumPy .npy array of ids (an .npz archive, not one .npy array)"),
     ("decode --tokenizer {root}/tok {root}/none.npy -o {root}/out", 1, "no such ids file"),
     ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 --shard-size 0 -o {root}/s", 2, "Invalid value for '--shard-size'"),
     ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 --batch-size 0 -o {root}/s", 2, "Invalid value for '--batch-size'"),
@@ -104,7 +139,7 @@ CASES = [
     ("compose vqgan --vqgan {root}/model.ckpt --vqgan-config {root}/no_z.yaml -o {root}/v", 1, "is not a taming-transformers VQGAN ddconfig (TypeError"),
     ("compose vqgan --vqgan {root}/model.ckpt --vqgan-config {root}/typed.yaml -o {root}/v", 1, "is not a taming-transformers VQGAN ddconfig"),
     ("compose vqgan --vqgan {root}/pickled.ckpt --vqgan-config {root}/model.yaml -o {root}/v", 1, "weights_only=True, which never runs code (UnpicklingError"),
-    ("train --resume {root}/garbage", 1, "train.json is not a train.json that stvq wrote (JSONDecodeError"),
+    ("train --resume {root}/garbage", 1, "garbage/train.json is not valid JSON (Expecting property name enclosed in double quotes"),
     ("train --resume {root}/typed", 1, "is not a train.json that stvq wrote (TypeError"),
     ("train --resume {root}/unknown", 1, "unexpected keyword argument 'epochs'"),
     ("train --resume {root}/lying", 1, "checkpoint.safetensors does not match this run (RuntimeError"),
@@ -163,6 +198,18 @@ CASES = [
     ("quantize --run {root}/run --k 4 --niter 1000000000000000000", 2, "Invalid value for '--niter': 1000000000000000000 is not in the range 1<=x<=2147483647"),
     ("quantize --run {root}/run --k 4 --max-points-per-centroid 4294967296", 2, "Invalid value for '--max-points-per-centroid'"),
     ("quantize --run {root}/run --k 4 --quantizer-option niter=4294967296", 2, "k-means niter must lie in [1, 2,147,483,647]"),
+    # files read back: bounded JSON, plausible sizes, files of the right kind
+    ("train --resume {root}/deep", 1, "deep/train.json is not valid JSON (nested too deeply)"),
+    ("train --resume {root}/digits", 1, "digits/train.json is not valid JSON (an integer of 5,001 digits)"),
+    ("train --resume {root}/infinite", 1, "infinite/train.json is not valid JSON (Infinity is not a JSON number stvq writes)"),
+    ("train --resume {root}/twice", 1, "twice/train.json is not valid JSON (the key 'steps' twice in one object)"),
+    ("encode --tokenizer {root}/wide {root}/red.png -o {root}/e.npy", 1, "wide/config.json: its options describe a styled too large to build"),
+    ("encode --tokenizer {root}/widish {root}/red.png -o {root}/e.npy", 1, "widish/config.json describes a styled of 25,429.0 MiB of weights, and"),
+    ("prior train --shards {root}/vocab_twice --run-dir {root}/p", 1, "vocab_twice/manifest.json is not valid JSON (the key 'vocab_size' twice in one object)"),
+    ("prior train --shards {root}/many_shards --run-dir {root}/p", 1, "1,000,000,000 shards: outside what stvq writes"),
+    ("prior train --shards {root}/npz_shard --run-dir {root}/p", 1, "npz_shard/shard_00000.npy is missing or unreadable (an .npz archive, not one .npy array)"),
+    ("prior train --shards {root}/fifo_shard --run-dir {root}/p", 1, "fifo_shard/shard_00000.npy is missing or unreadable (missing, or not a regular file)"),
+    ("tokenize --tokenizer {root}/tok --data shapes --max-images 4 -o {root}/fifo_shard", 0, ""),
     ("train --batch-size 1000000000 --steps 1 --run-dir {root}/t", 1, "--batch-size 1000000000: its items alone take 45,776.4 GiB, more than the"),
 ]
 
