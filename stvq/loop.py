@@ -272,8 +272,9 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
         """(first step, training seconds logged before it): a resume loads the checkpoint and cuts the
         metrics back to it; a new run writes its train.json."""
         if not self.resume:
-            if self.is_main:
+            if self.is_main:  # a run started again after a kill before its first checkpoint logs afresh
                 self.dir.write_train_config(self.cfg)
+                self.dir.trim_metrics(-1)
             return 0, 0.0
         start = load_checkpoint(self.dir.checkpoint, parts, opts, data_generator)
         return start, self.dir.trim_metrics(start) if self.is_main else 0.0

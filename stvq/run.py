@@ -170,6 +170,7 @@ def save_checkpoint(
     tensors["rng.data"] = data_generator.get_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    metadata["tensors"] = str(len(tensors))  # a resume checks that none went missing
     save_tensors(path, tensors, metadata)
 
 
@@ -181,8 +182,11 @@ def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[st
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        step = _step_of(metadata)
     except Exception as err:  # a torn file or a header that lies: safetensors raises several types
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
+    if "tensors" in metadata and metadata["tensors"] != str(len(tensors)):
+        raise CheckpointError(f"{path} holds {len(tensors):,} tensors where its header says {metadata['tensors']}: it was edited; start the run again in another directory")
     missing = [name for name in opts if _optim_prefix(name)[1] not in metadata]
     missing += [name for name in parts if not any(k.startswith(f"{name}.") for k in tensors)]
     if missing:
@@ -205,7 +209,15 @@ def load_checkpoint(path: Path, parts: dict[str, torch.nn.Module], opts: dict[st
         raise CheckpointError(f"{path} does not match this run ({type(err).__name__}: {first_line(err)}); start the run again in another directory") from None
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(metadata["step"])
+    return step
+
+
+def _step_of(metadata: dict[str, str] | None) -> int:
+    """The step a checkpoint's header names: a whole number of 0 or more (a ``ValueError`` otherwise)."""
+    step = int((metadata or {})["step"])
+    if not 0 <= step < 2**62:
+        raise ValueError(f"step {step} is not a step of a run")
+    return step
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -214,6 +226,6 @@ def checkpoint_step(path: Path) -> int | None:
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            return int(f.metadata()["step"])
+            return _step_of(f.metadata())
     except Exception as err:  # a torn or foreign file: safetensors and int() raise their own types
         raise CheckpointError(f"{path} is not a readable stvq checkpoint ({first_line(err)}); start the run again in another directory") from None

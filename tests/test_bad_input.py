@@ -94,6 +94,16 @@ def files(tmp_path_factory):
     ):
         shutil.copytree(root / "run", root / name)
         (root / name / "train.json").write_text(text)
+    from safetensors import safe_open
+
+    with safe_open(str(root / "run" / "checkpoint.safetensors"), "pt") as f:
+        header, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for name, tensors, metadata in (
+        ("minus_step", saved, header | {"step": "-5"}),
+        ("no_moment", {k: v for k, v in saved.items() if not k.endswith(".exp_avg_sq")}, header),
+    ):
+        shutil.copytree(root / "run", root / name)
+        save_file(tensors, root / name / "checkpoint.safetensors", metadata=metadata)
     shutil.copytree(root / "tok", root / "wide")
     config = json.loads((root / "tok" / "config.json").read_text())
     config["options"]["config"]["width"] = 10**18
@@ -199,6 +209,8 @@ CASES = [
     ("quantize --run {root}/run --k 4 --max-points-per-centroid 4294967296", 2, "Invalid value for '--max-points-per-centroid'"),
     ("quantize --run {root}/run --k 4 --quantizer-option niter=4294967296", 2, "k-means niter must lie in [1, 2,147,483,647]"),
     # files read back: bounded JSON, plausible sizes, files of the right kind
+    ("train --resume {root}/minus_step --steps 4", 1, "minus_step/checkpoint.safetensors is not a readable stvq checkpoint (step -5 is not a step of a run)"),
+    ("train --resume {root}/no_moment --steps 4", 1, "no_moment/checkpoint.safetensors holds "),
     ("train --resume {root}/deep", 1, "deep/train.json is not valid JSON (nested too deeply)"),
     ("train --resume {root}/digits", 1, "digits/train.json is not valid JSON (an integer of 5,001 digits)"),
     ("train --resume {root}/infinite", 1, "infinite/train.json is not valid JSON (Infinity is not a JSON number stvq writes)"),
@@ -576,3 +588,17 @@ def test_world_size_set_without_torchrun_is_one_line_not_a_wait(files, tmp_path)
     done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "WORLD_SIZE=2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set: start the command with torchrun" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_logs_afresh(runner, files, tmp_path):
+    """The message of a run killed before its first checkpoint says to start it again: the same command
+    into the same directory then logs steps 1, 2, ... once, not after the dead run's rows."""
+    run = tmp_path / "again"
+    shutil.copytree(files / "run", run)
+    (run / "checkpoint.safetensors").unlink()  # killed before its first checkpoint
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')
+    args = ["train", "--steps", "2", "--eval-every", "2", "--log-every", "1", "--checkpoint-every", "2", "--batch-size", "2", "--no-progress"]
+    result = runner.invoke(main, [*args, *(f"--set={k}={v}" for k, v in SMALL.items()), "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output + result.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == [1, 2] and 9.0 not in [json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
