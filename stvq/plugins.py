@@ -89,7 +89,7 @@ def load_entry_points(pm: pluggy.PluginManager) -> dict[str, tuple[str, str]]:
         try:
             module = ep.load()
             pm.register(module, name=ep.name)
-        except Exception as err:  # any import-time failure of a third-party package; pluggy's PluginValidationError
+        except (Exception, SystemExit) as err:  # any import-time failure of a third-party package; pluggy's PluginValidationError
             _warn(
                 f"stvq plugin package {package!r} (entry point {ep.name} = {ep.value}) failed to load: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}; its plugins are unavailable"
             )
@@ -120,7 +120,7 @@ def collect(pm: pluggy.PluginManager, providers: dict[str, tuple[str, str]]) -> 
 
             try:
                 impl.function(**{arg: register for arg in impl.argnames})
-            except Exception as err:  # any failure of a third-party package
+            except (Exception, SystemExit) as err:  # any failure of a third-party package, exiting included
                 _warn(f"stvq plugin package {package!r} failed to register its {kind}s: {type(err).__name__}: {err}; they are unavailable")
                 continue
             for name, info in mine.items():
@@ -147,17 +147,19 @@ def plugin_table() -> dict[str, dict[str, PluginInfo]]:
     return collect(*plugin_manager())
 
 
-def _call_each(hook: str, what: str, **arguments: Any) -> None:
+def _call_each(hook: str, what: str, guard: Callable[[str], None] | None = None, **arguments: Any) -> None:
     """Call every plugin's implementation of ``hook`` with ``arguments``; a package whose implementation
-    fails gives one :class:`StvqPluginWarning` ("failed to add its ``what``") and the command line keeps
-    working without it."""
+    fails (or tries to exit) gives one :class:`StvqPluginWarning` ("failed to add its ``what``") and the
+    command line keeps working without it. ``guard(package)`` runs after each implementation."""
     pm, providers = plugin_manager()
     for impl in getattr(pm.hook, hook).get_hookimpls():
+        package = providers.get(impl.plugin_name, (impl.plugin_name, "?"))[0]
         try:
             impl.function(**arguments)
-        except Exception as err:  # any failure of a third-party package
-            package = providers.get(impl.plugin_name, (impl.plugin_name, "?"))[0]
+        except (Exception, SystemExit) as err:  # any failure of a third-party package, exiting included
             warnings.warn(f"stvq plugin package {package!r} failed to add its {what}: {type(err).__name__}: {err}", StvqPluginWarning, stacklevel=3)
+        if guard is not None:
+            guard(package)
 
 
 def add_plugin_options(register: Callable[..., None]) -> None:
@@ -167,5 +169,32 @@ def add_plugin_options(register: Callable[..., None]) -> None:
 
 
 def add_plugin_commands(cli: Any) -> None:
-    """Let every plugin add its commands to ``cli`` (``register_commands``)."""
-    _call_each("register_commands", "commands", cli=cli)
+    """Let every plugin add its commands to ``cli`` (``register_commands``). A plugin adds, never replaces:
+    a stock command (or subcommand) it replaced, or whose options it changed, is put back, with one warning."""
+    import click
+
+    def commands(group: click.Group) -> dict[str, tuple[click.Command, list[click.Parameter]]]:
+        found = {}
+        for name, command in group.commands.items():
+            found[name] = (command, list(command.params))
+            if isinstance(command, click.Group):
+                found.update({f"{name} {sub}": held for sub, held in commands(command).items()})
+        return found
+
+    stock = commands(cli)
+
+    def guard(package: str) -> None:
+        for path, (command, params) in stock.items():
+            *groups, name = path.split(" ")
+            group = cli
+            for part in groups:
+                group = group.commands[part]
+            if group.commands.get(name) is not command or command.params != params:
+                group.commands[name], command.params[:] = command, params
+                warnings.warn(
+                    f"stvq plugin package {package!r} replaced or changed the stock command `stvq {path}`; the stock one is kept (a plugin may add commands, not replace them)",
+                    StvqPluginWarning,
+                    stacklevel=3,
+                )
+
+    _call_each("register_commands", "commands", guard=guard, cli=cli)

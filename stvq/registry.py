@@ -48,6 +48,8 @@ def create(kind: str, name: str, **options: Any) -> Any:
     except (ValueError, TypeError) as err:
         shown = ", ".join(f"{k}={v!r}" for k, v in options.items() if k not in ("config",))
         raise ConfigError(f"{kind} {name!r} cannot be built with {shown or 'these options'}: {err}") from None
+    except SystemExit as err:  # a plugin's factory may not end the process
+        raise PluginError(f"{kind} {name!r} of package {get(kind, name).package!r} tried to exit (SystemExit {err.code!r}) while it was built; fix the plugin") from None
     interface = interfaces()[kind]
     if not isinstance(built, interface):
         wanted = " or ".join(f"stvq.interfaces.{t.__name__}" for t in (interface if isinstance(interface, tuple) else (interface,)))

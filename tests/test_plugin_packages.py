@@ -253,3 +253,81 @@ for kind, name in (("prior", "dict-prior"), ("quantizer", "str-quantizer"), ("qu
     assert out[0] == "prior 'dict-prior' of package 'stvq-faulty' returned a dict, not an stvq.interfaces.Prior; fix the plugin"
     assert out[1] == "quantizer 'str-quantizer' of package 'stvq-faulty' returned a str, not an stvq.interfaces.Quantizer; fix the plugin"
     assert out[2].startswith("quantizer 'gone' of package 'stvq-faulty' names the factory 'stvq_no_such_module:Quantizer', which cannot be loaded (ModuleNotFoundError")
+
+
+def test_a_plugin_package_adds_and_never_replaces_nor_ends_the_process(tmp_path):
+    """A package whose hooks replace `stvq train`, add a second `--k` to `stvq quantize`, or raise
+    SystemExit at import, in a hook or in a factory: each costs only itself (one warning line), the stock
+    commands stay as they were, and every command runs with its own exit status."""
+    target = tmp_path / "site"
+    usurper = make_package(
+        tmp_path,
+        "stvq-usurper",
+        "usurper",
+        "stvq_usurper",
+        """
+        import click
+        import stvq
+
+        @stvq.hookimpl
+        def register_commands(cli):
+            @click.command("train")
+            def fake_train():
+                print("not stvq's train")
+
+            cli.add_command(fake_train)
+            cli.commands["quantize"].params.insert(0, click.Option(["--k"], type=int, default=1))
+            cli.commands["prior"].commands.pop("sample")
+
+            @click.command("hello")
+            def hello():
+                print("hello from a plugin")
+
+            cli.add_command(hello)
+
+        @stvq.hookimpl
+        def register_quantizers(register):
+            def leave(**options):
+                raise SystemExit(0)
+            register("leaver", leave)
+        """,
+    )
+    quitter = make_package(tmp_path, "stvq-quitter", "quitter", "stvq_quitter", "raise SystemExit(0)\n")
+    hook_quitter = make_package(
+        tmp_path,
+        "stvq-hook-quitter",
+        "hookquitter",
+        "stvq_hook_quitter",
+        """
+        import stvq
+
+        @stvq.hookimpl
+        def register_tokenizers(register):
+            raise SystemExit(3)
+        """,
+    )
+    for package in (usurper, quitter, hook_quitter):
+        pip_install(package, target)
+    listed = stvq_cli(target, "--help")
+    assert listed.returncode == 0 and "hello" in listed.stdout, listed.stderr
+    warnings = listed.stderr.strip().splitlines()
+    for phrase in (
+        "'stvq-quitter' (entry point quitter = stvq_quitter) failed to load: SystemExit",
+        "'stvq-usurper' replaced or changed the stock command `stvq train`; the stock one is kept",
+        "'stvq-usurper' replaced or changed the stock command `stvq quantize`",
+        "'stvq-usurper' replaced or changed the stock command `stvq prior sample`",
+    ):
+        assert any(phrase in w for w in warnings), (phrase, warnings)
+    assert all(line.startswith("Warning: ") for line in warnings)
+    listed = stvq_cli(target, "plugins")
+    assert listed.returncode == 0 and "styled" in listed.stdout
+    assert "'stvq-hook-quitter' failed to register its tokenizers: SystemExit: 3" in listed.stderr
+    assert "Styled VQ" in stvq_cli(target, "train", "--help").stdout or "--stage" in stvq_cli(target, "train", "--help").stdout
+    quantize = stvq_cli(target, "quantize", "--help").stdout
+    assert quantize.count("  --k ") == 1 and "[default: 8192" in quantize
+    assert stvq_cli(target, "prior", "sample", "--help").returncode == 0
+    assert stvq_cli(target, "hello").stdout.strip() == "hello from a plugin"
+    script = "import stvq\ntry:\n    stvq.create('quantizer', 'leaver')\nexcept stvq.PluginError as err:\n    print(err)\n"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and "quantizer 'leaver' of package 'stvq-usurper' tried to exit (SystemExit 0) while it was built" in out.stdout, out
