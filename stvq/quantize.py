@@ -104,7 +104,7 @@ def fit_codebook(
         dataset = make_dataset(spec, model.config.image_size, "train", cfg.seed)
         key = cache_key(model.encoder, spec, model.config.image_size, cfg.seed)
         count = max_images if is_stream(dataset) else min(max_images, len(dataset))
-        cached = run_dir.load_codes(key)  # a stream's first images are as fixed as an indexed set's
+        cached = run_dir.load_codes(key, model.num_tokens, model.encoder.code_dim)  # a stream's first images are as fixed as an indexed set's
         from_cache = cached is not None and len(cached) >= count
         if cached is not None and from_cache:
             codes = cached[:count]  # the frozen encoder's codes for these images are already known

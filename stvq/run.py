@@ -126,10 +126,24 @@ class RunDir:
     def write_quantize(self, result: dict[str, Any]) -> None:
         write_json(self.path / self.QUANTIZE, result)
 
-    def load_codes(self, key: str) -> torch.Tensor | None:
-        """Codes (M, N, D) of data set items 0..M-1, or None when nothing is cached under ``key``."""
+    def load_codes(self, key: str, tokens: int, dim: int) -> torch.Tensor | None:
+        """Codes (M, tokens, dim) of data set items 0..M-1, or None when nothing usable is cached under ``key``:
+        a cache that is torn, of another shape or holds NaN is warned about once and computed again."""
+        import warnings
+
         path = self.codes_path(key)
-        return load_tensors(path)["codes"] if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            codes = load_tensors(path).get("codes")
+            if codes is None or codes.ndim != 3 or tuple(codes.shape[1:]) != (tokens, dim) or not codes.is_floating_point():
+                raise StvqError(f"{path} holds no codes of shape (images, {tokens}, {dim})")
+            if not torch.isfinite(codes).all():
+                raise StvqError(f"{path} holds NaN or infinite codes")
+        except StvqError as err:
+            warnings.warn(f"the cached codes are unusable ({err}); encoding the images again", stacklevel=2)
+            return None
+        return codes
 
     def save_codes(self, key: str, codes: torch.Tensor) -> Path:
         return save_tensors(self.codes_path(key), {"codes": codes}, metadata={"items": str(len(codes))})

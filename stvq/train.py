@@ -103,7 +103,8 @@ class QuantizedStage(Stage):
     def with_cached_codes(self, cfg: TrainConfig, model: CodeTokenizer, dataset: Dataset) -> tuple[Dataset, int | None]:
         if not cfg.cache_codes or is_stream(dataset):  # a stream's images have no index to look codes up by
             return dataset, None
-        cached = RunDir(cfg.from_run or "").load_codes(cache_key(model.encoder, cfg.data, model.config.image_size, cfg.seed))
+        key = cache_key(model.encoder, cfg.data, model.config.image_size, cfg.seed)
+        cached = RunDir(cfg.from_run or "").load_codes(key, model.num_tokens, model.encoder.code_dim)
         return (dataset, None) if cached is None else (WithCodes(dataset, cached), len(cached))
 
 

@@ -602,3 +602,43 @@ def test_a_run_started_again_after_a_kill_before_its_first_checkpoint_logs_afres
     assert result.exit_code == 0, result.output + result.stderr
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == [1, 2] and 9.0 not in [json.loads(line).get("loss") for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_cache_that_fails_its_checks_is_built_again_with_one_warning(runner, files, tmp_path, monkeypatch):
+    """The recogniser's cached weights and accuracy (torn, a list, a tensor of the wrong shape, NaN) and the
+    codes `stvq quantize` caches (NaN, which faiss would abort on) are computed again, with one warning;
+    a cache directory that is a file is said before minutes of training."""
+    from stvq_reference.shapes.recogniser import FactorRecogniser, _cached, trained_recogniser
+
+    weights, report = tmp_path / "r.safetensors", tmp_path / "r.json"
+    good = FactorRecogniser().state_dict()
+    name = next(iter(good))
+    for state, accuracy in (
+        (None, '{"shape_accuracy": 0.9}'),  # torn weights
+        (good, "[0.9]"),  # a list
+        (good | {name: torch.zeros(3)}, '{"shape_accuracy": 0.9}'),  # the wrong shape
+        (good | {name: torch.full_like(good[name], float("nan"))}, '{"shape_accuracy": 0.9}'),  # NaN
+        (good, '{"shape_accuracy": 9}'),  # not an accuracy
+    ):
+        if state is None:
+            weights.write_bytes(b"torn")
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, weights)
+        report.write_text(accuracy)
+        with pytest.warns(UserWarning, match="the cached recogniser is unusable .*; training it again"):
+            assert _cached(weights, report) is None
+    save_file({k: v.contiguous() for k, v in good.items()}, weights)
+    report.write_text('{"shape_accuracy": 0.9}')
+    assert _cached(weights, report).accuracy == {"shape_accuracy": 0.9}
+    (tmp_path / "cache-file").write_text("")
+    with pytest.raises(stvq.StvqError, match="the cache directory .*cache-file is a file; point STVQ_CACHE at a directory"):
+        trained_recogniser(cache=tmp_path / "cache-file")
+
+    run = tmp_path / "run"
+    shutil.copytree(files / "run", run)
+    assert runner.invoke(main, ["quantize", "--run", str(run), "--k", "4", "--max-images", "16"]).exit_code == 0
+    (codes,) = (run / "codes").glob("*.safetensors")
+    save_file({"codes": torch.full((16, 36, 16), float("nan"))}, codes)
+    result = runner.invoke(main, ["quantize", "--run", str(run), "--k", "4", "--max-images", "16"])
+    assert result.exit_code == 0 and "the cached codes are unusable" in result.stderr and "holds NaN or infinite codes); encoding the images again" in result.stderr, result.stderr
+    assert json.loads((run / "quantize.json").read_text())["codes_from_cache"] is False

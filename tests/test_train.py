@@ -380,7 +380,7 @@ def test_quantize_caches_codes_and_stage2_skips_the_encoder(tmp_path, monkeypatc
     assert first["codes_from_cache"] is False
     model = stvq.load_tokenizer(run)
     key = cache_key(model.encoder, "shapes", 64, 0)
-    cached = RunDir(run).load_codes(key)
+    cached = RunDir(run).load_codes(key, model.num_tokens, model.encoder.code_dim)
     images = torch.stack([ShapesDataset(64)[i] for i in range(3)])
     with torch.no_grad():
         assert torch.allclose(cached[:3], model.encode_codes(images), atol=1e-5)

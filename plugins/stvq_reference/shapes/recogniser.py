@@ -9,6 +9,7 @@ import hashlib
 import json
 import operator
 import os
+import warnings
 from functools import reduce
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stvq.checkpoint import load_tensors, save_tensors
+from stvq.checkpoint import check_state_dict, load_tensors, read_json, save_tensors, write_json
 from stvq.config import LoopConfig
 from stvq.data import first_images
 from stvq.distributed import keep_freed_memory
@@ -140,15 +141,33 @@ def trained_recogniser(image_size: int = 64, cache: str | Path | None = None, **
     :func:`train_recogniser`) and kept in the cache directory (``$STVQ_CACHE``, default ``~/.cache/stvq``)
     as safetensors beside its accuracy."""
     root = Path(cache or os.environ.get("STVQ_CACHE") or Path.home() / ".cache" / "stvq")
+    if root.exists() and not root.is_dir():  # said before minutes of training, not after
+        raise StvqError(f"the cache directory {root} is a file; point STVQ_CACHE at a directory")
     factors = factor_data(image_size, "val").factor_classes
     key = hashlib.sha256(json.dumps([image_size, sorted(factors.items()), "v3"]).encode()).hexdigest()[:12]
     weights, report = root / f"recogniser-{image_size}-{key}.safetensors", root / f"recogniser-{image_size}-{key}.json"
-    if weights.is_file() and report.is_file():
-        model = FactorRecogniser()
-        model.load_state_dict(load_tensors(weights))
-        return ShapesRecogniser(model, json.loads(report.read_text()))
+    if weights.is_file() or report.is_file():
+        cached = _cached(weights, report)
+        if cached is not None:
+            return cached
     model, accuracy = train_recogniser(image_size, **train_options)
-    root.mkdir(parents=True, exist_ok=True)
     save_tensors(weights, model.state_dict())
-    report.write_text(json.dumps(accuracy, indent=1))
+    write_json(report, accuracy)
     return ShapesRecogniser(model, accuracy)
+
+
+def _cached(weights: Path, report: Path) -> ShapesRecogniser | None:
+    """The recogniser in the cache, or None (with one warning: it is trained again) where its files are
+    torn, missing, of another layout, hold NaN, or its accuracy is not an object of numbers in [0, 1]."""
+    try:
+        model = FactorRecogniser()
+        state = load_tensors(weights)
+        check_state_dict(model.state_dict(), state, str(weights))
+        model.load_state_dict(state)
+        accuracy = read_json(report, "")
+        if not all(isinstance(v, float) and 0 <= v <= 1 for v in accuracy.values()):
+            raise StvqError(f"{report} holds values that are not accuracies")
+        return ShapesRecogniser(model, accuracy)
+    except StvqError as err:
+        warnings.warn(f"the cached recogniser is unusable ({err}); training it again", stacklevel=3)
+        return None
