@@ -124,9 +124,10 @@ def evaluate(
     return result
 
 
-def evaluate_path(target: str | Path, data: str | None = None, device: torch.device | str = "cpu", **options: Any) -> dict[str, Any]:
+def evaluate_path(target: str | Path, data: str | None = None, device: torch.device | str = "cpu", name: str | None = None, **options: Any) -> dict[str, Any]:
     """:func:`evaluate` on the tokenizer in the directory ``target`` (a run, or one written by ``stvq
-    compose``) computing on ``device``, on ``data`` or the run's own training data; writes into ``target``."""
+    compose``) computing on ``device``, on ``data`` or the run's own training data; writes into ``target``.
+    ``name`` (default: the directory's) labels it in tables and plots."""
     path = Path(target)
     if not path.is_dir():
         raise StvqError(f"{target} is not a directory; pass a run or a Styled VQ directory")
@@ -135,7 +136,21 @@ def evaluate_path(target: str | Path, data: str | None = None, device: torch.dev
         raise StvqError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
     run = RunDir(path)
     source = data or (run.read_train_config().data if run.is_run() else "shapes")
-    return evaluate(model, path, source, name=path.name, **options)
+    return evaluate(model, path, source, name=name or path.name, **options)
+
+
+def unique_names(targets: list[str]) -> list[str]:
+    """Labels for directories compared side by side: each one's name, or as many of its last path parts as
+    tell it apart (``a/run`` and ``b/run``); the same directory twice is refused."""
+    paths = [Path(t).resolve() for t in targets]
+    if len(set(paths)) < len(paths):
+        twice = next(t for t, p in zip(targets, paths) if paths.count(p) > 1)
+        raise StvqError(f"{twice} is named twice; compare different runs")
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        names = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
 
 
 def write_comparison(results: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:

@@ -642,3 +642,30 @@ def test_a_cache_that_fails_its_checks_is_built_again_with_one_warning(runner, f
     result = runner.invoke(main, ["quantize", "--run", str(run), "--k", "4", "--max-images", "16"])
     assert result.exit_code == 0 and "the cached codes are unusable" in result.stderr and "holds NaN or infinite codes); encoding the images again" in result.stderr, result.stderr
     assert json.loads((run / "quantize.json").read_text())["codes_from_cache"] is False
+
+
+@pytest.mark.slow
+def test_under_torchrun_an_error_is_said_once(files, tmp_path):
+    """Every rank raises the problem any rank met (so none waits in a collective); rank 0 alone says it,
+    and every rank ends with its exit status."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "stvq.cli", "tokenize", "--tokenizer", str(files / "tok")]
+    done = subprocess.run([*cmd, "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "z")], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1
+    said = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(said) == 1 and "nothing does not exist" in said[0], done.stderr
+
+
+def test_compared_runs_of_one_name_keep_their_own_rows_and_a_newline_stays_on_one_line(runner, files, tmp_path):
+    for parent in ("a", "b"):
+        shutil.copytree(files / "run", tmp_path / parent / "run")
+    args = ["--images", "4", "--prefix-images", "4", "--probe-images", "8", "--no-recogniser", "--no-perceptual"]
+    result = runner.invoke(main, ["eval", "--compare", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), *args, "-o", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert sorted(json.loads((tmp_path / "cmp" / "compare.json").read_text())) == ["a/run", "b/run"]
+    result = runner.invoke(main, ["eval", "--compare", str(tmp_path / "a" / "run"), str(tmp_path / "a" / "run") + "/", *args])
+    assert result.exit_code == 1 and "is named twice; compare different runs" in result.stderr
+    result = runner.invoke(main, ["encode", "--tokenizer", str(files / "tok"), str(tmp_path / "a\nb.png"), "-o", str(tmp_path / "e.npy")])
+    assert result.exit_code == 1 and result.stderr.strip().endswith("a\\nb.png") and len(result.stderr.strip().splitlines()) == 1

@@ -36,12 +36,13 @@ class ImageFolderDataset(ImageDataset):
                 readable.append(path)
             except Exception:
                 broken.append(path)
+        shown = ", ".join(str(p) for p in broken[:3]) + (" ..." if len(broken) > 3 else "")
+        if not readable:  # one line: the error names the unreadable files the warning would have
+            found = f" ({len(broken)} unreadable: {shown})" if broken else ""
+            raise StvqError(f"no readable image ({', '.join(IMAGE_FORMATS)}) under {root}{found}; point --data at a folder of images")
         if broken and (root, tuple(broken)) not in _WARNED:  # once per folder: eval scans it for two splits
             _WARNED.add((root, tuple(broken)))
-            shown = ", ".join(str(p) for p in broken[:3])
-            warnings.warn(f"skipped {len(broken)} unreadable image file(s) in {root}: {shown}{' ...' if len(broken) > 3 else ''}", stacklevel=2)
-        if not readable:
-            raise StvqError(f"no readable image ({', '.join(IMAGE_FORMATS)}) under {root}; point --data at a folder of images")
+            warnings.warn(f"skipped {len(broken)} unreadable image file(s) in {root}: {shown}", stacklevel=2)
         val = set(readable[::20])
         train = [p for p in readable if p not in val] or readable
         self.paths = {"val": sorted(val), "train": train, "all": readable}[split]

@@ -6,6 +6,7 @@ plugins`` stay fast."""
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import Any
@@ -35,7 +36,10 @@ class StvqGroup(click.Group):
             result = super().invoke(ctx)
         except (StvqError, OSError) as err:
             shutdown_distributed()  # under torchrun every rank raises alike (stvq.distributed.raise_on_any)
-            raise _one_line(err) from None
+            problem = _one_line(err)
+            if os.environ.get("RANK", "0") != "0":  # rank 0 says it once; the others end with its status
+                raise click.exceptions.Exit(problem.exit_code) from None
+            raise problem from None
         shutdown_distributed()
         return result
 
@@ -60,12 +64,13 @@ class StvqGroup(click.Group):
 
 def _one_line(err: StvqError | OSError) -> click.ClickException:
     """Our error as click's: a range known only after loading is a usage error (exit status 2), any other
-    exit status 1; an OS error names its file."""
-    if isinstance(err, OptionRangeError):
-        return click.UsageError(str(err))
+    exit status 1; an OS error names its file. One line always: a newline (in a file name) is shown as \\n."""
     if isinstance(err, OSError):
-        return click.ClickException(f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err))
-    return click.ClickException(str(err))
+        text = f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)
+    else:
+        text = str(err)
+    text = text.replace("\n", "\\n")
+    return click.UsageError(text) if isinstance(err, OptionRangeError) else click.ClickException(text)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

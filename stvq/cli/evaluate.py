@@ -35,7 +35,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
       torchrun --nproc_per_node 2 $(which stvq) eval runs/NAME
     """
     from stvq.distributed import init_distributed, is_main
-    from stvq.evaluate import evaluate_path, summary_rows, write_comparison
+    from stvq.evaluate import evaluate_path, summary_rows, unique_names, write_comparison
 
     _, _, device = init_distributed()  # under torchrun the ranks share each pass over the images; rank 0 writes
     targets = [*runs, *run_options, *tokenizer_options]
@@ -46,13 +46,14 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     if output and len(targets) < 2:
         raise ConfigError(f"-o names where a comparison of two or more runs is written; one run's eval.json and plots go into the run itself ({targets[0]}): drop -o")
     results = []
-    for target in targets:
+    for target, name in zip(targets, unique_names(targets)):
         if is_main():
             console.print(f"evaluating {target} ...")
         results.append(
             evaluate_path(
                 target,
                 data,
+                name=name,
                 images=images,
                 prefix_images=prefix_images,
                 probe_images=probe_images,
