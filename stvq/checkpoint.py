@@ -137,28 +137,6 @@ def run_lock(directory: str | os.PathLike, tree: bool = True) -> Iterator[Path]:
         lock.release()
 
 
-@contextmanager
-def ranks_lock(directory: str | os.PathLike, prepare: Callable[[], None] | None = None, tree: bool = True) -> Iterator[Path]:
-    """:func:`run_lock` for the ranks of a torchrun job: rank 0 holds the lock (and runs ``prepare``, a
-    check or first write that only the writer makes), and every rank raises the problem of any rank, so
-    none is left waiting in a collective. With one process it is ``run_lock`` followed by ``prepare``."""
-    from contextlib import ExitStack
-
-    from stvq.distributed import is_main, raise_on_any
-
-    with ExitStack() as stack:
-        problem = None
-        if is_main():
-            try:
-                stack.enter_context(run_lock(directory, tree))
-                if prepare:
-                    prepare()
-            except StvqError as err:
-                problem = str(err)
-        raise_on_any(problem)
-        yield Path(directory)
-
-
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import load_npy, ranks_lock, read_json, run_lock, save_npy, staged, weights_fingerprint, write_json
+from stvq.checkpoint import load_npy, read_json, run_lock, save_npy, staged, weights_fingerprint, write_json
 from stvq.data import is_stream
-from stvq.distributed import all_gather_objects, device_of, rank_world
+from stvq.distributed import all_gather_objects, device_of, rank_world, ranks_lock
 from stvq.errors import StvqError
 from stvq.images import codec_message
 from stvq.interfaces import Tokenizer, check_ids

@@ -7,11 +7,16 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from stvq.checkpoint import run_lock
 from stvq.config import env_count, torchrun_world
+from stvq.errors import StvqError
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -150,3 +155,21 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     mallopt(m_trim_threshold, trim_threshold)
     mallopt(m_mmap_threshold, mmap_threshold)
+
+
+@contextmanager
+def ranks_lock(directory: str | os.PathLike, prepare: Callable[[], None] | None = None, tree: bool = True) -> Iterator[Path]:
+    """:func:`run_lock` for the ranks of a torchrun job: rank 0 holds the lock (and runs ``prepare``, a
+    check or first write that only the writer makes), and every rank raises the problem of any rank, so
+    none is left waiting in a collective. With one process it is ``run_lock`` followed by ``prepare``."""
+    with ExitStack() as stack:
+        problem = None
+        if is_main():
+            try:
+                stack.enter_context(run_lock(directory, tree))
+                if prepare:
+                    prepare()
+            except StvqError as err:
+                problem = str(err)
+        raise_on_any(problem)
+        yield Path(directory)

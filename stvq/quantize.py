@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from rich.progress import Progress
 
-from stvq.checkpoint import ranks_lock
 from stvq.data import is_stream, make_dataset
-from stvq.distributed import all_gather_objects, barrier, device_of, gather_rows, init_distributed, rank_world, slice_of
+from stvq.distributed import all_gather_objects, barrier, device_of, gather_rows, init_distributed, rank_world, ranks_lock, slice_of
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FittableQuantizer
 from stvq.pretrained import load_pretrained

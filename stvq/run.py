@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from stvq.checkpoint import atomic_write, load_tensors, parse_json, read_json, save_tensors, weights_fingerprint, write_json
+from stvq.checkpoint import atomic_write, disk_error, load_tensors, parse_json, read_json, save_tensors, weights_fingerprint, write_json
 from stvq.config import WRITTEN_BEFORE, FileSpec, TrainConfig
 from stvq.errors import CheckpointError, StvqError, first_line
 
@@ -89,8 +89,12 @@ class RunDir:
     # ------------------------------------------------------------------------------------- metrics
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path / self.METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one record; a disk that refuses it is one line (a torn last line is dropped on resume)."""
+        try:
+            with open(self.path / self.METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise disk_error(err, self.path / self.METRICS) or err from None
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / self.METRICS

@@ -340,7 +340,7 @@ def test_readme_ema_flag_runs_from_the_cli(runner, tmp_path):
         (["train", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
         (["train", "--eval-every", "0"], "--eval-every must be at least 1"),
         (["train", "--lr", "-1"], "--lr must be a positive number"),
-        (["train", "--train", "num_workers=-1"], "--num-workers must be 0 or more"),
+        (["train", "--train", "num_workers=-1"], "--num-workers must lie in [0, 1024], got -1"),
         (["train", "--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
         (["train", "--train", "step_threads=25"], "step_threads must be between 0 (auto) and the batch size 24, got 25"),
         (["train", "--adversarial-weight", "0.5", "--train", "step_threads=2"], "(adversarial training: the discriminator's loss"),
