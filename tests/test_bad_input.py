@@ -169,7 +169,7 @@ CASES = [
     ("eval --run {root}/run -o {root}/ev", 1, "one run's eval.json and plots go into the run itself ({root}/run): drop -o"),
     ("train --resume {root}/run --preset small", 1, "--resume continues {root}/run with its own train.json; drop --preset"),
     ("train --resume {root}/run --set width=64 --lr 0.1", 1, "drop --set, --lr (only --steps may change"),
-    # issue 23: run directories and files read back
+    # run directories and files read back
     ("encode --tokenizer {root}/options_list {root}/x.png -o {root}/e.npy", 1, "config.json: 'options' is a JSON array, not an object of options"),
     ("encode --tokenizer {root}/options_null {root}/x.png -o {root}/e.npy", 1, "config.json: 'options' is a JSON null, not an object of options"),
     ("encode --tokenizer {root}/just_5 {root}/x.png -o {root}/e.npy", 1, "config.json holds a JSON number, not the object stvq writes; re-save the model"),
