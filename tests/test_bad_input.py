@@ -296,21 +296,31 @@ def test_a_16_bit_grey_png_keeps_its_grey_levels(tmp_path):
     np.testing.assert_allclose(image[0, 0].numpy(), np.array([0, 64, 128, 255]) / 127.5 - 1, atol=0.02)
 
 
-def test_a_truncated_jpeg_is_skipped_mid_run_with_one_warning_and_counted(tmp_path):
+def test_a_truncated_jpeg_is_skipped_mid_run_with_one_warning_and_counted(runner, files, tmp_path):
+    """In training a stand-in is harmless (one warning, counted once); in tokenize, whose rows are the
+    files, it would give the file another's ids: one line naming the file, from a DataLoader worker too."""
     rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
     for name in ("a.png", "b.jpg", "c.png"):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / name)
-    whole = (tmp_path / "b.jpg").read_bytes()
-    (tmp_path / "b.jpg").write_bytes(whole[:-300])  # the scan's verify() reads no pixels: it passes
-    dataset = ImageFolderDataset(tmp_path, 16, split="all")
-    assert len(dataset) == 3 and not dataset.broken
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+    whole = (folder / "b.jpg").read_bytes()
+    (folder / "b.jpg").write_bytes(whole[:-300])  # the scan's verify() reads no pixels: it passes
+    dataset = ImageFolderDataset(folder, 16, split="train")  # a.png is the validation split's
+    assert dataset.paths == [folder / "b.jpg", folder / "c.png"] and not dataset.broken
     with pytest.warns(UserWarning, match=r"skipped unreadable image file .*b\.jpg"):
-        stand_in = dataset[1]
-    assert torch.equal(stand_in, dataset[2]) and dataset.broken == [tmp_path / "b.jpg"]
+        stand_in = dataset[0]
+    assert torch.equal(stand_in, dataset[1]) and dataset.broken == [folder / "b.jpg"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # counted once: no second warning for the same file
-        dataset[1]
+        dataset[0]
     assert pickle.loads(pickle.dumps(dataset)).paths == dataset.paths  # still picklable for DataLoader workers
+    with pytest.raises(stvq.StvqError, match=r"cannot decode .*b\.jpg \(.*\): fix or remove it and run the same command again"):
+        ImageFolderDataset(folder, 16, split="all")[1]
+    for workers in ("0", "1"):
+        result = runner.invoke(main, ["tokenize", "--tokenizer", str(files / "tok"), "--data", str(folder), "--num-workers", workers, "-o", str(tmp_path / f"ids{workers}")])
+        assert result.exit_code == 1 and f"cannot decode {folder / 'b.jpg'} (" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_tokenize_resume_refuses_another_folder_or_tokenizer_with_the_same_count(runner, files, tmp_path):

@@ -269,13 +269,15 @@ def test_an_hf_row_that_does_not_decode_is_skipped_with_one_warning_and_counted(
     good = [{"bytes": _png(images[i]), "path": None} for i in range(3)]
     rows = {"image": [good[0], {"bytes": b"\x89PNG not really", "path": None}, good[1], good[2]]}
     datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(tmp_path / "h"))
-    data = make_dataset(f"hf:{tmp_path / 'h'}", 64, "all")
+    with pytest.raises(stvq.StvqError, match=r"cannot decode the image in row 1 of hf:.*: fix or drop the row"):
+        make_dataset(f"hf:{tmp_path / 'h'}", 64, "all")[1]  # tokenize's rows are the data's: no stand-in
+    data = make_dataset(f"hf:{tmp_path / 'h'}", 64, "train")  # no validation split: every 20th row is its, row 0
     with pytest.warns(
         UserWarning, match=r"skipped undecodable image in row 1 of hf:.*/h \(not an image of a format stvq reads \(PNG, JPEG, WEBP, GIF, BMP, TIFF\)\); the next row stands in"
     ) as caught:
-        read = [data[i] for i in range(4)]
+        read = [data[i] for i in range(3)]  # rows 1, 2, 3
     assert len([w for w in caught if "undecodable" in str(w.message)]) == 1 and "BytesIO" not in str(caught[0].message)
-    assert torch.equal(read[1], read[2]) and data.broken == [1]
+    assert torch.equal(read[0], read[1]) and data.broken == [1]
 
 
 def _png(image: torch.Tensor) -> bytes:

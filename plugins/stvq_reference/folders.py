@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from stvq.errors import StvqError
-from stvq.images import IMAGE_FORMATS, IMAGE_SUFFIXES, from_pil, load_image, open_image
+from stvq.images import IMAGE_FORMATS, IMAGE_SUFFIXES, codec_message, from_pil, load_image, open_image
 from stvq.interfaces import ImageDataset
 
 _WARNED: set[tuple[Path, tuple[Path, ...]]] = set()  # folders whose unreadable files were already reported
@@ -46,7 +46,7 @@ class ImageFolderDataset(ImageDataset):
         val = set(readable[::20])
         train = [p for p in readable if p not in val] or readable
         self.paths = {"val": sorted(val), "train": train, "all": readable}[split]
-        self.root, self.image_size, self.broken = root, image_size, broken
+        self.root, self.image_size, self.broken, self.split = root, image_size, broken, split
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -61,12 +61,16 @@ class ImageFolderDataset(ImageDataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """The image at ``index``; a file that passed the scan but fails to decode (a truncated JPEG: PIL's
-        verify() reads no pixels) is skipped with one warning and counted, and the next file stands in."""
+        verify() reads no pixels) is skipped with one warning and counted, and the next file stands in. In
+        split ``all`` (what ``stvq tokenize`` reads, a row per file) it is one error naming the file instead,
+        since a stand-in would give that file's row another file's ids."""
         for offset in range(len(self.paths)):
             path = self.paths[(index + offset) % len(self.paths)]
             try:
                 return load_image(path, self.image_size)
             except Exception as err:  # PIL and the codecs raise many types: OSError, SyntaxError, ValueError
+                if self.split == "all":
+                    raise StvqError(f"cannot decode {path} ({codec_message(err)}): fix or remove it and run the same command again (finished shards are kept)") from None
                 if path not in self.broken:
                     self.broken.append(path)
                     warnings.warn(f"skipped unreadable image file {path} ({err}); the next file stands in", stacklevel=2)

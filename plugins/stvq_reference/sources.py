@@ -191,7 +191,7 @@ class HFImageDataset(ImageDataset):
         self.table_fingerprint = table._fingerprint
         table = table.cast_column(column, ImageFeature(decode=False))
         self.table, self.rows, self.column, self.image_size = table, list(rows), column, image_size
-        self.location = location
+        self.location, self.split = location, split
         self.broken: list[int] = []  # rows that failed to decode
 
     def __len__(self) -> int:
@@ -209,6 +209,10 @@ class HFImageDataset(ImageDataset):
                 encoded = self.table[row][self.column]  # {"bytes": ..., "path": ...}
                 return load_image(io.BytesIO(encoded["bytes"]) if encoded["bytes"] is not None else encoded["path"], self.image_size)
             except Exception as err:  # PIL and the codecs raise many types
+                if self.split == "all":  # a row per image: a stand-in would give this row another's ids
+                    raise StvqError(
+                        f"cannot decode the image in row {row} of hf:{self.location} ({codec_message(err)}): fix or drop the row and run the same command again (finished shards are kept)"
+                    ) from None
                 if row not in self.broken:
                     self.broken.append(row)
                     warnings.warn(f"skipped undecodable image in row {row} of hf:{self.location} ({codec_message(err)}); the next row stands in", stacklevel=2)

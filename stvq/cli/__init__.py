@@ -69,6 +69,8 @@ def _one_line(err: StvqError | OSError) -> click.ClickException:
         text = f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)
     else:
         text = str(err)
+    if "in DataLoader worker process" in text and "Original Traceback" in text:  # our error, raised in a worker
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
     text = text.replace("\n", "\\n")
     return click.UsageError(text) if isinstance(err, OptionRangeError) else click.ClickException(text)
 
