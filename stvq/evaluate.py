@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stvq.checkpoint import write_json
+from stvq.checkpoint import run_lock, staged, write_json
 from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, in_batches, is_main
 from stvq.errors import StvqError
@@ -156,9 +156,9 @@ def unique_names(targets: list[str]) -> list[str]:
 def write_comparison(results: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
     """compare.json (every result by name) and prefix_compare.png (every prefix curve) in ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_prefix({r["name"]: r["prefix"] for r in results}, out / "prefix_compare.png", results[0]["mean_image_psnr"])
-    write_json(out / "compare.json", {r["name"]: r for r in results})
+    with run_lock(out, tree=False), staged(out) as tmp:  # one writer; the two files replace the old ones together
+        plot_prefix({r["name"]: r["prefix"] for r in results}, tmp / "prefix_compare.png", results[0]["mean_image_psnr"])
+        write_json(tmp / "compare.json", {r["name"]: r for r in results})
     return out / "compare.json", out / "prefix_compare.png"
 
 
