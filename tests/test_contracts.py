@@ -45,6 +45,7 @@ TOKENIZERS = {
     "titok": lambda: stvq.create("tokenizer", "titok", config=SMALL, quantizer={"name": "fsq", "levels": [4, 4, 4]}),
     "composed": lambda: stvq.create("tokenizer", "composed", parts=[styled(), vqgan()], separator=True),
     "diffusers-vq": lambda: stvq.create("tokenizer", "diffusers-vq", config=SMALL_VQMODEL),
+    "llamagen-vq": lambda: stvq.create("tokenizer", "llamagen-vq", image_size=32, ch=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], z_channels=32, codebook_size=64),
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}

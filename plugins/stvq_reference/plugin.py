@@ -24,6 +24,7 @@ def register_tokenizers(register):
     register("styled", "stvq_reference.model:StyledVQ")
     register("vqgan", "stvq_reference.vqgan:VQGANTokenizer")
     register("diffusers-vq", "stvq_reference.diffusers_vq:DiffusersVQTokenizer")
+    register("llamagen-vq", "stvq_reference.llamagen_vq:LlamaGenVQTokenizer")
     register("composed", "stvq_reference.concat:ComposedTokenizer")
     register("titok", "stvq_reference.titok:TiTokVQ")
 
@@ -78,6 +79,8 @@ def register_options(register):
     register("compose", "--vqgan", "vqgan.source", "The vqgan part: a taming .ckpt (with --vqgan-config) or a directory.", type=click.Path())
     register("compose", "--vqgan-config", "vqgan.config", "The taming YAML config of --vqgan.", type=click.Path())
     register("compose", "--diffusers-vq", "diffusers-vq.source", "The diffusers-vq part: a diffusers VQModel directory (or a hub id, online).")
+    register("compose", "--llamagen-vq", "llamagen-vq.source", "The llamagen-vq part: a LlamaGen VQ checkpoint (.pt).", type=click.Path())
+    register("compose", "--llamagen-preset", "llamagen-vq.preset", "The LlamaGen model of --llamagen-vq: VQ-16 (default) or VQ-8.")
     register("quantize", "--niter", "niter", "k-means iterations (default 20).", type=click.IntRange(1, 2**31 - 1))
     register("quantize", "--spherical", "spherical", "Spherical k-means (unit-norm centroids).", is_flag=True)
     register(

@@ -212,17 +212,23 @@ def read_taming_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not a taming-transformers VQModel config (model.params with ddconfig, embed_dim, n_embed): {' '.join(str(err).split())}") from None
 
 
-def read_taming_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model tensors of a Lightning ``.ckpt`` (``state_dict``), without ``loss.*``; never unpickles code."""
+def load_weights_only(path: str | Path, what: str) -> Any:
+    """A torch pickle loaded with ``weights_only=True``, which never runs code: tensors, numbers and
+    containers; anything else (a ``__reduce__`` payload) is one line, never executed."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"VQGAN checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them: the error says it
             warnings.simplefilter("ignore")
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path} is not a checkpoint torch can load with weights_only=True, which never runs code ({type(err).__name__}: {first_line(err)})") from None
+
+
+def read_taming_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a Lightning ``.ckpt`` (``state_dict``), without ``loss.*``; never unpickles code."""
+    raw = load_weights_only(path, "VQGAN checkpoint")
     state = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state_dict")
