@@ -23,3 +23,17 @@ def codebook_stats(ids: torch.Tensor, codebook_size: int, z: torch.Tensor | None
     if z is not None and codes is not None:
         stats["mse"] = (z.detach().float() - codes.detach().float()).pow(2).mean().item()
     return stats
+
+
+def position_health(ids: torch.Tensor, vocab_size: int) -> dict[str, list]:
+    """For each token position of ``ids`` (B, N): how many distinct ids it uses (``used``), the entropy of
+    its id distribution in bits (``entropy_bits``) and its perplexity (2 ** entropy): a position whose codes
+    collapse (a tail that carries nothing) shows few ids and low entropy."""
+    ids = ids.detach().long().cpu()
+    used, entropy = [], []
+    for column in ids.T:
+        counts = torch.bincount(column, minlength=vocab_size).double()
+        probs = counts[counts > 0] / len(column)
+        used.append(int((counts > 0).sum()))
+        entropy.append(float(-(probs * probs.log2()).sum()))
+    return {"used": used, "entropy_bits": entropy, "perplexity": [2.0**e for e in entropy]}

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from stvq.checkpoint import run_lock, staged, write_json
+from stvq.codebook_stats import position_health
 from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, in_batches, is_main
 from stvq.errors import StvqError
@@ -25,14 +26,15 @@ from stvq.run import RunDir
 @torch.no_grad()
 def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict | None, torch.Tensor]:
     """(continuous codes, the codes the decoder gets, codebook stats or None, reconstructions) of ``images``,
-    through the model's quantizer where it has one."""
+    through the model's quantizer where it has one (its stats then hold each position's code health)."""
     device = device_of(model)
     codes = in_batches(model.encode_codes, images, device=device)  # (B, N, D) continuous
     if model.quantizer is None:
         return codes, codes, None, in_batches(model.decode_codes, codes, device=device)
     q = model.quantizer(codes.to(device))
     quantized = q.codes.to(images.device)
-    return codes, quantized, q.stats, in_batches(model.decode_codes, quantized, device=device)
+    stats = {**q.stats, "positions": position_health(q.ids.reshape(len(images), -1), model.quantizer.codebook_size)}
+    return codes, quantized, stats, in_batches(model.decode_codes, quantized, device=device)
 
 
 @torch.no_grad()
@@ -90,6 +92,8 @@ def evaluate(
         "mean_image_psnr": mean_image_psnr(train_ds, originals),
         "codebook": stats,
     }
+    if stats is not None:
+        result["positions"] = stats.pop("positions")
     # Fill value: each position's mean code over the evaluated images, the best constant guess under
     # squared error; it needs no training and is the same for every n.
     fill = codes_used.mean(0)
@@ -124,6 +128,33 @@ def evaluate(
     return result
 
 
+@torch.no_grad()
+def evaluate_ids(model, out: Path, data: str = "shapes", images: int = 256, perceptual: bool = True, seed: int = 0, name: str = "model", num_workers: int = 0, **unused: Any) -> dict[str, Any]:
+    """What can be measured of any tokenizer through its ids alone (a composed one, a VQ-VAE): the
+    reconstruction metrics of ``decode(encode(images))`` and each token position's code health
+    (:func:`stvq.codebook_stats.position_health`), written to ``out/eval.json``. The prefix curves and
+    probes need continuous codes (:func:`evaluate`)."""
+    model.eval()
+    val, train_ds = make_dataset(data, model.image_size, "val", seed), make_dataset(data, model.image_size, "train", seed)
+    count = min(images, len(val))
+    originals = first_images(val, count, num_workers)
+    ids = in_batches(model.encode, originals, device=device_of(model))
+    recon = in_batches(model.decode, ids, device=device_of(model))
+    result: dict[str, Any] = {
+        "name": name,
+        "data": data,
+        "images": count,
+        "quantized": True,
+        "reconstruction": reconstruction_metrics(originals, recon, perceptual),
+        "mean_image_psnr": mean_image_psnr(train_ds, originals),
+        "positions": position_health(ids, model.vocab_size),
+    }
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval.json", result)
+    return result
+
+
 def evaluate_path(target: str | Path, data: str | None = None, device: torch.device | str = "cpu", name: str | None = None, **options: Any) -> dict[str, Any]:
     """:func:`evaluate` on the tokenizer in the directory ``target`` (a run, or one written by ``stvq
     compose``) computing on ``device``, on ``data`` or the run's own training data; writes into ``target``.
@@ -132,11 +163,10 @@ def evaluate_path(target: str | Path, data: str | None = None, device: torch.dev
     if not path.is_dir():
         raise StvqError(f"{target} is not a directory; pass a run or a Styled VQ directory")
     model = load_tokenizer(path).to(device)
-    if not isinstance(model, CodeTokenizer):
-        raise StvqError(f"{target} holds a {type(model).__name__}; stvq eval measures a tokenizer with continuous codes (a CodeTokenizer, e.g. a Styled VQ run)")
     run = RunDir(path)
     source = data or (run.read_train_config().data if run.is_run() else "shapes")
-    return evaluate(model, path, source, name=name or path.name, **options)
+    measure = evaluate if isinstance(model, CodeTokenizer) else evaluate_ids  # ids alone: a composed tokenizer, a VQ-VAE
+    return measure(model, path, source, name=name or path.name, **options)
 
 
 def unique_names(targets: list[str]) -> list[str]:
@@ -153,18 +183,20 @@ def unique_names(targets: list[str]) -> list[str]:
     return [str(p) for p in paths]
 
 
-def write_comparison(results: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
+def write_comparison(results: list[dict[str, Any]], out: str | Path) -> list[Path]:
     """compare.json (every result by name) and prefix_compare.png (every prefix curve) in ``out``."""
     out = Path(out)
+    curves = {r["name"]: r["prefix"] for r in results if "prefix" in r}  # a tokenizer measured by its ids has none
     with run_lock(out, tree=False), staged(out) as tmp:  # one writer; the two files replace the old ones together
-        plot_prefix({r["name"]: r["prefix"] for r in results}, tmp / "prefix_compare.png", results[0]["mean_image_psnr"])
+        if curves:
+            plot_prefix(curves, tmp / "prefix_compare.png", results[0]["mean_image_psnr"])
         write_json(tmp / "compare.json", {r["name"]: r for r in results})
-    return out / "compare.json", out / "prefix_compare.png"
+    return [out / "compare.json", *([out / "prefix_compare.png"] if curves else [])]
 
 
 def summary_rows(result: dict[str, Any]) -> dict[str, str]:
     """The numbers a table shows for one evaluated model."""
-    r, p = result["reconstruction"], result["prefix"]
+    r, p = result["reconstruction"], result.get("prefix")
     rows = {
         "PSNR (dB)": f"{r['psnr']:.2f}",
         "SSIM": f"{r['ssim']:.3f}",
@@ -174,11 +206,16 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
     if "fd_effnet_lite0" in r:
         rows["Frechet dist. (EffNet-Lite0)"] = f"{r['fd_effnet_lite0']:.2f}"
         rows["cosine dist. (EffNet-Lite0)"] = f"{r['cos_effnet_lite0']:.4f}"
-    last = len(p["n"]) - 1
-    for n in sorted({0, 2, 4, 8, 18, last}):
-        rows[f"PSNR first {n} known"] = f"{p['prefix_psnr'][n]:.2f}"
-    for n in (4, 18):
-        rows[f"PSNR last {n} known"] = f"{p['suffix_psnr'][n]:.2f}"
+    if p is not None:
+        last = len(p["n"]) - 1
+        for n in sorted({0, 2, 4, 8, 18, last}):
+            rows[f"PSNR first {n} known"] = f"{p['prefix_psnr'][n]:.2f}"
+        for n in (4, 18):
+            rows[f"PSNR last {n} known"] = f"{p['suffix_psnr'][n]:.2f}"
+    if "positions" in result:
+        health = result["positions"]
+        rows["ids used per position (mean / min)"] = f"{np.mean(health['used']):,.1f} / {min(health['used']):,}"
+        rows["entropy per position, bits (mean / min)"] = f"{np.mean(health['entropy_bits']):.2f} / {min(health['entropy_bits']):.2f}"
     if result.get("codebook"):
         c = result["codebook"]
         rows.update({"codebook usage": f"{c['usage']:.1%}", "perplexity": f"{c['perplexity']:.1f}", "dead codes": f"{c['dead_codes']:,}", "quantization MSE": f"{c['mse']:.5f}"})

@@ -204,3 +204,32 @@ def test_the_comparison_benchmark_rebuilds_its_table_from_nothing(tmp_path, caps
     assert json.loads((out / "compare.json").read_text())["eval"]["titok"]["quantized"] is True
     assert set(report["seconds"]["styled"]) == {"train", "quantize"}
     assert (out / "eval" / "prefix_compare.png").is_file()
+
+
+def test_eval_measures_a_composed_tokenizer_by_its_ids_and_every_position_s_code_health(tmp_path, runner):
+    """A tokenizer without continuous codes (styled + a VQ-VAE) is measured through encode and decode:
+    the reconstruction metrics and, for each of its token positions, the ids it uses and their entropy;
+    a quantized Styled VQ's eval gains the same per-position health."""
+    import json
+
+    import stvq
+    from stvq.cli import main
+    from stvq.codebook_stats import position_health
+
+    health = position_health(torch.tensor([[0, 5], [0, 6], [0, 7], [0, 8]]), 16)
+    assert health["used"] == [1, 4] and health["entropy_bits"] == [0.0, 2.0] and health["perplexity"] == [1.0, 4.0]
+    styled = tmp_path / "styled"
+    stvq.create("tokenizer", "styled", preset="tiny", quantizer={"name": "fsq", "levels": [8, 8, 8]}).save_pretrained(styled)
+    vq = tmp_path / "vq"
+    stvq.create("tokenizer", "llamagen-vq", image_size=32, ch=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], z_channels=32, codebook_size=64).save_pretrained(vq)
+    assert runner.invoke(main, ["compose", "styled+llamagen-vq", "--part", f"styled={styled}", "--part", f"llamagen-vq={vq}", "-o", str(tmp_path / "tok")]).exit_code == 0
+    args = ["--images", "8", "--prefix-images", "4", "--probe-images", "8", "--no-perceptual", "--no-recogniser"]
+    result = runner.invoke(main, ["eval", str(tmp_path / "tok"), *args])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((tmp_path / "tok" / "eval.json").read_text())
+    assert len(report["positions"]["used"]) == 36 + 256 and 0 < report["reconstruction"]["psnr"] < 60
+    assert "ids used per position" in result.output and "prefix" not in report
+    result = runner.invoke(main, ["eval", str(styled), *args])
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((styled / "eval.json").read_text())
+    assert len(report["positions"]["entropy_bits"]) == 36 and "prefix" in report

@@ -75,6 +75,6 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     console.print(table)
     if len(results) > 1:
         written = write_comparison(results, output or "eval-compare")
-        console.print(f"wrote {written[0]} and {written[1]}")
+        console.print(f"wrote {' and '.join(map(str, written))}")
     else:
         console.print(f"wrote eval.json and plots into {targets[0]}")
