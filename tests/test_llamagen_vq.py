@@ -170,8 +170,15 @@ def test_styled_plus_llamagen_composes_encodes_decodes_and_tokenizes(llamagen, t
     assert ids.shape == (1, 292) and (ids[:, :36] < 512).all() and (ids[:, 36:] >= 512).all()
     assert runner.invoke(main, ["decode", "--tokenizer", str(tmp_path / "tok"), str(tmp_path / "ids.npy"), "-o", str(tmp_path / "png")]).exit_code == 0
     assert Image.open(tmp_path / "png" / "000000.png").size == (32, 32)
-    result = runner.invoke(main, ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", "shapes", "--max-images", "3", "-o", str(tmp_path / "shards")])
-    assert result.exit_code == 0 and np.load(tmp_path / "shards" / "shard_00000.npy").shape == (3, 292)
+    result = runner.invoke(main, ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", "shapes", "--max-images", "20", "-o", str(tmp_path / "shards")])
+    assert result.exit_code == 0 and np.load(tmp_path / "shards" / "shard_00000.npy").shape == (20, 292)
+    prior = ["--set", "width=32", "--set", "layers=1", "--set", "heads=2", "--steps", "2", "--eval-every", "2", "--batch-size", "4", "--no-progress"]
+    result = runner.invoke(main, ["prior", "train", "--shards", str(tmp_path / "shards"), *prior, "--run-dir", str(tmp_path / "prior")])
+    assert result.exit_code == 0, result.output + result.stderr
+    result = runner.invoke(main, ["prior", "sample", "--prior", str(tmp_path / "prior"), "-n", "2", "-o", str(tmp_path / "samples")])
+    assert result.exit_code == 0, result.output + result.stderr
+    sampled = np.load(tmp_path / "samples" / "ids.npy")
+    assert sampled.shape == (2, 292) and (sampled[:, :36] < 512).all() and (sampled[:, 36:] >= 512).all()  # each position in its part's range
     np.save(tmp_path / "bad.npy", np.full((1, 292), 600))
     result = runner.invoke(main, ["decode", "--tokenizer", str(tmp_path / "tok"), str(tmp_path / "bad.npy"), "-o", str(tmp_path / "png2")])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1 and "576" in result.stderr
