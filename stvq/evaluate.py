@@ -18,7 +18,7 @@ from stvq.distributed import device_of, in_batches, is_main
 from stvq.errors import StvqError
 from stvq.interfaces import CodeTokenizer, FactorDataset
 from stvq.metrics import masked_psnr, mean_image_psnr, probe_scores, psnr, reconstruction_metrics
-from stvq.plots import plot_prefix, plot_probe
+from stvq.plots import plot_positions, plot_prefix, plot_probe
 from stvq.pretrained import load_tokenizer
 from stvq.run import RunDir
 
@@ -40,14 +40,24 @@ def reconstruct(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 @torch.no_grad()
 def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.Tensor, batch_size: int = 64) -> dict[str, list[float]]:
     """PSNR when only the first n codes are known (the rest set to ``fill``), n = 0..N, and the reverse
-    (only the last n known). All 2 (N + 1) variants of every image go through the decoder in batches."""
+    (only the last n known); and the marginal gain of each token, what token k adds to the first k - 1
+    (``marginal_psnr``: dB, ``marginal_mse``: squared error removed), k = 1..N. All 2 (N + 1) variants of
+    every image go through the decoder in batches."""
     b, n, _ = codes.shape
     known = torch.arange(n + 1).view(-1, 1) > torch.arange(n).view(1, -1)  # (N+1, N): row k keeps the first k
     masks = torch.cat([known, known.flip(-1)])  # prefix rows, then suffix rows
     variants = torch.where(masks[:, None, :, None], codes[None], fill[None, None])  # (2(N+1), B, N, D)
     recon = in_batches(model.decode_codes, variants.flatten(0, 1), batch_size, device_of(model)).clamp(-1, 1)
-    scores = psnr(recon, images.repeat(2 * (n + 1), 1, 1, 1)).view(2 * (n + 1), b).mean(1)
-    return {"n": list(range(n + 1)), "prefix_psnr": scores[: n + 1].tolist(), "suffix_psnr": scores[n + 1 :].tolist()}
+    truth = images.repeat(2 * (n + 1), 1, 1, 1)
+    scores = psnr(recon, truth).view(2 * (n + 1), b).mean(1)
+    mse = (recon.float() - truth.float()).pow(2).flatten(1).mean(1)[: (n + 1) * b].view(n + 1, b).mean(1)
+    return {
+        "n": list(range(n + 1)),
+        "prefix_psnr": scores[: n + 1].tolist(),
+        "suffix_psnr": scores[n + 1 :].tolist(),
+        "marginal_psnr": scores[1 : n + 1].sub(scores[:n]).tolist(),
+        "marginal_mse": mse[:n].sub(mse[1 : n + 1]).tolist(),
+    }
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -102,6 +112,7 @@ def evaluate(
     result["prefix"]["fill"] = "per-position mean code over the evaluated images"
     if is_main():  # under torchrun the ranks share the encoding and decoding; rank 0 writes
         plot_prefix({name: result["prefix"]}, out / "prefix_curve.png", result["mean_image_psnr"])
+        plot_positions(result, out / "positions.png")
     if isinstance(val, FactorDataset):  # what the data declares decides what is measured
         train_codes = in_batches(model.encode_codes, train_imgs, device=device_of(model)).numpy()
         truth = val.factor_table(count)
@@ -152,6 +163,7 @@ def evaluate_ids(model, out: Path, data: str = "shapes", images: int = 256, perc
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "eval.json", result)
+        plot_positions(result, out / "positions.png")
     return result
 
 
@@ -212,6 +224,9 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
             rows[f"PSNR first {n} known"] = f"{p['prefix_psnr'][n]:.2f}"
         for n in (4, 18):
             rows[f"PSNR last {n} known"] = f"{p['suffix_psnr'][n]:.2f}"
+    if p is not None and "marginal_psnr" in p:
+        gains = p["marginal_psnr"]
+        rows["marginal gain, tokens 1 / 2 / 3 / last (dB)"] = f"{gains[0]:+.2f} / {gains[1]:+.2f} / {gains[2]:+.2f} / {gains[-1]:+.2f}"
     if "positions" in result:
         health = result["positions"]
         rows["ids used per position (mean / min)"] = f"{np.mean(health['used']):,.1f} / {min(health['used']):,}"

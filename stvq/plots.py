@@ -1,5 +1,5 @@
-"""The figures stvq writes (matplotlib on the file-only Agg backend): prefix curves, factor-probe heat
-maps, a prior's bits per token position."""
+"""The figures stvq writes (matplotlib on the file-only Agg backend): prefix curves, what each token
+position carries, factor-probe heat maps, a prior's bits per token position."""
 
 from __future__ import annotations
 
@@ -17,6 +17,32 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_positions(result: dict[str, Any], path: Path) -> None:
+    """Per token position: the entropy of its ids in bits (bars; ``result["positions"]``) and, where the
+    prefix curve was measured, the marginal gain of each token in dB (line, right axis). Nothing to draw: no
+    file."""
+    health, prefix = result.get("positions"), result.get("prefix")
+    if health is None and (prefix is None or "marginal_psnr" not in prefix):
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
+    if health is not None:
+        ax.bar(range(1, len(health["entropy_bits"]) + 1), health["entropy_bits"], color="C0", alpha=0.6, label="entropy of the ids (bits)")
+        ax.set_ylabel("entropy of the ids at the position (bits)")
+    if prefix is not None and "marginal_psnr" in prefix:
+        gain = ax.twinx()
+        gain.plot(range(1, len(prefix["marginal_psnr"]) + 1), prefix["marginal_psnr"], "-o", ms=3, color="C3", label="marginal gain (dB)")
+        gain.axhline(0, color="gray", lw=0.6)
+        gain.set_ylabel("PSNR gained by token k over the first k - 1 (dB)")
+        gain.legend(fontsize=7, loc="upper right")
+    ax.set_xlabel("token position k")
+    ax.set_title(f"{result.get('name', '')}: what each token position carries")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_prefix(curves: dict[str, dict[str, list[float]]], path: Path, baseline: float | None = None) -> None:

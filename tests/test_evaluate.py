@@ -233,3 +233,9 @@ def test_eval_measures_a_composed_tokenizer_by_its_ids_and_every_position_s_code
     assert result.exit_code == 0, result.output + result.stderr
     report = json.loads((styled / "eval.json").read_text())
     assert len(report["positions"]["entropy_bits"]) == 36 and "prefix" in report
+    prefix = report["prefix"]  # the marginal gain of token k: what it adds to the first k - 1
+    assert len(prefix["marginal_psnr"]) == len(prefix["marginal_mse"]) == 36
+    assert sum(prefix["marginal_psnr"]) == pytest.approx(prefix["prefix_psnr"][36] - prefix["prefix_psnr"][0], abs=1e-3)
+    assert prefix["marginal_psnr"][4] == pytest.approx(prefix["prefix_psnr"][5] - prefix["prefix_psnr"][4])
+    assert "marginal" in result.output
+    assert (styled / "positions.png").is_file() and (tmp_path / "tok" / "positions.png").is_file()
