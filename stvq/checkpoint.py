@@ -98,6 +98,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
 
 
 LOCK_NAME = ".lock"
+#: Folders of a run directory that another library writes and stvq never does (W&B's, whose logs link to
+#: its own cache): their entry is checked, their insides are not.
+FOREIGN = ("wandb",)
 
 
 @contextmanager
@@ -107,8 +110,9 @@ def run_lock(directory: str | os.PathLike, tree: bool = True) -> Iterator[Path]:
     directories (:data:`TMP_PREFIX`) that a killed writer left. A second writer gets one line.
 
     ``tree``: a run directory, whose writers also write into its folders and append to its files. Its whole
-    tree is swept, and a symbolic link anywhere inside it is refused in one line: a run directory copied
-    from elsewhere is data, and stvq never writes through a link out of it. An output directory of files
+    tree is swept, and a symbolic link anywhere inside it that leads out of it is refused in one line: a run
+    directory copied from elsewhere is data, and stvq never writes through a link out of it (a link within
+    it, as W&B's ``wandb/latest-run``, is harmless). An output directory of files
     (``tree=False``) is swept at its top only; a link there is replaced by the new file, never written
     through (:func:`staged`)."""
     from filelock import FileLock, Timeout
@@ -122,13 +126,15 @@ def run_lock(directory: str | os.PathLike, tree: bool = True) -> Iterator[Path]:
         raise StvqError(f"{directory} is being written by another stvq process; wait for it to finish or pass another directory") from None
     except OSError as err:
         raise disk_error(err, directory) or err from None
+    inside = directory.resolve()
     try:
         for root, dirs, files in os.walk(directory):  # links are listed, never followed
             for name in dirs + files if tree else ():
-                if (Path(root) / name).is_symlink():
+                if (Path(root) / name).is_symlink() and not (Path(root) / name).resolve().is_relative_to(inside):
                     raise StvqError(f"{Path(root) / name} is a symbolic link inside {directory}; stvq does not write through links: remove it or pass another directory")
-            for name in [d for d in dirs if d.startswith(TMP_PREFIX)]:
-                shutil.rmtree(Path(root) / name, ignore_errors=True)
+            for name in [d for d in dirs if d.startswith(TMP_PREFIX) or (d in FOREIGN and Path(root) == directory)]:
+                if name.startswith(TMP_PREFIX):
+                    shutil.rmtree(Path(root) / name, ignore_errors=True)
                 dirs.remove(name)
             if not tree:
                 break

@@ -157,6 +157,7 @@ class LoopConfig:
     # most 8) on a GPU, whose steps outrun one process's decoding (stvq.streams.training_workers)
     num_workers: int | None = None
     tensorboard: bool = False  # also write the log records and sample grids to RUN/tensorboard/
+    wandb: str | None = None  # also log them to this Weights & Biases project (stvq.trackers)
     # CPU, one process: split each step's batch into this many slices, each slice's forward and backward
     # in its own Python thread on a share of the intra-op threads, the gradients summed in slice order
     # (a run repeats itself and resumes exactly). 1: whole steps; 0: 2 where the step can be split (a

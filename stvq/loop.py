@@ -34,6 +34,7 @@ from stvq.flops import device_peak, mfu, warn_if_bf16_is_emulated
 from stvq.optim import clip_and_step, make_optimizers, set_lr, update
 from stvq.run import RunDir, checkpoint_step, load_checkpoint, save_checkpoint
 from stvq.streams import StepBatches, StreamBatches, StreamState, loader, training_workers
+from stvq.trackers import TensorBoardTracker, Tracker, WandbTracker, closed_on_error
 
 
 def split_batch(batch: torch.Tensor | tuple | list, parts: int) -> list:
@@ -155,9 +156,9 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
 
         clock = _Clock(logged_seconds)
         last_eval: dict[str, float] = {}
-        board = self._tensorboard(start)
+        trackers = self._trackers(start)
         pool = ThreadPoolExecutor(self.threads, initializer=torch.set_num_threads, initargs=(intra,)) if self.threads > 1 else None
-        with self._progress_bar() as bar, board or nullcontext(), pool or nullcontext():
+        with self._progress_bar() as bar, pool or nullcontext(), closed_on_error(trackers):
             task = bar.add_task("train", total=cfg.steps, completed=start, status="")
             for step, batch in enumerate(batches, start=start):
                 batch = stream.take(batch) if stream else batch
@@ -180,8 +181,9 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
                     record["mfu"] = mfu(flops, record["images_per_s"], peak, self.world)
                     if self.is_main:
                         self.dir.log(record)
-                        if board:
-                            self._to_tensorboard(board, record, done)
+                        grid = self.dir.sample(done)
+                        for tracker in trackers:
+                            tracker.log(record, done, grid if grid.is_file() else None)
                     bar.update(task, status=self.status(record, last_eval))
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     readers = {"data.positions": torch.from_numpy(np.stack(all_gather_objects(stream.positions)))} if stream else {}
@@ -205,6 +207,8 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
             **extras,
             **last_eval,
         }
+        for tracker in trackers:
+            tracker.close(summary)
         return self._finish(parts, summary)
 
     def _evaluate(self, model: ModelT, ema: ModelEmaV3 | None, val: Any, step: int) -> dict[str, float]:
@@ -245,28 +249,16 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
             raise StvqError(f"{self.dir} read its stream with {was}; resume it with the same torchrun --nproc_per_node and --num-workers (readers = max(1, workers)), or the data order would change")
         return positions[self.rank]
 
-    def _tensorboard(self, start: int):
-        """A SummaryWriter on RUN/tensorboard/ (rank 0, ``cfg.tensorboard``); a resume purges the events
-        logged after its checkpoint, as it trims metrics.jsonl."""
-        if not (self.cfg.tensorboard and self.is_main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise StvqError("--tensorboard needs the tensorboard package: pip install 'stvq[tensorboard]'") from None
-        return SummaryWriter(str(self.dir.path / "tensorboard"), purge_step=start + 1 if start else None)  # steps up to the checkpoint stay
-
-    def _to_tensorboard(self, board, record: dict[str, Any], step: int) -> None:
-        """The record's numbers as scalars, and the step's sample grid where one was written."""
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                board.add_scalar(key, value, step)
-        grid = self.dir.sample(step)
-        if grid.is_file():
-            from PIL import Image
-
-            board.add_image("samples", np.asarray(Image.open(grid).convert("RGB")), step, dataformats="HWC")
-        board.flush()
+    def _trackers(self, start: int) -> list[Tracker]:
+        """The experiment trackers of rank 0 (``cfg.tensorboard``, ``cfg.wandb``: :mod:`stvq.trackers`)."""
+        if not self.is_main:
+            return []
+        trackers: list[Tracker] = []
+        if self.cfg.tensorboard:
+            trackers.append(TensorBoardTracker(self.dir.path, start))
+        if self.cfg.wandb:
+            trackers.append(WandbTracker(self.dir.path, self.cfg.wandb, self.cfg, start))
+        return trackers
 
     def _restore(self, parts: dict[str, torch.nn.Module], opts: dict[str, torch.optim.Optimizer], data_generator: torch.Generator) -> tuple[int, float]:
         """(first step, training seconds logged before it): a resume loads the checkpoint and cuts the

@@ -34,6 +34,7 @@ FLOORS = {
     "optim": 5,
     "pretrained": 5,
     "plots": 5,
+    "trackers": 5,
     "testing": 5,
     "loop": 6,
     "train": 7,

@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -792,3 +793,48 @@ def test_a_runs_workers_default_to_0_on_a_cpu_and_one_per_core_on_a_gpu_and_trai
     assert TrainConfig().num_workers is None
     Trainer(small_config(steps=1), tmp_path / "run", progress=False).fit()
     assert RunDir(tmp_path / "run").read_train_config().num_workers == 0  # resolved: a resume elsewhere reads the same
+
+
+def test_wandb_gets_the_config_records_grids_and_summary_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+    """--wandb PROJECT: what W&B is handed (a recording stand-in for the library), then the library itself
+    in offline mode, which writes RUN/wandb/ and needs no network; a resume continues the same W&B run."""
+    import subprocess
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(stvq.StvqError, match=r"--wandb needs the wandb package: pip install 'stvq\[wandb\]'"):
+        Trainer(small_config(steps=2, wandb="proj"), tmp_path / "none", progress=False).fit()
+    calls: dict[str, Any] = {"log": [], "init": [], "summary": {}, "finished": 0}
+
+    class Run:
+        summary = types.SimpleNamespace(update=lambda values: calls["summary"].update(values))
+
+        def log(self, values, step):
+            calls["log"].append((step, sorted(values)))
+
+        def finish(self):
+            calls["finished"] += 1
+
+    fake = types.SimpleNamespace(init=lambda **options: calls["init"].append(options) or Run(), Image=lambda path: f"image:{Path(path).name}")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "wb"
+    Trainer(small_config(steps=4, eval_every=2, checkpoint_every=2, log_every=2, wandb="proj"), run, progress=False).fit()
+    (init,) = calls["init"]
+    assert init["project"] == "proj" and init["name"] == "wb" and init["resume"] == "allow" and init["config"]["steps"] == 4 and init["dir"] == str(run)
+    assert init["id"] == json.loads((run / "wandb.json").read_text())["id"]
+    assert [step for step, _ in calls["log"]] == [2, 4] and {"loss", "lr", "val_psnr", "samples"} <= set(calls["log"][-1][1])
+    assert "val_psnr" in calls["summary"] and calls["finished"] == 1
+    Trainer(small_config(steps=6, eval_every=2, checkpoint_every=2, log_every=2, wandb="proj"), run, resume=True, progress=False).fit()
+    assert calls["init"][1]["id"] == init["id"] and [step for step, _ in calls["log"]] == [2, 4, 6]
+    monkeypatch.delitem(sys.modules, "wandb")
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "stvq.cli", "train", "--steps", "2", "--eval-every", "2", "--log-every", "1", "--batch-size", "2", "--no-progress", "--wandb"]
+    args += [f"--set={k}={v}" for k, v in {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}.items()]
+    done = subprocess.run([*args, "--run-dir", str(tmp_path / "offline")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run_id = json.loads((tmp_path / "offline" / "wandb.json").read_text())["id"]
+    assert json.loads((tmp_path / "offline" / "wandb.json").read_text())["project"] == "stvq"
+    assert len(list((tmp_path / "offline" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) == 1
+    assert list((tmp_path / "offline" / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))

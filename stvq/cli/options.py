@@ -66,6 +66,12 @@ LOOP_FLAGS: dict[str, dict[str, Any]] = {
     "log_every": {},
     "num_workers": {"type": WORKERS, "help": "DataLoader worker processes (a wds: stream: one reader each; default: 0 on a CPU, one per core, at most 8, on a GPU)."},
     "tensorboard": {"help": "Also log to RUN/tensorboard/ (pip install 'stvq[tensorboard]')."},
+    "wandb": {
+        "is_flag": False,
+        "flag_value": "stvq",
+        "metavar": "[PROJECT]",
+        "help": "Also log to Weights & Biases, project PROJECT (default stvq); WANDB_MODE=offline keeps it in RUN/wandb/ (pip install 'stvq[wandb]').",
+    },
 }
 
 
