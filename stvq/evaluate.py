@@ -16,6 +16,7 @@ from stvq.codebook_stats import position_health
 from stvq.data import first_images, make_dataset
 from stvq.distributed import device_of, in_batches, is_main
 from stvq.errors import StvqError
+from stvq.field_metrics import field_scores
 from stvq.interfaces import CodeTokenizer, FactorDataset
 from stvq.metrics import masked_psnr, mean_image_psnr, probe_scores, psnr, reconstruction_metrics
 from stvq.plots import plot_positions, plot_prefix, plot_probe
@@ -76,6 +77,7 @@ def evaluate(
     name: str = "model",
     num_workers: int = 0,
     recognise: bool = True,
+    field: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Every measure of a tokenizer, written to ``out`` (eval.json, prefix_curve.png and, on
     data with known factors, factor_probe.png); returns the results. ``num_workers`` DataLoader workers
@@ -98,7 +100,7 @@ def evaluate(
         "data": data,
         "images": count,
         "quantized": quantized,
-        "reconstruction": reconstruction_metrics(originals, recon, perceptual),
+        "reconstruction": {**reconstruction_metrics(originals, recon, perceptual), **field_scores(originals, recon.clamp(-1, 1), field)},
         "mean_image_psnr": mean_image_psnr(train_ds, originals),
         "codebook": stats,
     }
@@ -140,7 +142,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def evaluate_ids(model, out: Path, data: str = "shapes", images: int = 256, perceptual: bool = True, seed: int = 0, name: str = "model", num_workers: int = 0, **unused: Any) -> dict[str, Any]:
+def evaluate_ids(
+    model, out: Path, data: str = "shapes", images: int = 256, perceptual: bool = True, seed: int = 0, name: str = "model", num_workers: int = 0, field: tuple[str, ...] | None = None, **unused: Any
+) -> dict[str, Any]:
     """What can be measured of any tokenizer through its ids alone (a composed one, a VQ-VAE): the
     reconstruction metrics of ``decode(encode(images))`` and each token position's code health
     (:func:`stvq.codebook_stats.position_health`), written to ``out/eval.json``. The prefix curves and
@@ -156,7 +160,7 @@ def evaluate_ids(model, out: Path, data: str = "shapes", images: int = 256, perc
         "data": data,
         "images": count,
         "quantized": True,
-        "reconstruction": reconstruction_metrics(originals, recon, perceptual),
+        "reconstruction": {**reconstruction_metrics(originals, recon, perceptual), **field_scores(originals, recon.clamp(-1, 1), field)},
         "mean_image_psnr": mean_image_psnr(train_ds, originals),
         "positions": position_health(ids, model.vocab_size),
     }
@@ -215,6 +219,9 @@ def summary_rows(result: dict[str, Any]) -> dict[str, str]:
         "MAE": f"{r['mae']:.4f}",
         "mean-image PSNR (dB)": f"{result['mean_image_psnr']:.2f}",
     }
+    for key, label in (("rfid", "rFID (Inception-V3, pytorch-fid)"), ("lpips_alex", "LPIPS (AlexNet)"), ("lpips_vgg", "LPIPS (VGG)")):
+        if key in r:
+            rows[label] = f"{r[key]:.4f}" if key != "rfid" else f"{r[key]:.2f}"
     if "fd_effnet_lite0" in r:
         rows["Frechet dist. (EffNet-Lite0)"] = f"{r['fd_effnet_lite0']:.2f}"
         rows["cosine dist. (EffNet-Lite0)"] = f"{r['cos_effnet_lite0']:.4f}"

@@ -35,6 +35,7 @@ FLOORS = {
     "pretrained": 5,
     "plots": 5,
     "trackers": 5,
+    "field_metrics": 5,
     "testing": 5,
     "loop": 6,
     "train": 7,

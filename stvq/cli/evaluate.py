@@ -20,9 +20,14 @@ from stvq.errors import ConfigError
 @click.option("--probe-images", type=click.IntRange(min=1), default=2000, show_default=True, help="shapes images to fit the factor probes on.")
 @click.option("--no-perceptual", is_flag=True, help="Skip the EfficientNet-Lite0 feature distances.")
 @click.option("--no-recogniser", is_flag=True, help="On shapes: skip reading originals and reconstructions with the factor recogniser (trained once, about 6 CPU-minutes, cached).")
+@click.option("--rfid", is_flag=True, help="Report rFID (pytorch-fid's Inception-V3); without it, reported where its weights are cached.")
+@click.option("--lpips", type=click.Choice(["alex", "vgg"]), is_flag=False, flag_value="alex", help="Report LPIPS with this trunk (default alex); without it, reported where the weights are cached.")
+@click.option(
+    "--metric-weights", type=click.Path(file_okay=False), help="torch's hub folder to read rFID's and LPIPS's weights from (the files in DIR/checkpoints/; default: torch's own, TORCH_HOME)."
+)
 @click.option("-o", "--output", type=WritePath(file_okay=False), help="Where the comparison of two or more runs is written (default eval-compare/).")
 @workers_option
-def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, no_recogniser, output, num_workers) -> None:
+def evaluate_command(runs, run_options, tokenizer_options, compare, data, images, prefix_images, probe_images, no_perceptual, no_recogniser, rfid, lpips, metric_weights, output, num_workers) -> None:
     """Measure a Styled VQ: PSNR, SSIM, MAE, EfficientNet-Lite0 feature distances, codebook health, the
     prefix-decoding curve (first / last n of 36 tokens known) and, on shapes, which token carries which
     factor and how often the factor recogniser reads each factor of the reconstructions right. Writes
@@ -38,6 +43,11 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     from stvq.evaluate import evaluate_path, summary_rows, unique_names, write_comparison
 
     _, _, device = init_distributed()  # under torchrun the ranks share each pass over the images; rank 0 writes
+    if metric_weights:
+        import torch
+
+        torch.hub.set_dir(metric_weights)
+    asked = (("rfid",) if rfid else ()) + ((f"lpips-{lpips}",) if lpips else ())
     targets = [*runs, *run_options, *tokenizer_options]
     if not targets:
         raise ConfigError("name a run to evaluate: stvq eval --run runs/NAME")
@@ -59,6 +69,7 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
                 probe_images=probe_images,
                 perceptual=not no_perceptual,
                 recognise=not no_recogniser,
+                field=asked or None,
                 num_workers=num_workers,
                 device=device,
             )
