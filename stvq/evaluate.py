@@ -64,6 +64,18 @@ def prefix_curve(model, images: torch.Tensor, codes: torch.Tensor, fill: torch.T
 # ------------------------------------------------------------------------------------------ the driver
 
 
+def measured(name: str, data: str, originals: torch.Tensor, recon: torch.Tensor, train_ds: Any, perceptual: bool, field: tuple[str, ...] | None) -> dict[str, Any]:
+    """What every evaluation reports: the reconstruction metrics (rFID and LPIPS where asked for or cached:
+    :func:`stvq.field_metrics.field_scores`) and the PSNR of the data's mean image, the level to beat."""
+    return {
+        "name": name,
+        "data": data,
+        "images": len(originals),
+        "reconstruction": {**reconstruction_metrics(originals, recon, perceptual), **field_scores(originals, recon.clamp(-1, 1), field)},
+        "mean_image_psnr": mean_image_psnr(train_ds, originals),
+    }
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -95,15 +107,7 @@ def evaluate(
         train_imgs = first_images(train_ds, probe_images, num_workers)
     codes, codes_used, stats, recon = reconstruct(model, originals)
     quantized = model.quantizer is not None
-    result: dict[str, Any] = {
-        "name": name,
-        "data": data,
-        "images": count,
-        "quantized": quantized,
-        "reconstruction": {**reconstruction_metrics(originals, recon, perceptual), **field_scores(originals, recon.clamp(-1, 1), field)},
-        "mean_image_psnr": mean_image_psnr(train_ds, originals),
-        "codebook": stats,
-    }
+    result: dict[str, Any] = {**measured(name, data, originals, recon, train_ds, perceptual, field), "quantized": quantized, "codebook": stats}
     if stats is not None:
         result["positions"] = stats.pop("positions")
     # Fill value: each position's mean code over the evaluated images, the best constant guess under
@@ -155,15 +159,7 @@ def evaluate_ids(
     originals = first_images(val, count, num_workers)
     ids = in_batches(model.encode, originals, device=device_of(model))
     recon = in_batches(model.decode, ids, device=device_of(model))
-    result: dict[str, Any] = {
-        "name": name,
-        "data": data,
-        "images": count,
-        "quantized": True,
-        "reconstruction": {**reconstruction_metrics(originals, recon, perceptual), **field_scores(originals, recon.clamp(-1, 1), field)},
-        "mean_image_psnr": mean_image_psnr(train_ds, originals),
-        "positions": position_health(ids, model.vocab_size),
-    }
+    result = {**measured(name, data, originals, recon, train_ds, perceptual, field), "quantized": True, "positions": position_health(ids, model.vocab_size)}
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "eval.json", result)
