@@ -32,7 +32,7 @@ WEIGHTS_NAME = "model.safetensors"
 #: their destination (the safetensors library's own temporary file lands there too) and renames them into
 #: place; the next writer of a directory removes what a killed one left, and nothing else.
 TMP_PREFIX = ".stvq-tmp"
-#: Failures of the disk, not of the data: full, over quota, read-only, failing.
+#: Failures of the disk, not of the data: full, over quota, read-only, failing, or not stvq's to write.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 

@@ -32,14 +32,13 @@ def env_count(name: str, default: int, minimum: int) -> int:
 def torchrun_world() -> int:
     """``WORLD_SIZE``, checked: above 1 only where torchrun (or another launcher) also set the rank and the
     rendezvous address, so that a stray ``WORLD_SIZE=2`` is one line, not a process waiting for its peers."""
-    import os
-
     world = env_count("WORLD_SIZE", 1, 1)
     if world > 1:
         missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
         if missing:
             raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start the command with torchrun (torchrun --nproc_per_node {world} $(which stvq) ...), or unset WORLD_SIZE")
-        env_count("RANK", 0, 0), env_count("LOCAL_RANK", 0, 0)
+        for name in ("RANK", "LOCAL_RANK"):
+            env_count(name, 0, 0)
     return world
 
 
