@@ -6,7 +6,6 @@ plugins`` stay fast."""
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from typing import Any
@@ -30,16 +29,26 @@ class StvqGroup(click.Group):
     folder should be, a full disk), into one line on stderr and exit status 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        from stvq.distributed import shutdown_distributed
+        from stvq.distributed import rank_world, shutdown_distributed
 
         try:
             result = super().invoke(ctx)
         except (StvqError, OSError) as err:
-            shutdown_distributed()  # under torchrun every rank raises alike (stvq.distributed.raise_on_any)
             problem = _one_line(err)
-            if os.environ.get("RANK", "0") != "0":  # rank 0 says it once; the others end with its status
-                raise click.exceptions.Exit(problem.exit_code) from None
-            raise problem from None
+            rank, world = rank_world()
+            if world == 1:
+                shutdown_distributed()
+                raise problem from None
+            # Under torchrun every rank raises alike (stvq.distributed.raise_on_any): rank 0 says it once,
+            # then all meet, so that torchrun, which ends the others when one exits, never cuts it off.
+            if rank == 0:
+                problem.show()
+                sys.stderr.flush()
+            import torch.distributed as dist
+
+            dist.barrier()
+            shutdown_distributed()
+            raise click.exceptions.Exit(problem.exit_code) from None
         shutdown_distributed()
         return result
 
