@@ -181,9 +181,10 @@ class BaseTrainer(Generic[ModelT, ConfigT]):
                     record["mfu"] = mfu(flops, record["images_per_s"], peak, self.world)
                     if self.is_main:
                         self.dir.log(record)
-                        grid = self.dir.sample(done)
+                        grid = self.dir.sample(done) if trackers else None
+                        shown = grid if grid is not None and grid.is_file() else None  # a step with validation wrote one
                         for tracker in trackers:
-                            tracker.log(record, done, grid if grid.is_file() else None)
+                            tracker.log(record, done, shown)
                     bar.update(task, status=self.status(record, last_eval))
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     readers = {"data.positions": torch.from_numpy(np.stack(all_gather_objects(stream.positions)))} if stream else {}

@@ -83,7 +83,7 @@ class WandbTracker(Tracker):
         if not run_id:
             run_id = secrets.token_hex(4)  # W&B run ids: lower-case letters and digits
             write_json(saved, {"id": run_id, "project": project})
-        options = dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else dict(config)
+        options = dataclasses.asdict(config)
         self.run = wandb.init(
             project=project,
             name=run.name,

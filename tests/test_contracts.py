@@ -2,6 +2,7 @@
 A registered plugin without a case here fails the coverage test, so none escapes its contract."""
 
 import pytest
+from test_llamagen_vq import SMALL as LLAMAGEN_SMALL
 
 import stvq
 from stvq import registry
@@ -45,7 +46,7 @@ TOKENIZERS = {
     "titok": lambda: stvq.create("tokenizer", "titok", config=SMALL, quantizer={"name": "fsq", "levels": [4, 4, 4]}),
     "composed": lambda: stvq.create("tokenizer", "composed", parts=[styled(), vqgan()], separator=True),
     "diffusers-vq": lambda: stvq.create("tokenizer", "diffusers-vq", config=SMALL_VQMODEL),
-    "llamagen-vq": lambda: stvq.create("tokenizer", "llamagen-vq", image_size=32, ch=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], z_channels=32, codebook_size=64),
+    "llamagen-vq": lambda: stvq.create("tokenizer", "llamagen-vq", **LLAMAGEN_SMALL),
 }
 COMPOSERS = {"concat": lambda: stvq.create("composer", "concat")}
 PRIORS = {"gpt": {"width": 32, "layers": 2, "heads": 2}}

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_llamagen_vq import SMALL as LLAMAGEN_SMALL
 
 import stvq
 from stvq.cli import main
@@ -221,7 +222,7 @@ def test_eval_measures_a_composed_tokenizer_by_its_ids_and_every_position_s_code
     styled = tmp_path / "styled"
     stvq.create("tokenizer", "styled", preset="tiny", quantizer={"name": "fsq", "levels": [8, 8, 8]}).save_pretrained(styled)
     vq = tmp_path / "vq"
-    stvq.create("tokenizer", "llamagen-vq", image_size=32, ch=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], z_channels=32, codebook_size=64).save_pretrained(vq)
+    stvq.create("tokenizer", "llamagen-vq", **LLAMAGEN_SMALL).save_pretrained(vq)
     assert runner.invoke(main, ["compose", "styled+llamagen-vq", "--part", f"styled={styled}", "--part", f"llamagen-vq={vq}", "-o", str(tmp_path / "tok")]).exit_code == 0
     args = ["--images", "8", "--prefix-images", "4", "--probe-images", "8", "--no-perceptual", "--no-recogniser"]
     result = runner.invoke(main, ["eval", str(tmp_path / "tok"), *args])
