@@ -8,6 +8,8 @@ it, and otherwise one line says which file goes where (docs/evaluation.md, "rFID
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -26,6 +28,20 @@ WEIGHTS = {
 
 def weight_path(metric: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS[metric][1]
+
+
+@contextmanager
+def weights_from(folder: str | None) -> Iterator[None]:
+    """torch's hub cache moved to ``folder`` for the block and put back after it (None: left where it is)."""
+    if folder is None:
+        yield
+        return
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(folder)
+    try:
+        yield
+    finally:
+        torch.hub.set_dir(before)
 
 
 def available(metric: str) -> bool:

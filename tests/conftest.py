@@ -40,6 +40,15 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _empty_torch_hub(tmp_path_factory):
+    """torch's hub cache is an empty folder for every test and the processes it starts, so that no figure
+    depends on the weights this machine happens to hold (rFID and LPIPS are reported where they are cached)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-home")))
+        yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _quick_recogniser(tmp_path_factory):
     """`stvq eval` and `--train recognise=true` read reconstructions with the factor recogniser, trained once
     (about 6 CPU-minutes) and cached under $STVQ_CACHE. The suite trains quick ones instead, in its own

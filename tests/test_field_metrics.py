@@ -70,8 +70,10 @@ def test_eval_reports_them_where_the_weights_are_and_says_where_to_put_them_wher
     tok = tmp_path / "tok"
     stvq.create("tokenizer", "styled", preset="tiny", quantizer={"name": "fsq", "levels": [8, 8, 8]}).save_pretrained(tok)
     args = ["eval", str(tok), "--images", "8", "--prefix-images", "2", "--probe-images", "8", "--no-perceptual", "--no-recogniser"]
+    before = torch.hub.get_dir()
     result = runner.invoke(main, [*args, "--rfid", "--lpips", "--metric-weights", str(hub)])
     assert result.exit_code == 0, result.output + result.stderr
+    assert torch.hub.get_dir() == before  # the folder is the command's alone
     scores = json.loads((tok / "eval.json").read_text())["reconstruction"]
     assert scores["rfid"] > 0 and scores["lpips_alex"] > 0 and "rFID" in result.output
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty"))

@@ -41,12 +41,9 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     """
     from stvq.distributed import init_distributed, is_main
     from stvq.evaluate import evaluate_path, summary_rows, unique_names, write_comparison
+    from stvq.field_metrics import weights_from
 
     _, _, device = init_distributed()  # under torchrun the ranks share each pass over the images; rank 0 writes
-    if metric_weights:
-        import torch
-
-        torch.hub.set_dir(metric_weights)
     asked = (("rfid",) if rfid else ()) + ((f"lpips-{lpips}",) if lpips else ())
     targets = [*runs, *run_options, *tokenizer_options]
     if not targets:
@@ -56,24 +53,25 @@ def evaluate_command(runs, run_options, tokenizer_options, compare, data, images
     if output and len(targets) < 2:
         raise ConfigError(f"-o names where a comparison of two or more runs is written; one run's eval.json and plots go into the run itself ({targets[0]}): drop -o")
     results = []
-    for target, name in zip(targets, unique_names(targets)):
-        if is_main():
-            console.print(f"evaluating {target} ...")
-        results.append(
-            evaluate_path(
-                target,
-                data,
-                name=name,
-                images=images,
-                prefix_images=prefix_images,
-                probe_images=probe_images,
-                perceptual=not no_perceptual,
-                recognise=not no_recogniser,
-                field=asked or None,
-                num_workers=num_workers,
-                device=device,
+    with weights_from(metric_weights):
+        for target, name in zip(targets, unique_names(targets)):
+            if is_main():
+                console.print(f"evaluating {target} ...")
+            results.append(
+                evaluate_path(
+                    target,
+                    data,
+                    name=name,
+                    images=images,
+                    prefix_images=prefix_images,
+                    probe_images=probe_images,
+                    perceptual=not no_perceptual,
+                    recognise=not no_recogniser,
+                    field=asked or None,
+                    num_workers=num_workers,
+                    device=device,
+                )
             )
-        )
     if not is_main():
         return
     table = Table(title="stvq eval" + (" (compare)" if len(results) > 1 else ""))
