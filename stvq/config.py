@@ -206,6 +206,10 @@ class LoopConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+#: The perceptual training losses (TrainConfig.perceptual).
+PERCEPTUAL_LOSSES = ("efficientnet", "lpips", "lpips-alex")
+
+
 @dataclass
 class TrainConfig(LoopConfig):
     """One tokenizer training run. The defaults are stage 1's recipe for ``tiny`` on 2 CPU cores, chosen
@@ -230,7 +234,11 @@ class TrainConfig(LoopConfig):
     tail_drop_from: float = 2 / 3
     l1_weight: float = 0.0  # L1 on the background's pixel noise drowns the object's gradient (docs/experiments/background-plateau.md)
     mse_weight: float = 1.0
-    perceptual_weight: float = 0.0  # LPIPS-style EfficientNet-Lite0 feature loss at every stage (stvq.losses.perceptual_loss)
+    perceptual_weight: float = 0.0  # the weight of the perceptual term, 0: none
+    # "efficientnet": LPIPS-style on the EfficientNet-Lite0 the package ships (stvq.losses.perceptual_loss,
+    # offline); "lpips" (VGG16, what taming-transformers and LlamaGen train with) or "lpips-alex": the lpips
+    # package, its weights from torch's hub cache (stvq.field_metrics)
+    perceptual: str = "efficientnet"
     # Adversarial training (taming's VQGAN recipe): a registered discriminator trained beside the tokenizer
     # with the hinge loss; the decoder's term -mean D(reconstruction) is weighted by adversarial_weight times
     # the adaptive weight (gradient norms at the decoder's last layer), from step disc_start on.
@@ -259,6 +267,10 @@ class TrainConfig(LoopConfig):
             raise StvqError('discriminator_options must be a JSON object of the discriminator\'s options, e.g. {"channels": 32}')
         if self.disc_start < 0:
             raise OptionRangeError(f"--disc-start must be a step of 0 or more, got {self.disc_start}")
+        if self.perceptual not in PERCEPTUAL_LOSSES:
+            raise OptionRangeError(f"--perceptual must be one of {', '.join(PERCEPTUAL_LOSSES)}, got {self.perceptual!r}")
+        if self.perceptual != "efficientnet" and not self.perceptual_weight:
+            raise OptionRangeError(f"--perceptual {self.perceptual} is a term of weight 0: add --perceptual-weight W (taming-transformers and LlamaGen train with 1.0)")
         check_ranges(
             self,
             nonnegative=("noise_sigma", "l1_weight", "mse_weight", "perceptual_weight", "adversarial_weight", "lecam_weight"),

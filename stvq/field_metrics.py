@@ -104,10 +104,16 @@ def rfid(real: torch.Tensor, fake: torch.Tensor, batch_size: int = 50) -> float:
     return float(calculate_frechet_distance(*statistics(real), *statistics(fake)))
 
 
+def lpips_network(net: str = "alex") -> torch.nn.Module:
+    """The ``lpips`` package's LPIPS (``net``: alex or vgg), frozen, loaded once per hub folder: its
+    weights cached, downloaded, or one line saying where to put them."""
+    return _lpips(net, torch.hub.get_dir())
+
+
 @torch.no_grad()
 def lpips_distance(x: torch.Tensor, y: torch.Tensor, net: str = "alex", batch_size: int = 32) -> float:
     """The mean LPIPS distance between pairs of images in [-1, 1] (``net``: alex or vgg)."""
-    metric = _lpips(net, torch.hub.get_dir())
+    metric = lpips_network(net)
     return float(torch.cat([metric(a.float(), b.float()).flatten() for a, b in zip(x.split(batch_size), y.split(batch_size))]).mean())
 
 

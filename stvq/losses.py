@@ -1,5 +1,5 @@
 """The training objective, on images in [-1, 1]: the weighted reconstruction loss that ``stvq train``
-minimises (L1, MSE, the EfficientNet-Lite0 perceptual term of :mod:`stvq.features`), the adversarial
+minimises (L1, MSE, a perceptual term: EfficientNet-Lite0's of :mod:`stvq.features` or LPIPS), the adversarial
 losses trained beside it (hinge, taming's adaptive weight, LeCam), and :class:`ImageObjective`, which
 puts them together for stage 1, stage 2 and the decoder oracle."""
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from stvq.config import TrainConfig
 from stvq.features import feature_extractor
+from stvq.field_metrics import lpips_network
 from stvq.interfaces import Decoder, Discriminator, QuantizerOutput
 from stvq.registry import create, require_subclass
 
@@ -36,26 +37,44 @@ def perceptual_loss(reconstructions: torch.Tensor, images: torch.Tensor) -> torc
     return reduce(operator.add, ((a - b).pow(2).sum(1).mean() for a, b in zip(stages(reconstructions), target)))
 
 
+def lpips_loss(reconstructions: torch.Tensor, images: torch.Tensor, net: str = "vgg") -> torch.Tensor:
+    """LPIPS (the ``lpips`` package: VGG16, as taming-transformers and LlamaGen train, or AlexNet) averaged
+    over the images; differentiable in ``reconstructions``, the network frozen."""
+    metric = lpips_network(net).to(images.device)
+    return metric(reconstructions.float(), images.float()).mean()
+
+
 @dataclass
 class ReconstructionLoss:
-    """``l1_weight`` * L1 + ``mse_weight`` * MSE + ``perceptual_weight`` * :func:`perceptual_loss`, plus
-    the quantizer's own loss where the codes were quantized."""
+    """``l1_weight`` * L1 + ``mse_weight`` * MSE + ``perceptual_weight`` * the ``perceptual`` term
+    (:func:`perceptual_loss` on EfficientNet-Lite0, or :func:`lpips_loss`), plus the quantizer's own loss
+    where the codes were quantized. An LPIPS network is loaded when the loss is made, so missing weights
+    stop a run before its first step."""
 
     l1_weight: float = 0.0
     mse_weight: float = 1.0
     perceptual_weight: float = 0.0
+    perceptual: str = "efficientnet"
+
+    def __post_init__(self) -> None:
+        if self.perceptual_weight > 0 and self.perceptual != "efficientnet":
+            lpips_network(self._lpips_net)
+
+    @property
+    def _lpips_net(self) -> str:
+        return "alex" if self.perceptual == "lpips-alex" else "vgg"
 
     @classmethod
     def from_config(cls, cfg) -> ReconstructionLoss:
         """The weights of a :class:`stvq.config.TrainConfig`."""
-        return cls(cfg.l1_weight, cfg.mse_weight, cfg.perceptual_weight)
+        return cls(cfg.l1_weight, cfg.mse_weight, cfg.perceptual_weight, cfg.perceptual)
 
     def __call__(self, reconstruction: torch.Tensor, images: torch.Tensor, quantized: QuantizerOutput | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, its terms by name: l1, mse, and perceptual where weighted)."""
         recon = reconstruction.float()
         terms = {"l1": F.l1_loss(recon, images), "mse": F.mse_loss(recon, images)}
         if self.perceptual_weight > 0:
-            terms["perceptual"] = perceptual_loss(recon, images)
+            terms["perceptual"] = perceptual_loss(recon, images) if self.perceptual == "efficientnet" else lpips_loss(recon, images, self._lpips_net)
         loss = self.l1_weight * terms["l1"] + self.mse_weight * terms["mse"] + self.perceptual_weight * terms.get("perceptual", 0.0)
         if quantized is not None:
             loss = loss + quantized.loss

@@ -1,6 +1,7 @@
-"""rFID (pytorch-fid) and LPIPS (lpips) as `stvq eval` reports them: the whole path with stand-in weights of
-the right layout written into a temporary torch hub cache (the figures are then meaningless; the plumbing
-is what is tested), and the one line where the weights are missing."""
+"""rFID (pytorch-fid) and LPIPS (lpips) as `stvq eval` reports them and LPIPS as `stvq train`'s perceptual
+term: the whole path with stand-in weights of the right layout written into a temporary torch hub cache
+(the figures are then meaningless; the plumbing is what is tested), and the one line where the weights are
+missing."""
 
 import json
 import urllib.error
@@ -85,3 +86,30 @@ def test_eval_reports_them_where_the_weights_are_and_says_where_to_put_them_wher
         f"lpips-vgg needs vgg16-397923af.pth: download it from https://download.pytorch.org/models/vgg16-397923af.pth where there is internet and put it in {tmp_path / 'empty' / 'checkpoints'}/"
         in result.stderr
     )
+
+
+def test_lpips_trains_the_decoder_and_missing_weights_stop_a_run_before_it_starts(hub, tmp_path, runner, monkeypatch, offline):
+    from stvq.losses import lpips_loss
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(hub))
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    recon = (images + 0.3 * torch.randn_like(images)).requires_grad_()
+    loss = lpips_loss(recon, images, "alex")
+    loss.backward()
+    assert loss.item() > 0 and recon.grad.abs().sum() > 0
+    assert lpips_loss(images, images, "alex").item() == pytest.approx(0.0, abs=1e-6)
+
+    small = [f"--set={k}={v}" for k, v in {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}.items()]
+    args = ["train", *small, "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--perceptual", "lpips-alex", "--perceptual-weight", "1", "--no-progress"]
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "empty"))
+    result = runner.invoke(main, [*args, "--run-dir", str(tmp_path / "run"), "--metric-weights", str(hub)])
+    assert result.exit_code == 0, result.output + result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["perceptual"] > 0 and json.loads((tmp_path / "run" / "train.json").read_text())["perceptual"] == "lpips-alex"
+
+    result = runner.invoke(main, [*args, "--run-dir", str(tmp_path / "none")])  # the weights where torch looks: none
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert f"lpips-alex needs {WEIGHTS['lpips-alex'][1]}" in result.stderr and str(tmp_path / "empty" / "checkpoints") in result.stderr
+    assert not (tmp_path / "none" / "metrics.jsonl").exists()
+    result = runner.invoke(main, ["train", "--perceptual", "lpips", "--run-dir", str(tmp_path / "zero")])
+    assert result.exit_code == 2 and "add --perceptual-weight W" in result.stderr and not (tmp_path / "zero").exists()

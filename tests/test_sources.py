@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import tarfile
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +31,9 @@ from stvq_reference.config import make_config
 SMALL = {"width": 32, "heads": 2, "encoder_layers": 1, "plain_layers": 1, "patch_size": 8}
 
 
-def write_shards(root: Path, shards: int = 4, per_shard: int = 10, corrupt: tuple[int, int] | None = None) -> str:
-    """``shards`` tar files of shapes images (PNG and JPEG members alternating); ``corrupt`` = (shard,
-    member) gets bytes no codec reads. Returns the ``wds:`` spec."""
+def write_shards(root: Path, shards: int = 4, per_shard: int = 10, corrupt: Collection[tuple[int, int]] = ()) -> str:
+    """``shards`` tar files of shapes images (PNG and JPEG members alternating); each (shard, member) of
+    ``corrupt`` gets bytes no codec reads. Returns the ``wds:`` spec."""
     import webdataset as wds
 
     root.mkdir(parents=True, exist_ok=True)
@@ -42,7 +44,7 @@ def write_shards(root: Path, shards: int = 4, per_shard: int = 10, corrupt: tupl
                 ext = "png" if i % 2 else "jpg"
                 buf = io.BytesIO()
                 Image.fromarray(to_uint8(images[s * per_shard + i])).save(buf, format="PNG" if ext == "png" else "JPEG", quality=95)
-                data = b"\xff\xd8 not a jpeg" if (s, i) == corrupt else buf.getvalue()
+                data = b"\xff\xd8 not a jpeg" if (s, i) in corrupt else buf.getvalue()
                 writer.write({"__key__": f"s{s:03d}_{i:04d}", ext: data})
     return f"wds:{root}/train-{{000..{shards - 1:03d}}}.tar"
 
@@ -131,7 +133,7 @@ def test_wds_reads_members_in_order_skips_without_decoding_and_keeps_the_last_sh
 
 
 def test_a_corrupt_tar_member_is_skipped_and_counted(tmp_path, runner):
-    spec = write_shards(tmp_path / "w", corrupt=(2, 4))
+    spec = write_shards(tmp_path / "w", corrupt={(2, 4)})
     tok = stvq.create("tokenizer", "styled", config=make_config("tiny", **SMALL), quantizer={"name": "fsq", "levels": [4, 4, 4]})
     tok.save_pretrained(tmp_path / "tok")
     result = runner.invoke(main, ["tokenize", "--tokenizer", str(tmp_path / "tok"), "--data", spec, "-o", str(tmp_path / "ids"), "--num-workers", "0"])
@@ -187,7 +189,7 @@ def test_training_on_wds_shards_resumes_exactly_with_workers(tmp_path, monkeypat
 def test_quantize_samples_a_streams_first_images_whatever_the_workers(tmp_path):
     from stvq.quantize import encode_dataset
 
-    spec = write_shards(tmp_path / "w", shards=5, per_shard=6, corrupt=(1, 2))
+    spec = write_shards(tmp_path / "w", shards=5, per_shard=6, corrupt={(1, 2)})
     stream = make_dataset(spec, 64, "all")
     model = stvq.create("tokenizer", "styled", config=make_config("tiny", **SMALL)).eval()
     first = torch.stack([image for image, _ in zip(stream, range(17))])  # 17 readable images: into the third shard
@@ -278,6 +280,25 @@ def test_an_hf_row_that_does_not_decode_is_skipped_with_one_warning_and_counted(
         read = [data[i] for i in range(3)]  # rows 1, 2, 3
     assert len([w for w in caught if "undecodable" in str(w.message)]) == 1 and "BytesIO" not in str(caught[0].message)
     assert torch.equal(read[0], read[1]) and data.broken == [1]
+
+
+def test_unreadable_members_cost_a_line_a_shard_and_a_source_with_none_is_one_error(tmp_path, runner):
+    import datasets
+
+    spec = write_shards(tmp_path / "w", shards=2, per_shard=4, corrupt={(0, 1), (0, 2), *((1, i) for i in range(4))})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(list(make_dataset(spec, 64, "all"))) == 2
+    assert [str(w.message).split(" (")[0] for w in caught] == [f"skipped unreadable member s00{s}_000{i} of {tmp_path}/w/train-00{s}.tar" for s, i in ((0, 1), (1, 0))]
+    result = runner.invoke(main, ["train", "--data", spec, "--steps", "1", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"train-001.tar, the last shard of {spec}, holds no readable image; its first member, s001_0000: not an image of a format" in result.stderr
+
+    rows = {"image": [{"bytes": b"\x89PNG not really", "path": None}] * 3}
+    datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(tmp_path / "h"))
+    result = runner.invoke(main, ["train", "--data", f"hf:{tmp_path / 'h'}", "--steps", "1", "--run-dir", str(tmp_path / "run-hf")])
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"none of the 1 val row(s) of hf:{tmp_path / 'h'} decodes (row 0: not an image of a format" in result.stderr  # every 20th row validates
 
 
 def _png(image: torch.Tensor) -> bytes:

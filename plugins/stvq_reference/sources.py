@@ -68,33 +68,48 @@ class WebDatasetSource(ImageStream):
         return wds.tariterators.group_by_keys(_members(piece), handler=wds.warn_and_continue)
 
     def read(self, piece: str, skip: int = 0) -> Iterator[tuple[int, str, torch.Tensor | None]]:
+        """(index, key, image) of each sample of ``piece`` from ``skip`` on; an unreadable member's image is
+        None. The first of a shard's unreadable members is warned about, naming why; the rest are counted
+        by the reader without a line each."""
+        warned = False
         for index, sample in enumerate(self.samples(piece)):
             if index < skip:
                 continue
-            yield index, sample["__key__"], self._decode(piece, sample)
+            image, why = self._decode(sample)
+            if why is not None and not warned:
+                warned = True
+                warnings.warn(f"skipped unreadable member {sample['__key__']} of {piece} ({why}); the shard's other unreadable members are skipped and counted", stacklevel=2)
+            yield index, sample["__key__"], image
 
-    def _decode(self, piece: str, sample: dict) -> torch.Tensor | None:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor | None, str | None]:
+        """(the image, None), or (None, why it cannot be read)."""
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            return None, f"no image member ({', '.join(IMAGE_EXTENSIONS)})"
         try:
-            if ext is None:
-                raise ValueError(f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
-            return load_image(io.BytesIO(sample[ext]), self.image_size)
+            return load_image(io.BytesIO(sample[ext]), self.image_size), None
         except Exception as err:  # PIL and the codecs raise many types
-            warnings.warn(f"skipped unreadable member {sample['__key__']} of {piece} ({codec_message(err)})", stacklevel=2)
-            return None
+            return None, codec_message(err)
 
     def validation(self) -> ImageList:
-        """The first :data:`VAL_IMAGES` readable images of the last shard."""
-        images = []
-        for _, _, image in self.read(self.urls[-1]):
+        """The first :data:`VAL_IMAGES` readable images of the last shard; a shard with none is one error
+        that says why its first member could not be read."""
+        images: list[torch.Tensor] = []
+        first = None
+        for sample in self.samples(self.urls[-1]):
+            image, why = self._decode(sample)
             if image is not None:
                 images.append(image)
+            elif first is None:
+                first = f"; its first member, {sample['__key__']}: {why}"
             if len(images) == VAL_IMAGES:
                 break
         if not images:
             raise StvqError(
-                f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image; validation reads its first {VAL_IMAGES} images: end the pattern at a shard that holds images"
+                f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image{first or ''}; validation reads its first {VAL_IMAGES} images: end the pattern at a shard that holds images"
             )
+        if first:
+            warnings.warn(f"validation skipped the unreadable members of {self.urls[-1]}{first}", stacklevel=2)
         return ImageList(images, f"the first {len(images)} images of {self.urls[-1]}")
 
 
@@ -203,11 +218,12 @@ class HFImageDataset(ImageDataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         """The image of row ``index``; one that fails to decode is skipped with one warning and counted
         (``broken``), and the next row stands in, as for a folder's files."""
+        skipped = []
         for offset in range(len(self.rows)):
             row = self.rows[(index + offset) % len(self.rows)]
             try:
                 encoded = self.table[row][self.column]  # {"bytes": ..., "path": ...}
-                return load_image(io.BytesIO(encoded["bytes"]) if encoded["bytes"] is not None else encoded["path"], self.image_size)
+                image = load_image(io.BytesIO(encoded["bytes"]) if encoded["bytes"] is not None else encoded["path"], self.image_size)
             except Exception as err:  # PIL and the codecs raise many types
                 if self.split == "all":  # a row per image: a stand-in would give this row another's ids
                     raise StvqError(
@@ -215,8 +231,13 @@ class HFImageDataset(ImageDataset):
                     ) from None
                 if row not in self.broken:
                     self.broken.append(row)
-                    warnings.warn(f"skipped undecodable image in row {row} of hf:{self.location} ({codec_message(err)}); the next row stands in", stacklevel=2)
-        raise StvqError(f"no image of hf:{self.location} can be decoded ({len(self.broken)} undecodable rows)")
+                    skipped.append((row, codec_message(err)))
+                continue
+            for row, why in skipped:  # warned once a stand-in is found: a data set with none is one error below
+                warnings.warn(f"skipped undecodable image in row {row} of hf:{self.location} ({why}); the next row stands in", stacklevel=2)
+            return image
+        first = f" (row {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise StvqError(f"none of the {len(self.rows)} {self.split} row(s) of hf:{self.location} decodes{first}")
 
 
 def _load_hf(path: Path) -> dict:

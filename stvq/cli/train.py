@@ -11,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from stvq.cli.options import LOOP_FLAGS, SEED, WritePath, config_options, console, fit, given_meta, resume_config, workers_option
-from stvq.config import TrainConfig, parse_options, parse_pairs
+from stvq.config import PERCEPTUAL_LOSSES, TrainConfig, parse_options, parse_pairs
 from stvq.errors import ConfigError
 from stvq.flops import mfu_text
 from stvq.registry import parse_overrides
@@ -27,7 +27,11 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "tokenizer": {"help": "Stage 1: the registered tokenizer to train (a CodeTokenizer)."},
     "cache_codes": {"help": "Stage 2: run the frozen encoder every step instead of using the codes `stvq quantize` cached."},
     "noise_sigma": {"help": "Stage 1: std of the noise added to the codes."},
-    "perceptual_weight": {"help": "Weight of the EfficientNet-Lite0 feature loss (slow on CPU)."},
+    "perceptual_weight": {"help": "Weight of the perceptual term (0: none; slow on CPU)."},
+    "perceptual": {
+        "type": click.Choice(PERCEPTUAL_LOSSES),
+        "help": "The perceptual term: EfficientNet-Lite0's (offline), or LPIPS with VGG16 (lpips, as taming and LlamaGen) or AlexNet (pip install 'stvq[metrics]'; weights as stvq eval --lpips).",
+    },
     "adversarial_weight": {"help": "Weight of the adversarial term (0: none); a discriminator trains beside the tokenizer (taming's hinge loss, adaptive weight)."},
     "disc_start": {"type": click.IntRange(min=0), "help": "First step of the adversarial term and of the discriminator's training."},
     "discriminator": {"help": "The registered discriminator (options: --train discriminator_options={...})."},
@@ -55,11 +59,12 @@ def _default_run(stage: int, name: str) -> str:
 @click.option("--quantizer", help="Stage 2: a quantizer plugin instead of the run's k-means codebook (fsq, ema-vq).")
 @click.option("--quantizer-option", "quantizer_options", multiple=True, metavar="KEY=VALUE", help="Quantizer option, JSON value; repeatable.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--metric-weights", type=click.Path(file_okay=False), help="torch's hub folder to read the LPIPS weights from (the files in DIR/checkpoints/; default: torch's own, TORCH_HOME).")
 @click.option(
     "--train", "train_fields", multiple=True, metavar="KEY=VALUE", help="Any TrainConfig field by name (JSON for dicts), applied after the other options, e.g. --train tail_drop=0.5; repeatable."
 )
 @click.pass_context
-def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options, no_progress, train_fields, **flags) -> None:
+def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options, no_progress, metric_weights, train_fields, **flags) -> None:
     """Train Styled VQ: stage 1 (encoder + decoder on noisy continuous codes) or stage 2 (decoder on
     quantized codes, encoder frozen). With no option: the tiny preset on the built-in shapes, a few
     minutes on a CPU. Runs under `torchrun --nproc_per_node N stvq train ...` with DDP.
@@ -72,6 +77,7 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
       stvq train --resume runs/tiny-stage1-...
       torchrun --nproc_per_node 2 $(which stvq) train --run-dir runs/ddp
     """
+    from stvq.field_metrics import weights_from
     from stvq.train import Trainer
 
     if resume_dir:
@@ -83,7 +89,8 @@ def train(ctx: click.Context, run_dir, resume_dir, quantizer, quantizer_options,
         options = {**flags, "model": parse_overrides(flags["model"], "tokenizer", flags["tokenizer"]), "quantizer": q}
         cfg = TrainConfig(**{**options, **parse_pairs(train_fields, "--train", TrainConfig, "tail_drop=0.5")})  # --train last
         run = run_dir or _default_run(cfg.stage, cfg.preset if cfg.stage == 1 else Path(cfg.from_run or "").name)
-    summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)
+    with weights_from(metric_weights):
+        summary = fit(Trainer(cfg, run, resume=bool(resume_dir), progress=not no_progress, console=console), run)
     if summary:
         console.print(_summary_panel(summary))
 
