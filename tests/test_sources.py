@@ -292,7 +292,7 @@ def test_unreadable_members_cost_a_line_a_shard_and_a_source_with_none_is_one_er
     assert [str(w.message).split(" (")[0] for w in caught] == [f"skipped unreadable member s00{s}_000{i} of {tmp_path}/w/train-00{s}.tar" for s, i in ((0, 1), (1, 0))]
     result = runner.invoke(main, ["train", "--data", spec, "--steps", "1", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert f"train-001.tar, the last shard of {spec}, holds no readable image; its first member, s001_0000: not an image of a format" in result.stderr
+    assert f"train-001.tar, the last shard of {spec}, holds no readable image (its first member, s001_0000: not an image of a format" in result.stderr
 
     rows = {"image": [{"bytes": b"\x89PNG not really", "path": None}] * 3}
     datasets.Dataset.from_dict(rows, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(tmp_path / "h"))

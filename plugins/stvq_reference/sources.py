@@ -101,15 +101,15 @@ class WebDatasetSource(ImageStream):
             if image is not None:
                 images.append(image)
             elif first is None:
-                first = f"; its first member, {sample['__key__']}: {why}"
+                first = f"{sample['__key__']}: {why}"
             if len(images) == VAL_IMAGES:
                 break
         if not images:
             raise StvqError(
-                f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image{first or ''}; validation reads its first {VAL_IMAGES} images: end the pattern at a shard that holds images"
+                f"{self.urls[-1]}, the last shard of wds:{self.location}, holds no readable image{f' (its first member, {first})' if first else ''}; validation reads its first {VAL_IMAGES} images: end the pattern at a shard that holds images"
             )
         if first:
-            warnings.warn(f"validation skipped the unreadable members of {self.urls[-1]}{first}", stacklevel=2)
+            warnings.warn(f"validation skipped the unreadable members of {self.urls[-1]} (the first, {first})", stacklevel=2)
         return ImageList(images, f"the first {len(images)} images of {self.urls[-1]}")
 
 
