@@ -1,133 +1,71 @@
-"""LlamaGen's VQ (FoundationVision/LlamaGen, tokenizer/tokenizer_image/vq_model.py) as a tokenizer: its
-checkpoints' layout (key names, the ``codebook_used`` buffer, the ``ema`` / ``model`` / ``state_dict``
-wrappings), ids and reconstructions against a functional reading of the same weights, bad checkpoints in one
-line, and composition through the stock commands. LlamaGen is not a package: the fixture is a small model of
-its layout, written by the test as LlamaGen's training script writes checkpoints."""
+"""LlamaGen's VQ (FoundationVision/LlamaGen, tokenizer/tokenizer_image/vq_model.py) as a tokenizer, against
+a fixture LlamaGen's own code wrote (tests/data/llamagen/make_fixture.py): its state-dict keys and shapes at
+full size, a small checkpoint of its layout in its three wrappings, and the ids and images LlamaGen computes
+for it; bad checkpoints in one line; composition through the stock commands."""
 
+import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import stvq
 from stvq.cli import main
 
-SMALL = {"preset": "VQ-16", "image_size": 32, "ch": 32, "encoder_ch_mult": [1, 2], "decoder_ch_mult": [1, 2], "z_channels": 32, "codebook_size": 64, "codebook_embed_dim": 8}
-
-
-def group_norm(x, state, name):
-    return F.group_norm(x, 32, state[f"{name}.weight"], state[f"{name}.bias"], eps=1e-6)
-
-
-def conv(x, state, name, **kw):
-    return F.conv2d(x, state[f"{name}.weight"], state[f"{name}.bias"], **kw)
-
-
-def resnet(x, state, name):
-    h = conv(F.silu(group_norm(x, state, f"{name}.norm1")), state, f"{name}.conv1", padding=1)
-    h = conv(F.silu(group_norm(h, state, f"{name}.norm2")), state, f"{name}.conv2", padding=1)
-    return (conv(x, state, f"{name}.nin_shortcut") if f"{name}.nin_shortcut.weight" in state else x) + h
-
-
-def attention(x, state, name):
-    h = group_norm(x, state, f"{name}.norm")
-    b, c, hh, ww = h.shape
-    q, k, v = (conv(h, state, f"{name}.{p}").reshape(b, c, hh * ww) for p in "qkv")
-    weights = torch.softmax(torch.bmm(q.transpose(1, 2), k) * c**-0.5, dim=2)  # (b, query, key)
-    return x + conv(torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, hh, ww), state, f"{name}.proj_out")
-
-
-def levels(state, prefix):
-    return sorted({int(k.split(".")[2]) for k in state if k.startswith(f"{prefix}.conv_blocks.")})
-
-
-def run_level(h, state, name):
-    blocks = sorted({int(k.split(".")[4]) for k in state if k.startswith(f"{name}.res.")})
-    for j in blocks:
-        h = resnet(h, state, f"{name}.res.{j}")
-        if f"{name}.attn.{j}.q.weight" in state:
-            h = attention(h, state, f"{name}.attn.{j}")
-    if f"{name}.downsample.conv.weight" in state:
-        h = conv(F.pad(h, (0, 1, 0, 1)), state, f"{name}.downsample.conv", stride=2)
-    if f"{name}.upsample.conv.weight" in state:
-        h = conv(F.interpolate(h, scale_factor=2.0, mode="nearest"), state, f"{name}.upsample.conv", padding=1)
-    return h
-
-
-def middle(h, state, prefix):
-    return resnet(attention(resnet(h, state, f"{prefix}.mid.0"), state, f"{prefix}.mid.1"), state, f"{prefix}.mid.2")
-
-
-def reference_encode(state, images):
-    h = conv(images, state, "encoder.conv_in", padding=1)
-    for i in levels(state, "encoder"):
-        h = run_level(h, state, f"encoder.conv_blocks.{i}")
-    h = middle(h, state, "encoder")
-    z = conv(conv(F.silu(group_norm(h, state, "encoder.norm_out")), state, "encoder.conv_out", padding=1), state, "quant_conv")
-    z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
-    codes = F.normalize(state["quantize.embedding.weight"], dim=-1)
-    d = (z**2).sum(1, keepdim=True) + (codes**2).sum(1) - 2 * z @ codes.T
-    return d.argmin(1).reshape(len(images), -1)
-
-
-def reference_decode(state, ids, grid):
-    codes = F.normalize(state["quantize.embedding.weight"], dim=-1)[ids]  # (B, h*w, e)
-    z = codes.reshape(len(ids), grid, grid, -1).permute(0, 3, 1, 2)
-    h = middle(conv(conv(z, state, "post_quant_conv"), state, "decoder.conv_in", padding=1), state, "decoder")
-    for i in levels(state, "decoder"):  # stored coarsest first
-        h = run_level(h, state, f"decoder.conv_blocks.{i}")
-    return conv(F.silu(group_norm(h, state, "decoder.norm_out")), state, "decoder.conv_out", padding=1)
+FIXTURE = Path(__file__).parent / "data" / "llamagen"
+#: The options that build the fixture's small model (LlamaGen's layout at base width 32).
+SMALL = {"preset": "VQ-16", "image_size": 32, "ch": 32, "encoder_ch_mult": [1, 1], "decoder_ch_mult": [1, 1], "z_channels": 32, "codebook_size": 64, "codebook_embed_dim": 8}
 
 
 @pytest.fixture(scope="module")
 def llamagen(tmp_path_factory):
-    """A LlamaGen-layout model with trained-looking weights (random, codebook l2-normalised as LlamaGen
-    initialises it, a usage buffer holding ids) in LlamaGen's three checkpoint wrappings."""
+    """LlamaGen's small checkpoint in its three wrappings (``ema`` as written by LlamaGen, ``model`` and
+    ``state_dict`` re-wrapped), and one without the usage buffer."""
     root = tmp_path_factory.mktemp("llamagen")
-    torch.manual_seed(0)
-    model = stvq.create("tokenizer", "llamagen-vq", **SMALL)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["quantize.embedding.weight"] = F.normalize(torch.randn(64, 8), dim=-1)
-    state["quantize.codebook_used"] = torch.randint(0, 64, (65536,)).float()
+    saved = torch.load(FIXTURE / "small_ema.pt", weights_only=True)
+    state = saved["ema"]
     for wrapper in ("ema", "model", "state_dict"):
-        torch.save({wrapper: state, "steps": 1000, "args": {"vq_model": "VQ-16"}}, root / f"{wrapper}.pt")
+        torch.save({wrapper: state, "steps": saved["steps"], "args": saved["args"]}, root / f"{wrapper}.pt")
     torch.save({"model": {k: v for k, v in state.items() if k != "quantize.codebook_used"}}, root / "no_usage.pt")
     return root, state
 
 
 def test_llamagen_vq_is_llamagens_model_at_full_size():
-    """VQ-16 and VQ-8 at LlamaGen's defaults: its 72 M parameters, 16,384 codes of 8 dimensions, 16 x 16
-    (32 x 32) tokens of a 256-px image, and its key names."""
+    """VQ-16 and VQ-8 at LlamaGen's defaults: every key LlamaGen's own model has, in its order and shape
+    (keys.json, written by LlamaGen's code), its 72 M parameters, 16,384 codes, 16 x 16 (32 x 32) tokens of
+    a 256-px image."""
+    expected = json.loads((FIXTURE / "keys.json").read_text())
+    for preset, keys in expected.items():
+        model = stvq.create("tokenizer", "llamagen-vq", preset=preset)
+        assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == list(keys.items()), preset
     vq16 = stvq.create("tokenizer", "llamagen-vq")
     assert round(sum(p.numel() for p in vq16.parameters()) / 1e6, 1) == 71.9 and (vq16.num_tokens, vq16.vocab_size) == (256, 16384)
-    keys = vq16.state_dict()
-    assert tuple(keys["decoder.conv_blocks.0.res.0.conv1.weight"].shape) == (512, 512, 3, 3) and "decoder.conv_blocks.0.attn.2.q.weight" in keys
-    assert "encoder.conv_blocks.4.attn.1.proj_out.weight" in keys and "encoder.conv_blocks.3.downsample.conv.weight" in keys
-    assert tuple(keys["quantize.codebook_used"].shape) == (65536,) and "encoder.mid.1.q.weight" in keys
     assert stvq.create("tokenizer", "llamagen-vq", preset="VQ-8").num_tokens == 1024
 
 
-def test_ids_equal_and_reconstructions_match_a_functional_reading_of_the_weights(llamagen):
+def test_ids_and_reconstructions_are_llamagens(llamagen):
+    """The ids LlamaGen's ``encode`` picked, every one, from each wrapping; the images its ``decode_code``
+    drew within 1e-4 (ours are clamped to [-1, 1])."""
     root, state = llamagen
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
-    expected = reference_encode(state, images)
+    reference = load_file(FIXTURE / "small_reference.safetensors")
     for wrapper in ("ema", "model", "state_dict", "no_usage"):
-        tok = stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / f"{wrapper}.pt"), **{k: v for k, v in SMALL.items()})
-        ids = tok.encode(images)
-        assert ids.shape == (3, 256) and torch.equal(ids, expected), wrapper  # every id, bit for bit
-        assert len(ids.unique()) > 8
-    recon = tok.decode(ids)
-    assert (recon - reference_decode(state, ids, 16).clamp(-1, 1)).abs().max() < 1e-4
-    assert torch.equal(stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / "ema.pt"), **SMALL).quantize.codebook_used, state["quantize.codebook_used"])
+        tok = stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / f"{wrapper}.pt"), **SMALL)
+        ids = tok.encode(reference["images"])
+        assert ids.shape == (3, 256) and torch.equal(ids, reference["ids"]), wrapper  # every id, bit for bit
+    assert len(reference["ids"].unique()) > 8
+    torch.testing.assert_close(tok.decode(ids), reference["reconstructions"].clamp(-1, 1), rtol=0, atol=1e-4)
+    loaded = stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / "ema.pt"), **SMALL)
+    assert torch.equal(loaded.quantize.codebook_used, state["quantize.codebook_used"]) and state["quantize.codebook_used"].any()
 
 
 def test_a_llamagen_checkpoint_of_another_model_or_a_pickle_payload_is_one_line(llamagen, tmp_path, runner):
     root, state = llamagen
-    with pytest.raises(stvq.CheckpointError, match=r"shape mismatch: encoder.conv_blocks.1.res.0.conv1.weight: checkpoint \(64, 32, 3, 3\) vs model \(32, 32, 3, 3\)"):
-        stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / "ema.pt"), **{**SMALL, "encoder_ch_mult": [1, 1]})
+    with pytest.raises(stvq.CheckpointError, match=r"shape mismatch: encoder.conv_blocks.1.res.0.conv1.weight: checkpoint \(32, 32, 3, 3\) vs model \(64, 32, 3, 3\)"):
+        stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / "ema.pt"), **{**SMALL, "encoder_ch_mult": [1, 2]})
     vq8 = stvq.create("tokenizer", "llamagen-vq", preset="VQ-8", ch=32, z_channels=32, codebook_size=64)
     torch.save({"ema": vq8.state_dict()}, tmp_path / "vq8.pt")
     with pytest.raises(
