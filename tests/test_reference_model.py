@@ -1,4 +1,4 @@
-"""The reference Styled VQ (SPEC section 3): shapes at full size, the parameter count, which codes each
+"""The reference Styled VQ (docs/model.md): shapes at full size, the parameter count, which codes each
 condition layer reads, equivalence with the literal original block, and save/load."""
 
 import json
@@ -367,7 +367,7 @@ def test_tail_drop_decodes_each_image_from_a_prefix_with_the_rest_at_the_batch_m
 
 
 def test_the_presets_heads():
-    assert StyledConfig.PRESETS["tiny"].head == "pixel" and StyledConfig.PRESETS["reference"].head == "linear"  # the SPEC's structure, exactly
+    assert StyledConfig.PRESETS["tiny"].head == "pixel" and StyledConfig.PRESETS["reference"].head == "linear"  # the specification's structure, exactly (docs/model.md)
 
 
 def test_a_model_saved_with_fewer_config_fields_loads_with_the_defaults_of_the_others(tmp_path):
