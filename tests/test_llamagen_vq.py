@@ -53,14 +53,13 @@ def test_ids_and_reconstructions_are_llamagens(llamagen):
     drew within 1e-4 (ours are clamped to [-1, 1])."""
     root, state = llamagen
     reference = load_file(FIXTURE / "small_reference.safetensors")
-    for wrapper in ("ema", "model", "state_dict", "no_usage"):
-        tok = stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / f"{wrapper}.pt"), **SMALL)
+    loaded = {wrapper: stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / f"{wrapper}.pt"), **SMALL) for wrapper in ("ema", "model", "state_dict", "no_usage")}
+    for wrapper, tok in loaded.items():
         ids = tok.encode(reference["images"])
         assert ids.shape == (3, 256) and torch.equal(ids, reference["ids"]), wrapper  # every id, bit for bit
     assert len(reference["ids"].unique()) > 8
     torch.testing.assert_close(tok.decode(ids), reference["reconstructions"].clamp(-1, 1), rtol=0, atol=1e-4)
-    loaded = stvq.load_tokenizer("llamagen-vq", checkpoint=str(root / "ema.pt"), **SMALL)
-    assert torch.equal(loaded.quantize.codebook_used, state["quantize.codebook_used"]) and state["quantize.codebook_used"].any()
+    assert torch.equal(loaded["ema"].quantize.codebook_used, state["quantize.codebook_used"]) and state["quantize.codebook_used"].any()
 
 
 def test_a_llamagen_checkpoint_of_another_model_or_a_pickle_payload_is_one_line(llamagen, tmp_path, runner):
